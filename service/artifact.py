@@ -1,0 +1,202 @@
+"""The artifact contract: one manifest schema, and the only code that opens an artifact directory.
+
+An artifact is a directory holding ``manifest.json`` and the engine files it lists. Export writes it
+(``export/``); the service and the parity gate read it through :func:`load_artifact`, which checks every
+engine file's sha256 before anything is loaded, so a tampered or truncated file never reaches a runtime.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MANIFEST_NAME = "manifest.json"
+SCHEMA_VERSION = 1
+
+
+class ArtifactError(Exception):
+    """The artifact cannot be used: missing, malformed, or failing its checksums. Fatal at startup."""
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors: a manifest written by a newer schema must not load half-understood.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Preprocessing(_Strict):
+    """Exactly what turns a decoded RGB image into the model's input tensor (timm's pretrained cfg role)."""
+
+    resize_mode: Literal["exact", "shortest_edge"] = Field(
+        description="exact: resize to resize_size (H, W) ignoring aspect (HF ViTImageProcessor); "
+        "shortest_edge: scale so the short side equals resize_size[0], keeping aspect (timm/DeiT)."
+    )
+    resize_size: tuple[int, int]
+    center_crop: tuple[int, int] | None = Field(default=None, description="(H, W) crop after resize, or none")
+    resample: Literal["nearest", "bilinear", "bicubic", "lanczos"] = "bilinear"
+    rescale_factor: float = 1 / 255
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    channel_order: Literal["RGB"] = "RGB"
+    layout: Literal["NCHW"] = "NCHW"
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(H, W) of the tensor the engine sees."""
+        if self.center_crop is not None:
+            return self.center_crop
+        if self.resize_mode == "exact":
+            return self.resize_size
+        raise ArtifactError("shortest_edge resize needs a center_crop to give a fixed input size")
+
+    @model_validator(mode="after")
+    def _fixed_input(self) -> "Preprocessing":
+        self.input_size  # raises for a shape the engines cannot take
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std must be positive")
+        return self
+
+
+class TensorSpec(_Strict):
+    name: str
+    dtype: Literal["float32", "float16", "bfloat16"]
+    shape: list[int | str] = Field(description="'batch' marks the dynamic axis")
+
+
+class ParityThresholds(_Strict):
+    min_top1_agreement: float
+    min_top5_overlap: float
+    max_abs_logit_diff: float
+    max_abs_prob_diff: float
+
+
+class ParityReport(_Strict):
+    """One engine measured against the FP32 PyTorch model on the same preprocessed images."""
+
+    reference: str = "pytorch-fp32"
+    images: int
+    top1_agreement: float
+    top5_overlap: float = Field(description="mean |top5(engine) ∩ top5(reference)| / 5")
+    max_abs_logit_diff: float
+    max_abs_prob_diff: float
+    thresholds: ParityThresholds
+    passed: bool
+    failures: list[str] = Field(default_factory=list, description="which thresholds were missed, and by how much")
+
+
+class EngineFile(_Strict):
+    file: str = Field(description="path relative to the artifact directory")
+    format: Literal["onnx", "tensorrt", "safetensors"]
+    precision: Literal["fp32", "fp16", "bf16", "int8"]
+    device: Literal["cpu", "cuda", "any"] = Field(description="where this file is meant to run")
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    min_batch: int = 1
+    opt_batch: int = 1
+    max_batch: int
+    sha256: str
+    parity: ParityReport | None = None
+    build: dict[str, str] = Field(default_factory=dict, description="builder facts, e.g. TensorRT version, GPU name")
+
+    @field_validator("file")
+    @classmethod
+    def _relative(cls, v: str) -> str:
+        if Path(v).is_absolute() or ".." in Path(v).parts:
+            raise ValueError(f"engine file must be inside the artifact: {v!r}")
+        return v
+
+
+class ModelInfo(_Strict):
+    name: str
+    version: str
+    architecture: str = "vit"
+    num_parameters: int
+
+
+class SourceInfo(_Strict):
+    checkpoint: str
+    sha256: str = Field(description="sha256 over the checkpoint's weight files, in name order")
+
+
+class Manifest(_Strict):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    model: ModelInfo
+    labels: list[str] = Field(min_length=1, description="class names in logit index order")
+    preprocessing: Preprocessing
+    temperature: float = Field(default=1.0, gt=0, description="softmax temperature; 1.0 until calibrated")
+    engines: list[EngineFile] = Field(min_length=1)
+    source: SourceInfo
+    versions: dict[str, str | None]
+    created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    export_report: dict = Field(default_factory=dict, description="e.g. the CPU engine choice and its timings")
+
+    def engine(self, *, format: str, precision: str | None = None) -> EngineFile | None:
+        for e in self.engines:
+            if e.format == format and (precision is None or e.precision == precision):
+                return e
+        return None
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Artifact:
+    """A verified artifact directory: its manifest plus resolved paths."""
+
+    def __init__(self, root: Path, manifest: Manifest):
+        self.root = root
+        self.manifest = manifest
+
+    def path(self, entry: EngineFile) -> Path:
+        return self.root / entry.file
+
+    def verify(self, entries: list[EngineFile] | None = None) -> None:
+        """Refuse any engine file whose bytes are not the ones export measured."""
+        for entry in entries if entries is not None else self.manifest.engines:
+            p = self.path(entry)
+            if not p.is_file():
+                raise ArtifactError(f"artifact {self.root}: engine file {entry.file} is missing")
+            actual = sha256_file(p)
+            if actual != entry.sha256:
+                raise ArtifactError(
+                    f"artifact {self.root}: checksum mismatch for {entry.file} "
+                    f"(manifest {entry.sha256[:12]}…, file {actual[:12]}…); refusing to load it"
+                )
+
+
+def read_manifest(root: Path) -> Manifest:
+    path = Path(root) / MANIFEST_NAME
+    if not path.is_file():
+        raise ArtifactError(f"no {MANIFEST_NAME} in {root}: not a vitserve artifact (run `vitserve export`)")
+    try:
+        return Manifest.model_validate_json(path.read_text())
+    except ValueError as e:  # pydantic.ValidationError and json errors are both ValueErrors
+        raise ArtifactError(f"{path} is not a valid vitserve manifest: {e}") from e
+
+
+def write_manifest(root: Path, manifest: Manifest) -> Path:
+    path = Path(root) / MANIFEST_NAME
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+    tmp.replace(path)  # atomic: a reader never sees half a manifest
+    return path
+
+
+def load_artifact(root: str | Path, verify: bool | list[EngineFile] = True) -> Artifact:
+    """Open and (by default) checksum-verify an artifact directory."""
+    root = Path(root)
+    artifact = Artifact(root, read_manifest(root))
+    if verify is True:
+        artifact.verify()
+    elif verify:
+        artifact.verify(list(verify))
+    return artifact

@@ -1,0 +1,74 @@
+"""ONNX Runtime engine: CPU EP here; CUDA or TensorRT EP where onnxruntime-gpu is installed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from service.artifact import EngineFile
+from service.engines.base import Engine
+
+PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+def available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return ort.get_available_providers()
+
+
+class OnnxRuntimeEngine(Engine):
+    def __init__(
+        self,
+        path: Path,
+        entry: EngineFile,
+        input_size: tuple[int, int],
+        *,
+        provider: str = "cpu",
+        intra_op_threads: int = 0,
+        trt_cache_dir: Path | None = None,
+    ):
+        import onnxruntime as ort
+
+        if PROVIDERS[provider][0] not in ort.get_available_providers():
+            raise RuntimeError(
+                f"ONNX Runtime here has no {PROVIDERS[provider][0]} (available: {ort.get_available_providers()}); "
+                "install onnxruntime-gpu in place of onnxruntime for CUDA/TensorRT"
+            )
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = intra_op_threads  # 0 = one per physical core
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # one batch at a time: intra-op parallelism only
+        providers: list = list(PROVIDERS[provider])
+        if provider == "tensorrt":
+            trt_opts = {"trt_fp16_enable": True, "trt_engine_cache_enable": True}
+            if trt_cache_dir is not None:
+                trt_opts["trt_engine_cache_path"] = str(trt_cache_dir)
+            providers[0] = ("TensorrtExecutionProvider", trt_opts)
+        self._session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        self._input = entry.inputs[0].name
+        self._output = entry.outputs[0].name
+        self.input_size = input_size
+        self.max_batch_size = entry.max_batch
+        self.name = f"onnxruntime-{provider}-{entry.precision}"
+        self._entry = entry
+        self._provider = provider
+
+    def run(self, pixels: np.ndarray) -> np.ndarray:
+        (logits,) = self._session.run([self._output], {self._input: pixels})
+        return logits.astype(np.float32, copy=False)
+
+    def describe(self) -> dict[str, str]:
+        return {
+            "engine": self.name,
+            "runtime": "onnxruntime",
+            "device": "cpu" if self._provider == "cpu" else "cuda",
+            "precision": self._entry.precision,
+            "file": self._entry.file,
+            "providers": ",".join(self._session.get_providers()),
+        }

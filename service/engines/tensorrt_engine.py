@@ -1,0 +1,68 @@
+"""Native TensorRT engine (TensorRT 10/11 Python API, tensor-address execution via execute_async_v3).
+
+Written to NVIDIA's documented API; not exercised on the machines this project is developed on (no
+TensorRT there). Device buffers are torch CUDA tensors, so no pycuda/cuda-python dependency is needed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from service.artifact import EngineFile
+from service.engines.base import Engine
+
+
+class TensorRTEngine(Engine):
+    def __init__(self, path: Path, entry: EngineFile, input_size: tuple[int, int]):
+        import tensorrt as trt
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("the TensorRT engine needs a CUDA GPU")
+        built_on = entry.build.get("gpu_name")
+        here = torch.cuda.get_device_name(0)
+        if built_on and built_on != here:
+            # Plans are specific to the GPU model (and TensorRT version) they were built on.
+            raise RuntimeError(f"TensorRT plan {entry.file} was built on {built_on}, this GPU is {here}; rebuild it")
+        self._trt = trt
+        self._torch = torch
+        logger = trt.Logger(trt.Logger.WARNING)
+        runtime = trt.Runtime(logger)
+        self._engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
+        if self._engine is None:
+            raise RuntimeError(f"TensorRT could not deserialize {path} (version mismatch?)")
+        self._context = self._engine.create_execution_context()
+        self._input = entry.inputs[0].name
+        self._output = entry.outputs[0].name
+        self._stream = torch.cuda.Stream()
+        self.input_size = input_size
+        self.max_batch_size = entry.max_batch
+        self.name = f"tensorrt-cuda-{entry.precision}"
+        self._entry = entry
+
+    def run(self, pixels: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        batch = pixels.shape[0]
+        x = torch.from_numpy(pixels).to("cuda", non_blocking=True).contiguous()
+        self._context.set_input_shape(self._input, tuple(x.shape))
+        out_shape = tuple(self._context.get_tensor_shape(self._output))
+        y = torch.empty(out_shape, dtype=torch.float32, device="cuda")
+        self._context.set_tensor_address(self._input, x.data_ptr())
+        self._context.set_tensor_address(self._output, y.data_ptr())
+        with torch.cuda.stream(self._stream):
+            self._stream.wait_stream(torch.cuda.current_stream())
+            if not self._context.execute_async_v3(self._stream.cuda_stream):
+                raise RuntimeError("TensorRT execute_async_v3 failed")
+        self._stream.synchronize()
+        return y[:batch].cpu().numpy()
+
+    def describe(self) -> dict[str, str]:
+        return {
+            "engine": self.name,
+            "runtime": f"tensorrt-{self._trt.__version__}",
+            "device": "cuda",
+            "precision": self._entry.precision,
+            "file": self._entry.file,
+        }

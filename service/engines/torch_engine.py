@@ -1,0 +1,50 @@
+"""PyTorch engine: the artifact's safetensors weights in transformers' ViT, FP16/BF16 + SDPA on CUDA, FP32 on CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from service.artifact import EngineFile
+from service.engines.base import Engine
+
+_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+class TorchEngine(Engine):
+    def __init__(self, weights: Path, entry: EngineFile, input_size: tuple[int, int], *, device: str, precision: str):
+        import torch
+        from transformers import ViTForImageClassification
+
+        if device == "cpu" and precision != "fp32":
+            raise ValueError("the PyTorch engine runs FP32 on CPU (half precision on CPU is slower, not faster)")
+        self._torch = torch
+        dtype = getattr(torch, _DTYPES[precision])
+        model = ViTForImageClassification.from_pretrained(
+            Path(weights).parent, use_safetensors=True, dtype=dtype, attn_implementation="sdpa"
+        )
+        self._model = model.to(device).eval()
+        self._device = device
+        self._dtype = dtype
+        self.input_size = input_size
+        self.max_batch_size = entry.max_batch
+        self.name = f"pytorch-{device}-{precision}"
+        self._entry = entry
+        self._precision = precision
+
+    def run(self, pixels: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        with torch.inference_mode():
+            x = torch.from_numpy(pixels).to(self._device, non_blocking=True).to(self._dtype)
+            logits = self._model(pixel_values=x).logits
+            return logits.float().cpu().numpy()
+
+    def describe(self) -> dict[str, str]:
+        return {
+            "engine": self.name,
+            "runtime": f"torch-{self._torch.__version__}",
+            "device": self._device,
+            "precision": self._precision,
+            "file": self._entry.file,
+        }

@@ -1,0 +1,136 @@
+"""bytes → decoded RGB image → normalised CHW float32 tensor, exactly as the manifest says.
+
+This is the serving path's preprocessing and also what the export parity gate feeds both the FP32
+reference and every engine, so parity is measured on the bytes-to-tensor path clients actually hit.
+CPU-bound: the service runs it in a thread pool, never on the event loop (Pillow releases the GIL).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from service.artifact import Preprocessing
+from service.errors import ImageTooLarge, InvalidImage, UnsupportedImage
+
+# Formats we accept. Others (e.g. PDF/EPS need external tools) are refused before any decoding.
+ACCEPTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM", "MPO"})
+
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+# JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale in the DCT, far cheaper than a full decode. We ask for
+# at least this multiple of the model's input so the following antialiased resize still has detail to use.
+_DRAFT_MARGIN = 2
+
+
+def decode_image(data: bytes, *, max_pixels: int, target_size: tuple[int, int] | None = None, index: int = 0) -> Image.Image:
+    """Decode untrusted bytes into an RGB image. Raises a ServiceError naming ``index`` on bad input."""
+    if not data:
+        raise UnsupportedImage(f"image {index} is empty", index=index)
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns (then raises) on huge images by its own limit; we apply ours below instead.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise UnsupportedImage(f"image {index} is not a recognised image format", index=index) from None
+    except Image.DecompressionBombError:
+        raise ImageTooLarge(f"image {index} exceeds the pixel limit", index=index) from None
+    except Exception as e:  # noqa: BLE001 - any parser failure on untrusted bytes is the client's bad image
+        raise InvalidImage(f"image {index} could not be read: {e}", index=index) from None
+
+    if img.format not in ACCEPTED_FORMATS:
+        raise UnsupportedImage(
+            f"image {index} has unsupported format {img.format}; accepted: {', '.join(sorted(ACCEPTED_FORMATS))}",
+            index=index,
+        )
+    width, height = img.size
+    if width * height > max_pixels:
+        # Checked from the header, before any pixel is decoded: a decompression bomb costs nothing.
+        raise ImageTooLarge(
+            f"image {index} is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}", index=index
+        )
+    if img.format == "JPEG" and target_size is not None:
+        th, tw = target_size
+        img.draft("RGB", (tw * _DRAFT_MARGIN, th * _DRAFT_MARGIN))
+    try:
+        img.load()
+        img = ImageOps.exif_transpose(img)  # phones store rotation in EXIF, not in the pixels
+        return to_rgb(img)
+    except Image.DecompressionBombError:
+        raise ImageTooLarge(f"image {index} exceeds the pixel limit", index=index) from None
+    except Exception as e:  # noqa: BLE001 - truncated/corrupt data surfaces here, at decode time
+        raise InvalidImage(f"image {index} is corrupt or truncated: {e}", index=index) from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode → 8-bit RGB. Transparency is composited on white; high bit depths are rescaled."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        # Pillow's convert("L") clips these to 0..255 instead of scaling; scale by the type's range.
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        lo = 0.0 if mode.startswith("I;16") else min(float(arr.min()), 0.0)
+        arr = np.clip((arr - lo) / (top - lo) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        mode = img.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+class Preprocessor:
+    """Resize/crop/normalise per the manifest. Stateless apart from precomputed constants: thread-safe."""
+
+    def __init__(self, spec: Preprocessing):
+        self.spec = spec
+        self.input_size = spec.input_size  # (H, W)
+        self._resample = _RESAMPLE[spec.resample]
+        # (x * rescale - mean) / std  ==  x * scale + offset, folded once.
+        std = np.asarray(spec.std, dtype=np.float32)
+        self._scale = (spec.rescale_factor / std).reshape(3, 1, 1).astype(np.float32)
+        self._offset = (-np.asarray(spec.mean, dtype=np.float32) / std).reshape(3, 1, 1).astype(np.float32)
+
+    def resize_and_crop(self, img: Image.Image) -> Image.Image:
+        s = self.spec
+        if s.resize_mode == "exact":
+            h, w = s.resize_size
+            if img.size != (w, h):
+                img = img.resize((w, h), self._resample)
+        else:
+            short = s.resize_size[0]
+            w, h = img.size
+            scale = short / min(w, h)
+            new = (max(1, round(w * scale)), max(1, round(h * scale)))
+            if new != img.size:
+                img = img.resize(new, self._resample)
+        if s.center_crop is not None:
+            ch, cw = s.center_crop
+            w, h = img.size
+            left, top = int(round((w - cw) / 2.0)), int(round((h - ch) / 2.0))
+            img = img.crop((left, top, left + cw, top + ch))  # pads with black where the crop exceeds
+        return img
+
+    def __call__(self, img: Image.Image) -> np.ndarray:
+        """RGB image → (3, H, W) float32."""
+        img = self.resize_and_crop(img)
+        hwc = np.asarray(img, dtype=np.uint8)  # (H, W, 3)
+        chw = hwc.transpose(2, 0, 1).astype(np.float32)  # (3, H, W)
+        return chw * self._scale + self._offset
+
+    def from_bytes(self, data: bytes, *, max_pixels: int, index: int = 0) -> np.ndarray:
+        return self(decode_image(data, max_pixels=max_pixels, target_size=self.input_size, index=index))

@@ -1,0 +1,37 @@
+"""The `vitserve` command: one program, one subcommand per stage. Each stage owns its own argument parser."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "export": ("export.cli", "checkpoint → validated FP16 ONNX / TensorRT / CPU artifact with a parity gate"),
+    "serve": ("service.cli", "serve an artifact over HTTP with dynamic batching and Prometheus metrics"),
+    "finetune": ("finetune.cli", "folder of class subfolders → fine-tuned ViT checkpoint with an evaluation report"),
+    "bench": ("benchmarks.cli", "engine sweep and service load benchmarks"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, SUBCOMMANDS))
+    lines = ["usage: vitserve <command> [options]   (vitserve <command> --help for its options)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in SUBCOMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in SUBCOMMANDS:
+        print(f"vitserve: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[command][0])  # imported lazily: `serve` never loads export code
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
