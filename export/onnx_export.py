@@ -12,10 +12,8 @@ Decisions:
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
 
@@ -79,20 +77,3 @@ def quantize_int8(fp32_path: Path, out_path: Path) -> Path:
         str(fp32_path), str(out_path), weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul", "Gemm"]
     )
     return out_path
-
-
-def time_cpu_session(path: Path, input_size: tuple[int, int], batch: int, *, repeats: int = 5, threads: int = 0) -> float:
-    """Median seconds per batch on ONNX Runtime's CPU EP, after a warmup run."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-    x = np.random.default_rng(0).standard_normal((batch, 3, *input_size)).astype(np.float32)
-    sess.run(None, {INPUT_NAME: x})
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        sess.run(None, {INPUT_NAME: x})
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))

@@ -72,6 +72,7 @@ class ParityThresholds(_Strict):
     min_top5_overlap: float
     max_abs_logit_diff: float
     max_abs_prob_diff: float
+    max_batch_logit_diff: float = Field(description="an image's logits alone vs inside a full batch")
 
 
 class ParityReport(_Strict):
@@ -83,6 +84,8 @@ class ParityReport(_Strict):
     top5_overlap: float = Field(description="mean |top5(engine) ∩ top5(reference)| / 5")
     max_abs_logit_diff: float
     max_abs_prob_diff: float
+    batch_logit_diff: float = Field(description="max |Δlogit| of each image run alone vs inside a full batch")
+    batch_top5_identical: bool = Field(description="every image's top-5 is the same alone and inside a batch")
     thresholds: ParityThresholds
     passed: bool
     failures: list[str] = Field(default_factory=list, description="which thresholds were missed, and by how much")

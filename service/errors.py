@@ -28,6 +28,20 @@ class InvalidParameter(ServiceError):
     type = "invalid_parameter"
 
 
+class MalformedRequest(ServiceError):
+    """The body could not be parsed at all (e.g. broken multipart framing)."""
+
+    type = "malformed_request"
+
+
+class NotFound(ServiceError):
+    type = "not_found"
+
+
+class MethodNotAllowed(ServiceError):
+    type = "method_not_allowed"
+
+
 class UnsupportedImage(ServiceError):
     """Not an image at all, or a format we do not decode."""
 
@@ -79,6 +93,9 @@ class EngineFailure(ServiceError):
 # The single error → status table. Client mistakes are all 4xx; 5xx means us or our capacity.
 STATUS_BY_TYPE: dict[type[ServiceError], int] = {
     EmptyRequest: 400,
+    MalformedRequest: 400,
+    NotFound: 404,
+    MethodNotAllowed: 405,
     PayloadTooLarge: 413,
     TooManyImages: 413,
     UnsupportedImage: 415,
@@ -91,6 +108,13 @@ STATUS_BY_TYPE: dict[type[ServiceError], int] = {
     ShuttingDown: 503,
     DeadlineExceeded: 504,
 }
+
+
+def from_framework(status: int, detail: str, cause: BaseException | None = None) -> ServiceError:
+    """An HTTP error raised by the web framework itself (routing, body parsing) → our error type."""
+    if isinstance(cause, ServiceError):  # ours, wrapped by the framework while it read the body
+        return cause
+    return {404: NotFound, 405: MethodNotAllowed}.get(status, MalformedRequest)(detail)
 
 
 def http_status(exc: BaseException) -> int:

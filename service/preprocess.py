@@ -42,8 +42,8 @@ def decode_image(data: bytes, *, max_pixels: int, target_size: tuple[int, int] |
             img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise UnsupportedImage(f"image {index} is not a recognised image format", index=index) from None
-    except Image.DecompressionBombError:
-        raise ImageTooLarge(f"image {index} exceeds the pixel limit", index=index) from None
+    except Image.DecompressionBombError as e:  # Pillow's own ceiling (~179 M pixels), hit before ours
+        raise ImageTooLarge(f"image {index} is too large to decode safely: {e}", index=index) from None
     except Exception as e:  # noqa: BLE001 - any parser failure on untrusted bytes is the client's bad image
         raise InvalidImage(f"image {index} could not be read: {e}", index=index) from None
 
@@ -65,8 +65,8 @@ def decode_image(data: bytes, *, max_pixels: int, target_size: tuple[int, int] |
         img.load()
         img = ImageOps.exif_transpose(img)  # phones store rotation in EXIF, not in the pixels
         return to_rgb(img)
-    except Image.DecompressionBombError:
-        raise ImageTooLarge(f"image {index} exceeds the pixel limit", index=index) from None
+    except Image.DecompressionBombError as e:
+        raise ImageTooLarge(f"image {index} is too large to decode safely: {e}", index=index) from None
     except Exception as e:  # noqa: BLE001 - truncated/corrupt data surfaces here, at decode time
         raise InvalidImage(f"image {index} is corrupt or truncated: {e}", index=index) from None
 

@@ -58,8 +58,18 @@ class OnnxRuntimeEngine(Engine):
         self.name = f"onnxruntime-{provider}-{entry.precision}"
         self._entry = entry
         self._provider = provider
+        # Dynamic INT8 quantises activations with one scale per *tensor*, computed at run time over the
+        # whole batch, so an image's logits would depend on its batch-mates. One image per call keeps
+        # every client's answer independent of the others; on CPU a ViT's GEMMs are large at batch 1
+        # anyway (197 tokens × hidden), so little throughput is lost.
+        self.per_image = entry.precision == "int8"
 
     def run(self, pixels: np.ndarray) -> np.ndarray:
+        if self.per_image and len(pixels) > 1:
+            return np.concatenate([self._run(pixels[i : i + 1]) for i in range(len(pixels))])
+        return self._run(pixels)
+
+    def _run(self, pixels: np.ndarray) -> np.ndarray:
         (logits,) = self._session.run([self._output], {self._input: pixels})
         return logits.astype(np.float32, copy=False)
 

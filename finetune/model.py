@@ -1,0 +1,198 @@
+"""The model side of fine-tuning: load a ViT with a new head, change its resolution, add stochastic depth, freeze
+layers or add LoRA adapters, and save a plain Hugging Face checkpoint the export stage takes unchanged.
+
+Weights are only ever read from safetensors (`use_safetensors=True`): never unpickled.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import ViTConfig, ViTForImageClassification
+
+from finetune.config import UsageError, freeze_spec
+
+DEFAULT_MEAN = DEFAULT_STD = (0.5, 0.5, 0.5)  # ViTImageProcessor's defaults, used by the in21k ViT checkpoints
+
+
+def load(
+    base: str, labels: list[str], dropout: float = 0.0, attention_dropout: float = 0.0
+) -> ViTForImageClassification:
+    """The base ViT with a freshly initialised head for `labels` (the head is resized when the count differs)."""
+    try:
+        return ViTForImageClassification.from_pretrained(
+            base,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={name: i for i, name in enumerate(labels)},
+            ignore_mismatched_sizes=True,  # the base's head (or none) does not match our classes
+            use_safetensors=True,
+            hidden_dropout_prob=dropout,
+            attention_probs_dropout_prob=attention_dropout,
+        )
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot load base model {base!r} as a safetensors ViT checkpoint: {e}") from e
+
+
+def image_processor_class():
+    """transformers.ViTImageProcessor needs torchvision; without it the PIL one writes the same config file."""
+    try:
+        import torchvision  # noqa: F401
+
+        from transformers import ViTImageProcessor
+        return ViTImageProcessor
+    except ImportError:
+        from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
+        return ViTImageProcessorPil
+
+
+def load_processor(base: str, image_size: int):
+    """The base's preprocessing (mean/std) at our image size: resize to exactly S x S, bilinear, x/255, normalize."""
+    cls = image_processor_class()
+    try:
+        processor = cls.from_pretrained(base)
+    except (OSError, ValueError):  # a checkpoint without preprocessor_config.json: ViT's defaults
+        processor = cls(image_mean=list(DEFAULT_MEAN), image_std=list(DEFAULT_STD))
+    processor.size = {"height": image_size, "width": image_size}
+    processor.do_resize = processor.do_rescale = processor.do_normalize = True
+    processor.resample = 2  # PIL bilinear, what finetune.data.ImageFolderDataset uses
+    processor.rescale_factor = 1 / 255
+    return processor
+
+
+def set_image_size(model: ViTForImageClassification, image_size: int) -> None:
+    """Resize the position embeddings to a new resolution (bicubic, as HF's interpolate_pos_encoding does) and
+    record it in the config, so the saved checkpoint runs at `image_size` without `interpolate_pos_encoding`."""
+    cfg, emb = model.config, model.vit.embeddings
+    patch = cfg.patch_size
+    if image_size % patch:
+        raise UsageError(f"--image-size {image_size} must be a multiple of the base's patch size {patch}")
+    pos = emb.position_embeddings.data  # (1, 1 + g*g, D)
+    old_grid, new_grid, dim = math.isqrt(pos.shape[1] - 1), image_size // patch, pos.shape[-1]
+    if new_grid != old_grid:
+        grid = pos[:, 1:].reshape(1, old_grid, old_grid, dim).permute(0, 3, 1, 2)  # (1, D, g, g)
+        grid = F.interpolate(grid.float(), size=(new_grid, new_grid), mode="bicubic", align_corners=False)
+        grid = grid.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, dim)  # (1, g'*g', D)
+        emb.position_embeddings = torch.nn.Parameter(torch.cat([pos[:, :1], grid], dim=1))
+    cfg.image_size = image_size
+    emb.patch_embeddings.image_size = (image_size, image_size)
+    emb.patch_embeddings.num_patches = new_grid * new_grid
+    emb.image_size = (image_size, image_size)
+
+
+def blocks(model) -> torch.nn.ModuleList:
+    """The transformer blocks (`vit.layers` in transformers 5, `vit.encoder.layer` before)."""
+    vit = model.vit
+    return vit.layers if hasattr(vit, "layers") else vit.encoder.layer
+
+
+class DropPath:
+    """Stochastic depth (Huang et al. 2016) per residual branch, as DeiT/timm train ViTs: during training each
+    sample's branch output is zeroed with probability `rate` and the survivors scaled by 1 / (1 - rate).
+
+    HF's ViT has no drop path, so this is a forward hook on the dropout that ends each residual branch (attention
+    and MLP): it leaves the module tree and the saved weights untouched and is a no-op in eval mode. Under
+    gradient checkpointing the recomputed mask is the same one, because checkpointing replays the RNG state.
+    """
+
+    def __init__(self, rate: float):
+        self.rate = rate
+
+    def __call__(self, module, inputs, output: torch.Tensor) -> torch.Tensor:
+        if not module.training or self.rate == 0:
+            return output
+        keep = 1 - self.rate
+        mask = output.new_empty((output.shape[0],) + (1,) * (output.ndim - 1)).bernoulli_(keep)  # (B, 1, 1)
+        return output * mask / keep
+
+
+def add_drop_path(model, rate: float) -> list:
+    """Drop path rising linearly from 0 (first block) to `rate` (last block); returns the hook handles."""
+    layers, handles = blocks(model), []
+    for i, layer in enumerate(layers):
+        layer_rate = rate * i / max(1, len(layers) - 1)
+        if hasattr(layer, "mlp"):  # transformers 5: one dropout after both branches, before each residual add
+            branch_ends = [layer.dropout]
+        else:  # transformers 4: ViTSelfOutput.dropout (attention) and ViTOutput.dropout (MLP)
+            branch_ends = [layer.attention.output.dropout, layer.output.dropout]
+        handles += [m.register_forward_hook(DropPath(layer_rate)) for m in branch_ends]
+    return handles
+
+
+def freeze(model, spec: str) -> None:
+    """--freeze none | patch-embed | blocks:N | linear-probe (only the classifier trains)."""
+    kind, n = freeze_spec(spec)
+    if kind == "none":
+        return
+    if kind == "linear-probe":
+        frozen = [model.vit]
+    else:
+        layers = blocks(model)
+        if n > len(layers):
+            raise UsageError(f"--freeze blocks:{n}: the base has only {len(layers)} blocks")
+        frozen = [model.vit.embeddings, *list(layers)[:n]]
+    for module in frozen:
+        module.requires_grad_(False)
+
+
+def attention_projections(model) -> list[str]:
+    """Names of the q/k/v projection Linear modules in this transformers version."""
+    for names in (["q_proj", "k_proj", "v_proj"], ["query", "key", "value"]):
+        if all(any(n.endswith("." + name) for n, _ in model.named_modules()) for name in names):
+            return names
+    raise UsageError("could not find the attention q/k/v projections for --lora")
+
+
+def add_lora(model, r: int, alpha: float, dropout: float):
+    """Wrap the model in PEFT LoRA adapters on q/k/v; everything else frozen except the (new) classifier."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=attention_projections(model),
+        modules_to_save=["classifier"],  # the new head must train in full
+        bias="none",
+    )
+    return get_peft_model(model, config)
+
+
+def plain(model) -> ViTForImageClassification:
+    """The model as a plain ViTForImageClassification: a PEFT model is copied and its LoRA merged into the weights
+    (`merge_and_unload`); a DDP wrapper is removed. The training model is left as it is."""
+    model = getattr(model, "module", model)  # DDP
+    if hasattr(model, "merge_and_unload"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return copy.deepcopy(model).merge_and_unload()
+    return model
+
+
+def save_checkpoint(model, processor, path: Path) -> None:
+    """Write an HF checkpoint folder: config.json (with id2label/label2id), model.safetensors,
+    preprocessor_config.json."""
+    model = plain(model)
+    model.save_pretrained(path, safe_serialization=True)
+    processor.save_pretrained(path)
+
+
+def tiny_config(**overrides) -> ViTConfig:
+    """A tiny ViT config for tests and offline demos (overrides win)."""
+    kw = dict(
+        image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=64, num_labels=2,
+    )  # fmt: skip
+    kw.update(overrides)
+    return ViTConfig(**kw)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)

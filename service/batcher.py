@@ -1,0 +1,219 @@
+"""The batcher: many concurrent requests' images → batches on one engine → each image's logits back to its caller.
+
+Protocol-independent on purpose: HTTP (and the gRPC front-end to come) feed the same :meth:`Batcher.submit`.
+One asyncio task assembles batches; the engine call runs in one worker thread, so exactly one batch is in
+flight per engine while the next one is assembled on the event loop. Rules:
+
+- bounded queue (in images): a request that does not fit is rejected whole with ``Overloaded`` (429);
+- a batch closes when it is full, or when its oldest image has waited ``max_wait_s`` and the engine is free;
+- an image whose deadline passed while queued fails with ``DeadlineExceeded`` and is never computed;
+- an image whose caller went away (future cancelled) is dropped before computing;
+- batches are padded up to the next configured bucket for fixed-shape engines; padding rows are discarded;
+- results are matched to callers by position in the batch, so completion order never mixes them up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.errors import DeadlineExceeded, EngineFailure, Overloaded, ShuttingDown
+
+
+@dataclass
+class BatchStats:
+    """What one image experienced, for response headers and histograms."""
+
+    queue_wait_s: float = 0.0
+    inference_s: float = 0.0
+    batch_size: int = 0
+
+
+@dataclass
+class _Item:
+    pixels: np.ndarray  # (3, H, W) float32
+    deadline: float  # time.monotonic() after which it must not be computed
+    enqueued: float
+    future: asyncio.Future = field(repr=False)
+
+
+class BatcherHooks:
+    """Observation points; the service plugs Prometheus in here. Defaults do nothing."""
+
+    def queue_depth(self, depth: int) -> None: ...
+    def queue_wait(self, seconds: float) -> None: ...
+    def batch(self, size: int, padded_to: int, seconds: float) -> None: ...
+    def expired(self, count: int) -> None: ...
+
+
+class Batcher:
+    def __init__(
+        self,
+        run_batch: Callable[[np.ndarray], np.ndarray],
+        *,
+        max_batch_size: int,
+        max_wait_s: float,
+        queue_capacity: int,
+        buckets: Sequence[int] = (),
+        hooks: BatcherHooks | None = None,
+    ):
+        if max_batch_size < 1 or queue_capacity < 1:
+            raise ValueError("max_batch_size and queue_capacity must be at least 1")
+        self._run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.queue_capacity = queue_capacity
+        self.buckets = tuple(sorted(b for b in buckets if b <= max_batch_size))
+        if self.buckets and self.buckets[-1] < max_batch_size:
+            self.buckets += (max_batch_size,)
+        self.hooks = hooks or BatcherHooks()
+        self._pending: collections.deque[_Item] = collections.deque()
+        self._wake = asyncio.Event()
+        self._busy = False
+        self._closed = False
+        self._task: asyncio.Task | None = None
+        # One thread: the engine sees one batch at a time (engines are not re-entrant, and on a GPU a
+        # second concurrent batch only competes for the same SMs).
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vitserve-engine")
+        self._batch_seconds_ewma: float | None = None
+
+    # ---- public interface -------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="vitserve-batcher")
+
+    @property
+    def depth(self) -> int:
+        return len(self._pending)
+
+    @property
+    def idle(self) -> bool:
+        return not self._pending and not self._busy
+
+    def retry_after_s(self) -> float:
+        """A client-facing estimate of how long the current queue takes to clear."""
+        per_batch = self._batch_seconds_ewma or 0.1
+        return max(1.0, (len(self._pending) / self.max_batch_size + 1) * per_batch)
+
+    async def submit(self, pixels: np.ndarray, deadline: float) -> tuple[np.ndarray, list[BatchStats]]:
+        """(N, 3, H, W) → ((N, L) logits, per-image stats). All N images are admitted or none is."""
+        if self._closed:
+            raise ShuttingDown("the server is shutting down and accepts no new work")
+        n = len(pixels)
+        if len(self._pending) + n > self.queue_capacity:
+            raise Overloaded(
+                f"queue full ({len(self._pending)}/{self.queue_capacity} images waiting); retry later",
+                retry_after_s=self.retry_after_s(),
+            )
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        items = [_Item(pixels[i], deadline, now, loop.create_future()) for i in range(n)]
+        self._pending.extend(items)
+        self.hooks.queue_depth(len(self._pending))
+        self._wake.set()
+        try:
+            results = await asyncio.gather(*(it.future for it in items))
+        except BaseException:
+            for it in items:  # the caller gave up (or one image failed): don't compute the rest
+                if not it.future.done():
+                    it.future.cancel()
+            raise
+        logits = np.stack([r[0] for r in results])
+        return logits, [r[1] for r in results]
+
+    async def close(self, timeout_s: float | None = None) -> None:
+        """Stop admitting work, answer everything already admitted, then stop the loop."""
+        self._closed = True
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while not self.idle and (deadline is None or time.monotonic() < deadline):
+            await asyncio.sleep(0.01)
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._executor.shutdown(wait=False)
+
+    # ---- the loop ------------------------------------------------------------------------------------
+    async def _wait(self, timeout: float | None) -> None:
+        self._wake.clear()
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        except TimeoutError:
+            pass
+
+    async def _loop(self) -> None:
+        while True:
+            if not self._pending:
+                await self._wait(None)
+                continue
+            # Assemble: keep collecting while the engine is busy (up to a full batch), and otherwise
+            # until the oldest image has waited max_wait_s.
+            oldest = self._pending[0].enqueued
+            full = len(self._pending) >= self.max_batch_size
+            waited = time.monotonic() - oldest >= self.max_wait_s
+            if self._busy or not (full or waited):
+                timeout = None if self._busy else max(0.0, oldest + self.max_wait_s - time.monotonic())
+                await self._wait(timeout)
+                continue
+            batch = self._take()
+            if batch:
+                self._busy = True
+                asyncio.get_running_loop().create_task(self._run(batch))
+
+    def _take(self) -> list[_Item]:
+        now = time.monotonic()
+        batch: list[_Item] = []
+        expired = 0
+        while self._pending and len(batch) < self.max_batch_size:
+            item = self._pending.popleft()
+            if item.future.done():  # caller cancelled
+                continue
+            if now > item.deadline:
+                expired += 1
+                item.future.set_exception(DeadlineExceeded("request deadline passed while queued; not computed"))
+                continue
+            self.hooks.queue_wait(now - item.enqueued)
+            batch.append(item)
+        if expired:
+            self.hooks.expired(expired)
+        self.hooks.queue_depth(len(self._pending))
+        return batch
+
+    def _bucket(self, n: int) -> int:
+        for b in self.buckets:
+            if b >= n:
+                return b
+        return n
+
+    async def _run(self, batch: list[_Item]) -> None:
+        started = time.monotonic()
+        n = len(batch)
+        padded = self._bucket(n)
+        try:
+            x = np.stack([it.pixels for it in batch])  # (n, 3, H, W)
+            if padded > n:
+                x = np.concatenate([x, np.zeros((padded - n, *x.shape[1:]), dtype=x.dtype)])
+            loop = asyncio.get_running_loop()
+            logits = await loop.run_in_executor(self._executor, self._run_batch, x)
+            elapsed = time.monotonic() - started
+            self.hooks.batch(n, padded, elapsed)
+            self._batch_seconds_ewma = elapsed if self._batch_seconds_ewma is None else 0.8 * self._batch_seconds_ewma + 0.2 * elapsed
+            for i, item in enumerate(batch):
+                if not item.future.done():
+                    stats = BatchStats(queue_wait_s=started - item.enqueued, inference_s=elapsed, batch_size=n)
+                    item.future.set_result((logits[i], stats))
+        except Exception as e:  # noqa: BLE001 - an engine failure fails this batch's requests, not the loop
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(EngineFailure(f"inference failed: {type(e).__name__}"))
+        finally:
+            self._busy = False
+            self._wake.set()

@@ -1,0 +1,231 @@
+"""HTTP front-end: multipart and base64-JSON `POST /classify`, `GET /info`, OpenAPI — rendering only.
+
+All the work happens in :class:`service.classifier.Classifier`; errors are rendered by ``service.errors``.
+The app is mounted into the BentoML service at "/", where BentoML keeps /metrics, /livez and /readyz.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from collections.abc import Callable
+from typing import Annotated
+
+from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import metrics
+from service.classifier import Classification, Classifier, record_outcome
+from service.errors import (
+    EmptyRequest,
+    InvalidParameter,
+    PayloadTooLarge,
+    ServiceError,
+    STATUS_BY_TYPE,
+    UnsupportedImage,
+    error_body,
+    error_headers,
+    from_framework,
+    http_status,
+)
+
+PROTOCOL = "http"
+
+
+class Prediction(BaseModel):
+    label: str
+    index: int = Field(description="logit index of the label")
+    score: float = Field(description="calibrated softmax probability")
+
+
+class ImageResult(BaseModel):
+    top1: Prediction
+    top5: list[Prediction] = Field(description="the top_k best predictions (5 unless top_k says otherwise)")
+
+
+class ClassifyResponse(BaseModel):
+    model: str
+    version: str
+    predictions: list[ImageResult] = Field(description="one entry per image, in request order")
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+    index: int | None = Field(description="the offending image's position in the request, where one is at fault")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Base64Request(BaseModel):
+    images: list[str] = Field(description="base64-encoded image files (JPEG, PNG, WebP, …)")
+    top_k: int | None = Field(None, description="predictions per image (default 5)")
+
+
+_ERROR_RESPONSES = {
+    status: {"model": ErrorResponse, "description": ", ".join(sorted(e.type for e, s in STATUS_BY_TYPE.items() if s == status))}
+    for status in sorted(set(STATUS_BY_TYPE.values()))
+}
+
+
+class BodyLimit:
+    """Refuse bodies over ``max_bytes`` before reading them (Content-Length) or while streaming (chunked).
+
+    BentoML and uvicorn set no body limit of their own, so without this a client could make us buffer anything.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: Callable[[], int]):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.max_bytes()
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            exc = PayloadTooLarge(f"request body is {int(declared)} bytes; the limit is {limit}")
+            record_outcome(PROTOCOL, 413, 0.0, exc)
+            response = JSONResponse(error_body(exc), status_code=413)
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def _timing_headers(result: Classification, total_s: float) -> dict[str, str]:
+    h = {f"X-Vitserve-{k.capitalize()}-Ms": f"{v:.2f}" for k, v in result.timings_ms.items()}
+    h["X-Vitserve-Total-Ms"] = f"{total_s * 1000:.2f}"
+    h["X-Vitserve-Batch-Size"] = str(result.batch_size)
+    return h
+
+
+def create_app(get_classifier: Callable[[], Classifier]) -> FastAPI:
+    app = FastAPI(
+        title="vitserve",
+        description="Image classification with a fine-tuned ViT: top-1/top-5 labels and calibrated probabilities.",
+        version="1",
+        docs_url="/docs",
+        redoc_url=None,
+    )
+
+    async def respond(images_source, top_k: int | None) -> JSONResponse:
+        start = time.perf_counter()
+        metrics.IN_FLIGHT.inc()
+        clf = get_classifier()
+        try:
+            images = await images_source(clf)
+            result = await clf.classify(images, top_k, protocol=PROTOCOL)
+        except ServiceError as exc:
+            status = http_status(exc)
+            record_outcome(PROTOCOL, status, time.perf_counter() - start, exc)
+            return JSONResponse(error_body(exc), status_code=status, headers=error_headers(exc))
+        finally:
+            metrics.IN_FLIGHT.dec()
+        total = time.perf_counter() - start
+        record_outcome(PROTOCOL, 200, total)
+        m = clf.manifest.model
+        body = {"model": m.name, "version": m.version, "predictions": result.predictions}
+        return JSONResponse(body, headers=_timing_headers(result, total))
+
+    @app.post(
+        "/classify",
+        response_model=ClassifyResponse,
+        responses=_ERROR_RESPONSES,
+        summary="Classify images sent as multipart parts named `images`",
+    )
+    async def classify_multipart(
+        images: Annotated[list[UploadFile], File(description="one or more image files")] = [],  # noqa: B006
+        top_k: Annotated[int | None, Query(description="predictions per image (default 5)")] = None,
+        top_k_form: Annotated[int | None, Form(alias="top_k", description="top_k as a form field instead")] = None,
+    ) -> JSONResponse:
+        async def read(clf: Classifier) -> list[bytes]:
+            clf.check_request(len(images), top_k if top_k is not None else top_k_form)
+            return [await f.read() for f in images]
+
+        return await respond(read, top_k if top_k is not None else top_k_form)
+
+    @app.post(
+        "/classify/base64",
+        response_model=ClassifyResponse,
+        responses=_ERROR_RESPONSES,
+        summary="Classify base64-encoded images sent as JSON",
+    )
+    async def classify_base64(request: Base64Request) -> JSONResponse:
+        async def decode(clf: Classifier) -> list[bytes]:
+            clf.check_request(len(request.images), request.top_k)
+            out = []
+            for i, s in enumerate(request.images):
+                try:
+                    out.append(base64.b64decode(s, validate=True))
+                except (binascii.Error, ValueError):
+                    raise UnsupportedImage(f"image {i} is not valid base64", index=i) from None
+            return out
+
+        return await respond(decode, request.top_k)
+
+    @app.get("/info", summary="The model, its labels, preprocessing, engine and limits")
+    async def info() -> dict:
+        clf = get_classifier()
+        m = clf.manifest
+        s = clf.settings
+        return {
+            "model": m.model.model_dump(),
+            "labels": m.labels,
+            "temperature": m.temperature,
+            "preprocessing": m.preprocessing.model_dump(),
+            "engine": clf.engine.describe(),
+            "limits": {
+                "max_batch_size": clf.max_batch_size,
+                "max_images_per_request": s.max_images_per_request,
+                "max_body_bytes": s.max_body_bytes,
+                "max_image_pixels": s.max_image_pixels,
+                "request_timeout_s": s.request_timeout_s,
+            },
+        }
+
+    @app.exception_handler(ServiceError)
+    async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
+        # Raised outside respond(): the body limit tripping while FastAPI reads the form.
+        status = http_status(exc)
+        record_outcome(PROTOCOL, status, 0.0, exc)
+        return JSONResponse(error_body(exc), status_code=status, headers=error_headers(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def framework_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI turns any exception raised while reading a form into a bare 400; our body limit's
+        # PayloadTooLarge travels as its __cause__ and keeps its own status.
+        err = from_framework(exc.status_code, str(exc.detail), exc.__cause__)
+        status = http_status(err)
+        record_outcome(PROTOCOL, status, 0.0, err)
+        return JSONResponse(error_body(err), status_code=status, headers=error_headers(err))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        err: ServiceError = InvalidParameter(f"{where or 'request'}: {first.get('msg', 'invalid request')}")
+        if first.get("type") == "json_invalid":
+            err = InvalidParameter(f"request body is not valid JSON: {first.get('msg', '')}")
+        if where.startswith("images") and first.get("type") == "missing":
+            err = EmptyRequest("no images in the request (multipart field 'images')")
+        status = http_status(err)
+        record_outcome(PROTOCOL, status, 0.0, err)
+        return JSONResponse(error_body(err), status_code=status)
+
+    return app

@@ -1,0 +1,63 @@
+"""Prometheus metrics for every stage, beside BentoML's own.
+
+Plain prometheus_client: BentoML sets PROMETHEUS_MULTIPROC_DIR in its workers and its /metrics merges
+every process's files, so these are correct in multiprocess mode. Gauges say how they merge across
+processes (livesum: dead workers drop out). Buckets span 0.5 ms (GPU batches) to 30 s (a saturated CPU).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from service.batcher import BatcherHooks
+
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
+    0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.5, 4.0, 6.0, 10.0, 20.0, 30.0,
+)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
+
+REQUEST_SECONDS = Histogram(
+    "vitserve_request_duration_seconds", "End-to-end request time, bytes in to response out",
+    ["protocol", "status"], buckets=LATENCY_BUCKETS,
+)
+DECODE_SECONDS = Histogram(
+    "vitserve_decode_duration_seconds", "Decode + preprocess time per image", buckets=LATENCY_BUCKETS
+)
+QUEUE_WAIT_SECONDS = Histogram(
+    "vitserve_queue_wait_duration_seconds", "Time an image waited in the batch queue", buckets=LATENCY_BUCKETS
+)
+INFERENCE_SECONDS = Histogram(
+    "vitserve_batch_inference_duration_seconds", "Engine time per batch (incl. host↔device copies)",
+    ["engine"], buckets=LATENCY_BUCKETS,
+)
+POSTPROCESS_SECONDS = Histogram(
+    "vitserve_postprocess_duration_seconds", "Softmax + top-k + response building per request", buckets=LATENCY_BUCKETS
+)
+BATCH_SIZE = Histogram("vitserve_batch_size", "Images per engine batch (before padding)", ["engine"], buckets=BATCH_BUCKETS)
+REQUESTS = Counter("vitserve_requests", "Classification requests answered", ["protocol", "status"])
+IMAGES = Counter("vitserve_images", "Images classified", ["protocol"])
+REJECTIONS = Counter("vitserve_rejections", "Requests refused, by reason (the error type)", ["protocol", "reason"])
+QUEUE_DEPTH = Gauge("vitserve_queue_depth", "Images waiting in the batch queue", multiprocess_mode="livesum")
+IN_FLIGHT = Gauge("vitserve_requests_in_flight", "Requests being processed", multiprocess_mode="livesum")
+ENGINE_INFO = Gauge(
+    "vitserve_engine_info", "The engine serving requests (value 1)",
+    ["engine", "device", "precision", "model", "version"], multiprocess_mode="max",
+)
+READY = Gauge("vitserve_ready", "1 when warmed up and accepting work", multiprocess_mode="max")
+
+
+class PrometheusBatcherHooks(BatcherHooks):
+    def __init__(self, engine_name: str):
+        self._inference = INFERENCE_SECONDS.labels(engine=engine_name)
+        self._batch = BATCH_SIZE.labels(engine=engine_name)
+
+    def queue_depth(self, depth: int) -> None:
+        QUEUE_DEPTH.set(depth)
+
+    def queue_wait(self, seconds: float) -> None:
+        QUEUE_WAIT_SECONDS.observe(seconds)
+
+    def batch(self, size: int, padded_to: int, seconds: float) -> None:
+        self._batch.observe(size)
+        self._inference.observe(seconds)

@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny ViTs built from a config in the session (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_LABELS = [f"class_{i}" for i in range(10)]
+
+
+def make_tiny_checkpoint(path: Path, *, seed: int = 0, image_size: int = 32, num_labels: int = 10, hidden: int = 64) -> Path:
+    """A random ViTForImageClassification saved exactly as `vitserve finetune` would (safetensors + configs)."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil
+
+    torch.manual_seed(seed)
+    labels = [f"class_{i}" for i in range(num_labels)]
+    cfg = ViTConfig(
+        image_size=image_size, patch_size=8, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=hidden * 2, num_labels=num_labels,
+        id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)},
+    )
+    model = ViTForImageClassification(cfg)
+    with torch.no_grad():  # fresh HF heads have zero bias and tiny weights: give logits some spread
+        model.classifier.weight.normal_(0, 0.5)
+        model.classifier.bias.normal_(0, 0.5)
+    model.save_pretrained(path)
+    ViTImageProcessorPil(size={"height": image_size, "width": image_size}).save_pretrained(path)
+    return path
+
+
+def run_cli(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The real `vitserve` program in a subprocess, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "vitserve.py"), *args],
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-vit")
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tiny_checkpoint, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("artifact") / "tiny"
+    proc = run_cli("export", str(tiny_checkpoint), "--output", str(out), "--max-images", "48", "--max-batch", "16")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def photo_bytes() -> list[tuple[str, bytes]]:
+    """Real photographs (scikit-image's), as JPEG/PNG bytes."""
+    from export.parity import default_image_bytes
+
+    return default_image_bytes(24)
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    import importlib.util
+
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU; none is visible (torch.cuda.is_available() is false)")
+    no_trt = pytest.mark.skip(reason="needs the tensorrt package and a CUDA GPU")
+    have_trt = importlib.util.find_spec("tensorrt") is not None and _cuda()
+    for item in items:
+        if "gpu" in item.keywords and not _cuda():
+            item.add_marker(no_gpu)
+        if "tensorrt" in item.keywords and not have_trt:
+            item.add_marker(no_trt)

@@ -1,0 +1,124 @@
+"""bytes → RGB → tensor: every image mode, EXIF, draft mode, and each way bytes can be bad."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.artifact import Preprocessing
+from service.errors import ImageTooLarge, InvalidImage, UnsupportedImage
+from service.preprocess import Preprocessor, decode_image, to_rgb
+
+VIT = Preprocessing(resize_mode="exact", resize_size=(32, 32), resample="bilinear")
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def gradient(w=64, h=48) -> Image.Image:
+    x = np.linspace(0, 255, w, dtype=np.float32)[None, :].repeat(h, 0)
+    y = np.linspace(0, 255, h, dtype=np.float32)[:, None].repeat(w, 1)
+    return Image.fromarray(np.stack([x, y, 255 - x], -1).astype(np.uint8))
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16", "I", "F", "1", "YCbCr"])
+def test_every_mode_becomes_rgb(mode):
+    img = gradient().convert("RGB" if mode in ("I;16", "I", "F") else mode) if mode not in ("I;16", "I", "F") else None
+    if img is None:
+        base = np.linspace(0, 65535 if mode == "I;16" else 1000, 64 * 48).reshape(48, 64)
+        img = Image.fromarray(base.astype(np.uint16 if mode == "I;16" else np.int32 if mode == "I" else np.float32), mode=None)
+        img = img if img.mode == mode else img.convert(mode)
+    out = to_rgb(img)
+    assert out.mode == "RGB" and out.size == (64, 48)
+    arr = np.asarray(out)
+    assert arr.max() > arr.min(), f"{mode} lost its contents"
+
+
+def test_sixteen_bit_is_scaled_not_clipped():
+    img = Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16))
+    assert img.mode.startswith("I;16")
+    assert np.asarray(to_rgb(img)).min() == 255
+    half = Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16))
+    assert 126 <= np.asarray(to_rgb(half)).mean() <= 129
+
+
+def test_transparency_composites_on_white():
+    img = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    assert np.asarray(to_rgb(img)).min() == 255
+
+
+def test_exif_orientation_is_applied():
+    img = gradient(64, 32)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    data = encode(img, "JPEG", exif=exif)
+    out = decode_image(data, max_pixels=10**7)
+    assert out.size == (32, 64)
+
+
+def test_jpeg_draft_mode_decodes_large_images_smaller_but_same_tensor_shape():
+    big = gradient(2048, 1536)
+    data = encode(big, "JPEG", quality=90)
+    decoded = decode_image(data, max_pixels=10**8, target_size=(32, 32))
+    assert decoded.size[0] < 2048 and decoded.size[0] >= 64  # reduced in the DCT, but not below 2× the input
+    x = Preprocessor(VIT)(decoded)
+    assert x.shape == (3, 32, 32) and x.dtype == np.float32
+
+
+def test_matches_transformers_vit_image_processor():
+    from transformers import ViTImageProcessorPil
+
+    img = gradient(97, 61)
+    ours = Preprocessor(VIT)(img)
+    theirs = ViTImageProcessorPil(size={"height": 32, "width": 32})(img, return_tensors="np")["pixel_values"][0]
+    assert np.abs(ours - theirs).max() < 1e-5
+
+
+def test_shortest_edge_and_center_crop():
+    spec = Preprocessing(resize_mode="shortest_edge", resize_size=(36, 36), center_crop=(32, 32), resample="bicubic",
+                         mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    x = Preprocessor(spec)(gradient(100, 50))
+    assert x.shape == (3, 32, 32)
+
+
+def test_not_an_image():
+    with pytest.raises(UnsupportedImage) as e:
+        decode_image(b"hello, this is text", max_pixels=10**7, index=3)
+    assert e.value.index == 3 and "3" in e.value.message
+
+
+def test_empty_bytes():
+    with pytest.raises(UnsupportedImage):
+        decode_image(b"", max_pixels=10**7)
+
+
+def test_truncated_jpeg():
+    data = encode(gradient(256, 256), "JPEG")
+    with pytest.raises(InvalidImage):
+        decode_image(data[: len(data) // 2], max_pixels=10**7, index=1)
+
+
+def test_unsupported_format():
+    data = encode(gradient(), "ICO")
+    with pytest.raises(UnsupportedImage, match="unsupported format"):
+        decode_image(data, max_pixels=10**7)
+
+
+def test_decompression_bomb_is_refused_from_the_header():
+    # A 1-bit 20000×20000 PNG: tiny on the wire, 400 M pixels if decoded.
+    data = encode(Image.new("1", (20000, 20000)), "PNG", optimize=True)
+    assert len(data) < 200_000
+    with pytest.raises(ImageTooLarge, match="400000000 pixels"):
+        decode_image(data, max_pixels=50_000_000, index=0)
+
+
+def test_our_pixel_limit_applies_below_pillows():
+    data = encode(Image.new("RGB", (3000, 2000)), "PNG")
+    with pytest.raises(ImageTooLarge, match="6000000 pixels, over the limit of 5000000"):
+        decode_image(data, max_pixels=5_000_000, index=2)
