@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ class LoadedCheckpoint:
     architecture: str
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # namespace/name; paths start with / or . instead
 Loader = Callable[[str], LoadedCheckpoint | None]
 _LOADERS: dict[str, Loader] = {}
 
@@ -114,7 +116,7 @@ def load_hf_vit(source: str) -> LoadedCheckpoint | None:
         if not weight_files:
             raise ValueError(f"{path} has no .safetensors weights; vitserve never unpickles .bin checkpoints")
         local = path
-    elif "/" in source and not path.exists():
+    elif _HUB_ID.fullmatch(source) and not path.exists():
         from huggingface_hub import snapshot_download  # a transformers dependency
 
         local = Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors"]))

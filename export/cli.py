@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 from export.parity import DEFAULT_THRESHOLDS
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # torch.export internals' deprecation chatter
     from export.parity import format_table
     from export.pipeline import ExportOptions, export_artifact, parse_threshold_overrides, summarize_cpu_choice
     from export.tensorrt_build import TensorRTUnavailable

@@ -90,6 +90,10 @@ def _io_specs(h: int, w: int, num_labels: int) -> tuple[list[TensorSpec], list[T
 
 
 def export_artifact(opts: ExportOptions) -> ExportResult:
+    if opts.tensorrt:
+        from export.tensorrt_build import ensure_available
+
+        ensure_available()
     out = Path(opts.output)
     if out.exists() and any(out.iterdir()):
         if not opts.force:

@@ -19,6 +19,18 @@ class TensorRTUnavailable(RuntimeError):
     pass
 
 
+def ensure_available() -> None:
+    """Fail before any export work when a plan was asked for but cannot be built here."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is None:
+        raise TensorRTUnavailable(INSTALL_HINT)
+    import torch
+
+    if not torch.cuda.is_available():
+        raise TensorRTUnavailable("building a TensorRT engine needs a CUDA GPU; none is visible")
+
+
 def build_plan(
     onnx_path: Path,
     plan_path: Path,

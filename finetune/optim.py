@@ -6,7 +6,8 @@ without touching the pinned torch here, so each is written out below (~30 lines 
 Which suits what (also in README_SECTION.md): AdamW is the safe default for fine-tuning ViTs. SGD with momentum is
 how the ViT paper fine-tunes, but only with lr 0.003-0.03, warmup and clipping; at AdamW-sized rates it barely moves.
 Adafactor keeps factored second moments: least optimizer memory for ViT-L. LAMB and LARS scale each layer's step to
-the layer's weight norm, made for very large batches (many GPUs); they want larger learning rates than AdamW.
+the layer's weight norm, made for very large batches (many GPUs); they want larger learning rates than AdamW
+(LAMB ~1e-3-5e-2; LARS ~1-10, its trust coefficient 0.001 shrinks every step).
 SAM looks for flat minima: often +0.5-1 point on small datasets, at twice the compute per step.
 """
 
@@ -84,9 +85,10 @@ class Lamb(torch.optim.Optimizer):
 
 
 class Lars(torch.optim.Optimizer):
-    """LARS (You, Gitman & Ginsburg 2017): SGD with momentum whose per-tensor learning rate is
-    trust_coefficient x ||w|| / (||g|| + weight_decay x ||w||). As in the paper and timm, biases and norms (the
-    group without weight decay) skip the adaptation. Base learning rates are large (~0.1-10)."""
+    """LARS (You, Gitman & Ginsburg 2017): SGD with momentum where each tensor's step is scaled by its trust ratio
+    trust_coefficient x ||w|| / (||g|| + weight_decay x ||w||), so every layer moves by about lr x
+    trust_coefficient x its own norm whatever its gradient scale. A tensor with zero norm (a fresh bias) takes a
+    plain SGD step scaled by trust_coefficient. The base learning rate is large (~1-10) as in the paper."""
 
     def __init__(self, params, lr=1.0, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001, eps=1e-8):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps)
@@ -96,21 +98,18 @@ class Lars(torch.optim.Optimizer):
     def step(self, closure=None):
         loss = closure() if closure is not None else None
         for group in self.param_groups:
-            wd = group["weight_decay"]
+            wd, eta = group["weight_decay"], group["trust_coefficient"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                g = p.grad
-                if wd:  # adapt only tensors that are decayed (weight matrices)
-                    w_norm, g_norm = p.norm(), g.norm()
-                    denom = g_norm + wd * w_norm + group["eps"]
-                    trust = torch.where((w_norm > 0) & (g_norm > 0), group["trust_coefficient"] * w_norm / denom, torch.ones_like(w_norm))
-                    g = (g + wd * p) * trust
+                w_norm, g_norm = p.norm(), p.grad.norm()
+                ratio = torch.where((w_norm > 0) & (g_norm > 0), w_norm / (g_norm + wd * w_norm + group["eps"]), 1.0)
+                update = (p.grad + wd * p) * (eta * ratio)
                 state = self.state[p]
                 if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = g.clone()
+                    state["momentum_buffer"] = update.clone()
                 else:
-                    state["momentum_buffer"].mul_(group["momentum"]).add_(g)
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(update)
                 p.sub_(state["momentum_buffer"], alpha=group["lr"])
         return loss
 
