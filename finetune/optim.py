@@ -13,8 +13,9 @@ SAM looks for flat minima: often +0.5-1 point on small datasets, at twice the co
 
 from __future__ import annotations
 
+import math
+
 import torch
-from transformers import get_cosine_schedule_with_warmup
 
 NO_DECAY = ("position_embeddings", "cls_token", "mask_token")  # besides 1-D tensors (biases, norms)
 
@@ -147,6 +148,14 @@ class SAM:
 
 
 def schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float):
-    """Linear warmup over warmup_ratio of the steps, then cosine decay to 0 (returns scheduler, warmup steps)."""
-    warmup = int(round(warmup_ratio * total_steps))
-    return get_cosine_schedule_with_warmup(optimizer, warmup, max(total_steps, 1)), warmup
+    """Linear warmup over warmup_ratio of the steps, then cosine decay to 0 (returns scheduler, warmup steps).
+    The formula of transformers.get_cosine_schedule_with_warmup, without importing its Trainer stack."""
+    warmup, total = int(round(warmup_ratio * total_steps)), max(total_steps, 1)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor), warmup

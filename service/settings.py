@@ -9,7 +9,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.engines import EngineChoice
 
-DEMO_ARTIFACT = Path(__file__).resolve().parent / "demo_artifact"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the repository, or a Bento's src/ directory
+DEMO_ARTIFACT = PROJECT_ROOT / "service" / "demo_artifact"
 
 
 class Settings(BaseSettings):
@@ -38,4 +39,9 @@ class Settings(BaseSettings):
     def _check(self) -> "Settings":
         if any(b < 1 for b in self.batch_buckets):
             raise ValueError("batch_buckets must be positive sizes")
+        # BentoML runs hooks and workers from different directories: a relative artifact path means the
+        # current directory if it exists there, else the project (Bento src/) root.
+        if not self.artifact.is_absolute():
+            here = Path.cwd() / self.artifact
+            self.artifact = here if here.exists() else PROJECT_ROOT / self.artifact
         return self

@@ -1,0 +1,42 @@
+# Two commands set everything up on a fresh machine:
+#   make serve   create .venv, install, start the service on the embedded demo model (http://localhost:3000)
+#   make test    create .venv, install (plus the Fashion-MNIST data package), run the whole test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: serve test install data demo-model bento clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch is pinned (==2.13.0) in pyproject: an unpinned torch would pull GBs of CUDA packages.
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(BIN)/.installed
+
+# Real data for the fine-tune tests and the demo model: Debian's dataset-fashion-mnist (MIT licensed).
+data:
+	@if [ ! -f $(FASHION_MNIST) ]; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	  else echo "note: install Debian's dataset-fashion-mnist for the Fashion-MNIST tests (they skip without it)"; fi; \
+	fi
+
+serve: install
+	BENTOML_DO_NOT_TRACK=True $(BIN)/vitserve serve
+
+test: install data
+	BENTOML_DO_NOT_TRACK=True $(BIN)/python -m pytest
+
+# Rebuild the embedded demo model from Fashion-MNIST (the exact recipe; see README "The demo model").
+demo-model: install data
+	$(BIN)/python -m finetune.demo
+
+bento: install
+	BENTOML_DO_NOT_TRACK=True $(BIN)/bentoml build
+
+clean:
+	rm -rf $(VENV) .pytest_cache build dist *.egg-info

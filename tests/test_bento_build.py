@@ -1,0 +1,53 @@
+"""`bentoml build` packages the service and its artifact; the built Bento serves."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from service.artifact import read_manifest
+from tests.server import ROOT, free_port, stop
+
+pytestmark = pytest.mark.timeout(400)
+
+
+def test_bentoml_build_then_serve_the_bento(tmp_path, tiny_artifact):
+    home = tmp_path / "bentoml_home"
+    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
+    # Build from a copy of the project with a test artifact under artifacts/, as a user would ship one.
+    src = tmp_path / "project"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", ".git", "__pycache__", "runs", "data", "*.egg-info"))
+    shutil.copytree(tiny_artifact, src / "artifacts" / "tiny")
+    build = subprocess.run([sys.executable, "-m", "bentoml", "build", "--output", "tag"], cwd=src, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stdout + build.stderr
+    tag = build.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    assert tag.startswith("vitserve:")
+    bento_src = home / "bentos" / "vitserve" / tag.split(":")[1] / "src"
+    assert (bento_src / "service" / "app.py").is_file()
+    assert (bento_src / "artifacts" / "tiny" / "manifest.json").is_file()
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", tag, "--port", str(port), "--host", "127.0.0.1"],
+                            env={**env, "VITSERVE_ARTIFACT": "artifacts/tiny"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stdout.read().decode(errors="replace")[-3000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        info = httpx.get(f"http://127.0.0.1:{port}/info", timeout=10).json()
+        assert info["model"]["name"] == read_manifest(tiny_artifact).model.name
+    finally:
+        stop(proc)

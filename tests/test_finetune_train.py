@@ -1,0 +1,267 @@
+"""End-to-end runs of `vitserve finetune` on tiny ViTs (CPU, no downloads): it learns Fashion-MNIST, a run killed
+with SIGKILL resumes to the same weights as an uninterrupted one, SIGTERM saves and exits, LoRA / resolution /
+freezing produce a plain checkpoint the export stage can take, and gradient accumulation equals a bigger batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from finetune.cli import main
+from finetune.tiny_base import write_tiny_base
+
+ROOT = Path(__file__).resolve().parents[1]
+torch.set_num_threads(1)
+
+
+def write_images(root: Path, classes: int, per_class: int, size: int = 32, seed: int = 0) -> None:
+    """A learnable synthetic task: noise plus a bright square whose position is the class."""
+    rng = np.random.default_rng(seed)
+    for k in range(classes):
+        (root / f"class_{k}").mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 100, (size, size, 3), dtype=np.uint8)
+            y, x = divmod(k, 2)
+            pixels[y * size // 2 : y * size // 2 + size // 3, x * size // 2 : x * size // 2 + size // 3] = 255
+            Image.fromarray(pixels).save(root / f"class_{k}" / f"{i}.png")
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory) -> Path:
+    return write_tiny_base(tmp_path_factory.mktemp("base") / "tiny", image_size=32, patch_size=8, hidden=32, layers=2, heads=2, mlp_ratio=2)
+
+
+@pytest.fixture(scope="module")
+def squares(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("squares")
+    write_images(root / "train", classes=3, per_class=20)
+    return root / "train"
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m finetune ...` in a subprocess, one thread so runs are bit-for-bit comparable."""
+    return subprocess.run(
+        [sys.executable, "-m", "finetune", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+    )  # fmt: skip
+
+
+def _progress(run: Path) -> dict:
+    from finetune.checkpoint import load_state
+
+    return load_state(run)["progress"]
+
+
+# --- it learns ------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fashion_mnist(tmp_path_factory) -> Path:
+    from finetune.fashion_mnist import DEFAULT_SOURCE, write_folders
+
+    if not (DEFAULT_SOURCE / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip("Fashion-MNIST is not installed: apt-get install -y dataset-fashion-mnist")
+    root = tmp_path_factory.mktemp("fmnist")
+    write_folders(root, per_class_train=60, per_class_test=30)
+    return root
+
+
+def test_short_run_learns_fashion_mnist(fashion_mnist, tmp_path, capsys):
+    base = write_tiny_base(tmp_path / "base", image_size=28, patch_size=7, hidden=64, layers=2, heads=4, mlp_ratio=2)
+    run = tmp_path / "run"
+    rc = main([
+        "--train-dir", str(fashion_mnist / "train"), "--test-dir", str(fashion_mnist / "test"), "--base", str(base),
+        "--output", str(run), "--epochs", "8", "--batch-size", "32", "--lr", "3e-3", "--augment", "none",
+        "--num-workers", "0", "--log-every-steps", "5", "--save-every-steps", "0",
+    ])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert rc == 0, out + err
+    assert "--learning-rate 0.003 is outside the model card's recommended" in err
+    metrics = json.loads((run / "metrics.json").read_text())
+    log = metrics["train_log"]
+    assert np.mean([r["loss"] for r in log[-3:]]) < 0.7 * np.mean([r["loss"] for r in log[:2]])  # loss falls
+    assert metrics["test"]["num_samples"] == 300
+    assert metrics["test"]["top1"] > 0.45, metrics["test"]  # chance is 0.10
+    assert metrics["final"]["val"]["top1"] > 0.45
+    assert len(metrics["history"]) == 8 and metrics["best"]["epoch"] in range(1, 9)
+    labels = json.loads((run / "checkpoint" / "config.json").read_text())["id2label"]
+    assert sorted(labels.values()) == sorted(p.name for p in (fashion_mnist / "train").iterdir())
+
+
+# --- SIGKILL, SIGTERM, resume ------------------------------------------------------------------------------------
+
+# Every random thing on: augmentation policy + erasing, dropout, drop path, and a mid-epoch kill.
+RESUME_ARGS = [
+    "--epochs", "4", "--batch-size", "8", "--lr", "1e-3", "--augment", "standard", "--dropout", "0.1",
+    "--drop-path", "0.1", "--num-workers", "0", "--save-every-steps", "2", "--log-every-steps", "3",
+]  # fmt: skip
+
+
+def test_resume_after_sigkill_reaches_the_same_state(squares, tiny_base, tmp_path):
+    common = ["--train-dir", str(squares), "--base", str(tiny_base), *RESUME_ARGS]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    # the uninterrupted run (a) and the one to kill (b) run side by side: one thread each
+    a = subprocess.Popen([sys.executable, "-m", "finetune", *common, "--output", str(tmp_path / "a")], cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    run = tmp_path / "b"
+    b = subprocess.Popen([sys.executable, "-m", "finetune", *common, "--output", str(run)], cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (run / "train_state" / "state.json").exists() and b.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    b.send_signal(signal.SIGKILL)
+    assert b.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    _, a_err = a.communicate(timeout=300)
+    assert a.returncode == 0, a_err[-3000:]
+    total = json.loads((tmp_path / "a" / "args.json").read_text())["resolved"]["total_steps"]
+    killed_at = _progress(run)["step"]
+    assert 0 < killed_at < total
+
+    resumed = cli(*common, "--output", str(run), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed at step {killed_at}/{total}" in resumed.stdout
+
+    for name in ("checkpoint/model.safetensors", "train_state/tensors.safetensors"):
+        a, b = load_file(tmp_path / "a" / name), load_file(run / name)
+        assert a.keys() == b.keys()
+        different = [k for k in a if not torch.equal(a[k], b[k])]
+        assert not different, f"{name}: {different[:5]}"
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "a", run))
+    assert [h["val"] for h in ma["history"]] == [h["val"] for h in mb["history"]]
+    assert ma["train_log"] == mb["train_log"] and ma["final"] == mb["final"]
+    assert (tmp_path / "a" / "split.json").read_text() == (run / "split.json").read_text()
+
+
+def test_sigterm_saves_the_training_state_and_exits_143(squares, tiny_base, tmp_path):
+    run = tmp_path / "run"
+    args = ["--train-dir", str(squares), "--base", str(tiny_base), "--output", str(run), *RESUME_ARGS]
+    args[args.index("--epochs") + 1] = "40"
+    args[args.index("--save-every-steps") + 1] = "1000"  # only the epoch end and SIGTERM save
+    proc = subprocess.Popen([sys.executable, "-m", "finetune", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    deadline = time.monotonic() + 120
+    while not (run / "train_state" / "state.json").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)  # now mid-epoch
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 143
+    step = _progress(run)["step"]
+    assert f"SIGTERM: saved the training state at step {step}" in out
+    assert _progress(run)["batch"] > 0  # saved mid-epoch, not just at the epoch end
+
+
+def test_refuses_to_overwrite_a_run_and_resume_needs_a_state(squares, tiny_base, tmp_path, capsys):
+    (tmp_path / "run" / "checkpoint").mkdir(parents=True)
+    assert main(["--train-dir", str(squares), "--base", str(tiny_base), "--output", str(tmp_path / "run")]) == 2
+    assert main(["--train-dir", str(squares), "--base", str(tiny_base), "--output", str(tmp_path / "new"), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "has no training state" in err
+
+
+# --- what is saved ----------------------------------------------------------------------------------------------
+
+
+def test_lora_run_at_a_new_resolution_saves_a_plain_checkpoint(squares, tiny_base, tmp_path, capsys):
+    """Corrupt files are skipped, LoRA is merged, the position embeddings are resized; the saved folder is what the
+    export stage expects."""
+    import shutil
+
+    from transformers import ViTForImageClassification
+
+    train = tmp_path / "train"
+    shutil.copytree(squares, train)
+    good = (train / "class_0" / "0.png").read_bytes()
+    (train / "class_0" / "truncated.png").write_bytes(good[: len(good) // 3])
+    (train / "class_1" / "fake.jpg").write_text("not an image")
+    run = tmp_path / "run"
+    rc = main([
+        "--train-dir", str(train), "--base", str(tiny_base), "--output", str(run), "--lora", "--lora-r", "4",
+        "--image-size", "48", "--epochs", "2", "--batch-size", "8", "--lr", "1e-3", "--num-workers", "0",
+    ])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert rc == 0, out + err
+    assert "skipping unreadable file" in err and "truncated.png" in err and "fake.jpg" in err
+    split = json.loads((run / "split.json").read_text())
+    assert len(split["train"]) + len(split["val"]) == 60 and not any("fake" in f for f, _ in split["train"] + split["val"])
+
+    ckpt = run / "checkpoint"
+    assert {p.name for p in ckpt.iterdir()} >= {"config.json", "model.safetensors", "preprocessor_config.json", "vitserve_calibration.json"}
+    weights = load_file(ckpt / "model.safetensors")
+    assert not any("lora" in k or "base_model" in k for k in weights)
+    assert weights["vit.embeddings.position_embeddings"].shape == (1, 1 + 6 * 6, 32)
+    config = json.loads((ckpt / "config.json").read_text())
+    assert config["image_size"] == 48 and config["id2label"] == {"0": "class_0", "1": "class_1", "2": "class_2"}
+    pre = json.loads((ckpt / "preprocessor_config.json").read_text())
+    assert pre["size"] == {"height": 48, "width": 48} and pre["image_mean"] == [0.5] * 3 and pre["resample"] == 2
+    cal = json.loads((ckpt / "vitserve_calibration.json").read_text())
+    assert set(cal) == {"temperature", "ece_before", "ece_after", "nll_before", "nll_after", "num_samples", "source"}
+    assert cal["temperature"] > 0 and cal["num_samples"] == len(split["val"])
+    model = ViTForImageClassification.from_pretrained(ckpt, use_safetensors=True).eval()
+    with torch.no_grad():
+        assert model(pixel_values=torch.randn(2, 3, 48, 48)).logits.shape == (2, 3)  # no interpolate flag needed
+    # the LoRA adapters trained: attention weights moved away from the base
+    base = load_file(tiny_base / "model.safetensors")
+    q = next(k for k in weights if k.endswith(("q_proj.weight", "query.weight")))  # names differ across versions
+    assert not torch.equal(weights[q], base[q])
+    assert {p.name for p in (run / "report").iterdir()} >= {
+        "training_curves.png", "confusion_matrix.png", "reliability_diagram.png", "per_class.csv", "per_class.json"
+    }
+    args = json.loads((run / "args.json").read_text())
+    assert args["lora"] is True and args["resolved"]["image_size"] == 48
+
+
+def test_linear_probe_changes_only_the_head(squares, tiny_base, tmp_path):
+    run = tmp_path / "run"
+    rc = main([
+        "--train-dir", str(squares), "--base", str(tiny_base), "--output", str(run), "--freeze", "linear-probe",
+        "--epochs", "1", "--batch-size", "8", "--lr", "1e-2", "--num-workers", "0", "--weight-decay", "0.1",
+    ])  # fmt: skip
+    assert rc == 0
+    base, tuned = load_file(tiny_base / "model.safetensors"), load_file(run / "checkpoint" / "model.safetensors")
+    changed = sorted(k for k in tuned if k not in base or not torch.equal(tuned[k], base[k]))
+    assert changed == ["classifier.bias", "classifier.weight"]
+
+
+def test_gradient_accumulation_equals_the_larger_batch(squares, tiny_base, tmp_path):
+    """8 x 1 and 4 x 2 see the same images per step and average the same gradient: same weights after an epoch."""
+    weights = []
+    for batch, accum in (("8", "1"), ("4", "2")):
+        run = tmp_path / f"b{batch}"
+        rc = main([
+            "--train-dir", str(squares), "--base", str(tiny_base), "--output", str(run), "--augment", "none",
+            "--batch-size", batch, "--gradient-accumulation-steps", accum, "--epochs", "1", "--lr", "1e-3",
+            "--num-workers", "0", "--val-split", "0.2",  # 48 training images: whole batches only
+        ])  # fmt: skip
+        assert rc == 0
+        weights.append(load_file(run / "checkpoint" / "model.safetensors"))
+    for k in weights[0]:
+        torch.testing.assert_close(weights[0][k], weights[1][k], atol=2e-5, rtol=1e-4)
+    base = load_file(tiny_base / "model.safetensors")
+    assert all(not torch.equal(weights[0][k], base[k]) for k in base if "classifier" not in k and base[k].ndim == 2)
+
+
+def test_every_optimizer_option_runs_end_to_end(squares, tiny_base, tmp_path):
+    """SAM + LAMB + accumulation + gradient checkpointing + bf16 autocast on CPU + heavy augmentation (mixup/cutmix)."""
+    run = tmp_path / "run"
+    rc = main([
+        "--train-dir", str(squares), "--base", str(tiny_base), "--output", str(run), "--optimizer", "lamb", "--sam",
+        "--gradient-accumulation-steps", "2", "--gradient-checkpointing", "--precision", "bf16", "--augment", "heavy",
+        "--label-smoothing", "0.1", "--epochs", "2", "--batch-size", "4", "--lr", "1e-2", "--num-workers", "1",
+        "--metric", "loss", "--auto-batch",
+    ])  # fmt: skip
+    assert rc == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert all(np.isfinite(r["loss"]) for r in metrics["train_log"])
+    assert metrics["best"]["metric"] == "loss" and len(metrics["history"]) == 2
