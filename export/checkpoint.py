@@ -30,6 +30,7 @@ class LoadedCheckpoint:
     source: str
     source_sha256: str
     architecture: str
+    preprocessing_source: Path | None = None  # the image-processor JSON the preprocessing came from
 
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # namespace/name; paths start with / or . instead
@@ -142,4 +143,5 @@ def load_hf_vit(source: str) -> LoadedCheckpoint | None:
         source=str(source),
         source_sha256=weights_sha256(weight_files),
         architecture="vit",
+        preprocessing_source=pre_cfg_path if pre_cfg_path.is_file() else None,
     )

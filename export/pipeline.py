@@ -207,6 +207,10 @@ def export_artifact(opts: ExportOptions) -> ExportResult:
     if opts.include_pytorch:
         weights_dir = out / "pytorch"
         ckpt.model.model.save_pretrained(weights_dir, safe_serialization=True)
+        # With the image-processor config beside the weights, the folder is a complete HF checkpoint
+        # (transformers' pipeline() loads it as-is; the naive-service benchmark peer does exactly that).
+        if ckpt.preprocessing_source is not None:
+            shutil.copy(ckpt.preprocessing_source, weights_dir / "preprocessor_config.json")
         engines.append(gate("pytorch-cpu", entry(weights_dir / "model.safetensors", "safetensors", "fp32", "any")))
 
     if opts.tensorrt:
