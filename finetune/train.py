@@ -162,8 +162,11 @@ def _run(cfg: TrainConfig, rt: runtime.Runtime) -> int:
     if cfg.drop_path:
         model_lib.add_drop_path(model, cfg.drop_path)
     model_lib.freeze(model, cfg.freeze)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.gradient_checkpointing:  # renamed "activation checkpointing" in transformers 5
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora:
         model = model_lib.add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
     model.to(device).train()

@@ -240,6 +240,11 @@ def test_failed_gate_exits_1_and_still_writes_the_report(tiny_checkpoint, tmp_pa
     m = read_manifest(out)
     fp16 = m.engine(format="onnx", precision="fp16")
     assert fp16.parity.passed is False and "Δlogit" in fp16.parity.failures[0]
+    # The service refuses to serve a file that failed its gate, and `auto` never picks it.
+    art = load_artifact(out)
+    with pytest.raises(ValueError, match="failed its parity gate"):
+        candidates(art, "onnxruntime-cuda", cuda=True)
+    assert "onnxruntime-cuda" not in [k for k, _ in candidates(art, "auto", cuda=True)]
 
 
 def test_tensorrt_without_tensorrt_says_how_to_install(tiny_checkpoint, tmp_path):

@@ -62,6 +62,8 @@ def candidates(artifact: Artifact, choice: str, cuda: bool | None = None) -> lis
         entry = table.get(choice)
         if entry is None:
             raise ValueError(f"engine {choice!r} needs a file the artifact {artifact.root} does not have")
+        if not _passed(entry):
+            raise ValueError(f"{entry.file} failed its parity gate at export ({'; '.join(entry.parity.failures)}); refusing to serve it")
         return [(choice, entry)]
     order = ["tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda", "pytorch-cuda"] if cuda else []
     order += ["onnxruntime-cpu", "pytorch-cpu"]
@@ -73,7 +75,12 @@ def candidates(artifact: Artifact, choice: str, cuda: bool | None = None) -> lis
         "onnxruntime-cpu": lambda: True,
         "pytorch-cpu": lambda: True,
     }
-    return [(k, table[k]) for k in order if table[k] is not None and usable[k]()]
+    # A file that failed its parity gate is never chosen automatically: it answers differently from the model.
+    return [(k, table[k]) for k in order if table[k] is not None and _passed(table[k]) and usable[k]()]
+
+
+def _passed(entry: EngineFile) -> bool:
+    return entry.parity is None or entry.parity.passed
 
 
 def build_engine(kind: str, artifact: Artifact, entry: EngineFile, *, intra_op_threads: int = 0) -> Engine:
