@@ -79,3 +79,69 @@ def write_result(name: str, payload: dict, table: str) -> tuple[Path, Path]:
         f"- git {env['git_sha']}, {env['date']}\n- command: `{payload.get('command', '')}`\n"
     )
     return json_path, md_path
+
+
+# ---- added for the engine sweep, service load and peer comparison --------------------------------------------
+
+
+def percentile(values, q: float) -> float | None:
+    """The q-th percentile (0–100) with linear interpolation between closest ranks (numpy's default method).
+
+    None for no values. Written out rather than calling numpy so the tests can check it against hand-worked cases.
+    """
+    xs = sorted(float(v) for v in values)
+    if not xs:
+        return None
+    if not 0 <= q <= 100:
+        raise ValueError(f"percentile must be within 0..100, got {q}")
+    pos = (len(xs) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def latency_summary_ms(seconds) -> dict:
+    """count, mean, p50/p90/p99 and max of latencies given in seconds, reported in milliseconds."""
+    xs = [float(s) for s in seconds]
+    out: dict = {"count": len(xs)}
+    for key, q in (("p50", 50), ("p90", 90), ("p99", 99)):
+        v = percentile(xs, q)
+        out[f"{key}_ms"] = None if v is None else round(v * 1000, 3)
+    out["mean_ms"] = round(sum(xs) / len(xs) * 1000, 3) if xs else None
+    out["max_ms"] = round(max(xs) * 1000, 3) if xs else None
+    return out
+
+
+def load_average() -> list[float] | None:
+    """The machine's 1/5/15-minute load averages: other work on a shared box skews every figure, so record it."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def result_stem(name: str, env: dict) -> Path:
+    """benchmarks/results/<name>_<env tag>: write_result's JSON and markdown, and any figure, share it."""
+    return RESULTS / f"{name}_{env_tag(env)}"
+
+
+def print_summary(title: str, payload: dict, rows: list[tuple[str, str]]) -> str:
+    """The fixed block every benchmark run prints last: the same header, the same rows in the same order."""
+    env = payload["environment"]
+    head = [
+        ("benchmark", title),
+        ("machine", f"{env['cpu']} ×{env['cpu_count']}, GPU: {env['gpu'] or 'none'}"),
+        ("load avg", " / ".join(str(x) for x in (payload.get("load_average") or {}).get("before", []) or ["?"])),
+        ("versions", ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)),
+        ("git", f"{env['git_sha']} ({env['date']})"),
+    ]
+    width = max(len(k) for k, _ in head + rows)
+    bar = "=" * 78
+    lines = [bar, f"vitserve bench summary: {title}", bar]
+    lines += [f"{k:<{width}}  {v}" for k, v in head]
+    lines.append("-" * 78)
+    lines += [f"{k:<{width}}  {v}" for k, v in rows]
+    lines.append(bar)
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text

@@ -132,7 +132,7 @@ def check(cfg: TrainConfig) -> list[str]:
     warnings = []
     lo, hi = RECOMMENDED_BATCH
     if not lo <= cfg.batch_size <= hi:
-        why = "a batch of 1 gives very noisy gradients" if cfg.batch_size < lo else "larger batches need a larger learning rate and more memory (ViT-L: ~1 GB per image at 224 px in fp32)"
+        why = "a batch of 1 gives very noisy gradients" if cfg.batch_size < lo else "larger batches need more memory and usually a larger learning rate (scale it with the batch)"
         warnings.append(f"--batch-size {cfg.batch_size} is outside the model card's recommended {lo}-{hi}: {why}")
     lo, hi = RECOMMENDED_EPOCHS
     if cfg.epochs > hi:

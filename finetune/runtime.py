@@ -44,6 +44,14 @@ class Runtime:
         if self.distributed:
             dist.barrier()
 
+    def min(self, value: int) -> int:
+        """The smallest value over all ranks (e.g. the micro-batch every GPU can fit)."""
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t.item())
+
     def any(self, flag: bool) -> bool:
         """True on every rank if any rank says True (e.g. one of them got SIGTERM)."""
         if not self.distributed:
@@ -66,6 +74,10 @@ def setup(device: str = "auto") -> Runtime:
         return Runtime(torch.device(f"cuda:{local_rank}" if use_cuda else "cpu"), rank, world_size, local_rank)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        from finetune.config import UsageError
+
+        raise UsageError(f"--device {device}: no CUDA GPU is visible to torch")
     return Runtime(torch.device(device))
 
 

@@ -14,6 +14,7 @@ import argparse
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import ViTConfig, ViTForImageClassification
 
 from finetune.model import DEFAULT_MEAN, DEFAULT_STD, image_processor_class
@@ -34,6 +35,7 @@ def write_tiny_base(
         raise ValueError(f"image size {image_size} is not a multiple of patch size {patch_size}")
     if hidden % heads:
         raise ValueError(f"hidden size {hidden} is not a multiple of the number of heads {heads}")
+    transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(seed)
     config = ViTConfig(
         image_size=image_size,

@@ -141,7 +141,8 @@ def _run(cfg: TrainConfig, rt: runtime.Runtime) -> int:
     }
     if state is not None and (run_dir / "split.json").exists():
         with open(run_dir / "split.json") as f:
-            if json.load(f) != split:
+            saved = json.load(f)
+            if any(saved[k] != split[k] for k in ("classes", "train", "val")):
                 raise UsageError("--resume: the training or validation files changed since the run started")
     if rt.is_main:
         checkpoint.write_json_atomically(run_dir / "split.json", split)
@@ -180,7 +181,9 @@ def _run(cfg: TrainConfig, rt: runtime.Runtime) -> int:
     micro, accum = cfg.batch_size, cfg.gradient_accumulation_steps
     if cfg.auto_batch:
         if device.type == "cuda":
-            micro, accum = find_micro_batch(model, micro * accum, image_size, device, autocast, cfg.optimizer)
+            effective = micro * accum
+            micro = rt.min(find_micro_batch(model, effective, image_size, device, autocast, cfg.optimizer))
+            accum = math.ceil(effective / micro)
             rt.info(f"--auto-batch: micro-batch {micro} x {accum} accumulation steps = {micro * accum} per step")
         else:
             rt.info(f"--auto-batch: nothing to search on {device.type}; keeping batch size {micro}")
@@ -428,9 +431,9 @@ def finish(cfg, run_dir: Path, classes, val_loader, test_loader, device, mean, s
     print(f"checkpoint: {ckpt}  report: {out}")
 
 
-def find_micro_batch(model, effective: int, image_size: int, device, autocast, optimizer_name: str) -> tuple[int, int]:
+def find_micro_batch(model, effective: int, image_size: int, device, autocast, optimizer_name: str) -> int:
     """Largest micro-batch (effective, effective/2, ...) whose forward/backward fits in CUDA memory next to the
-    optimizer's state; returns (micro-batch, accumulation steps) with micro x accumulation >= effective."""
+    optimizer's state (accumulation then makes up the rest of the effective batch)."""
     moments = {"adamw": 2, "lamb": 2, "sgd": 1, "lars": 1, "adafactor": 0}[optimizer_name]
     trainable = [p for p in model.parameters() if p.requires_grad]
     batch = effective
@@ -446,7 +449,7 @@ def find_micro_batch(model, effective: int, image_size: int, device, autocast, o
                 del reserve, x, out
                 model.zero_grad(set_to_none=True)
                 torch.cuda.empty_cache()
-                return batch, math.ceil(effective / batch)
+                return batch
             except torch.cuda.OutOfMemoryError:
                 reserve = x = out = None
                 model.zero_grad(set_to_none=True)
