@@ -70,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         "peak_rss_gib": round(peak_gib, 2),
         "stage_timings_s": manifest.get("export_report", {}).get("timings_s"),
         "cpu_engine": manifest.get("export_report", {}).get("cpu_engine"),
-        "parity": {e["file"]: e["parity"] for e in manifest.get("engines", [])},
+        # Every candidate the gate measured, shipped or not (parity_report.json keeps the unshipped CPU one).
+        "parity": {k.split(" ")[0]: v for k, v in json.loads((out / "parity_report.json").read_text())["engines"].items()}
+        if (out / "parity_report.json").exists() else {},
         "file_sizes_bytes": sizes,
     }
     rows = ["| engine file | top-1 agree | top-5 overlap | max abs dlogit | max abs dprob | batch dlogit | gate |", "|---|---|---|---|---|---|---|"]

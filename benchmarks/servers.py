@@ -1,0 +1,106 @@
+"""Start a BentoML service (ours or a peer) on a free loopback port, wait until it is ready, and always stop it.
+
+The same approach as the test suite's server fixture: its own BENTOML_HOME (so no two servers share a
+Prometheus multiprocess directory), readiness by polling /readyz, fail fast if the process exits, and on exit
+SIGTERM then SIGKILL to the whole process group (BentoML's workers included).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PEER_TARGETS = {
+    "bentoml-batching": "benchmarks.peers.bentoml_batching:IdiomaticVit",
+    "naive-pipeline": "benchmarks.peers.naive_pipeline:NaiveVit",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, name: str, proc: subprocess.Popen, url: str, log: Path):
+        self.name, self.proc, self.url, self.log = name, proc, url, log
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def _base_env(workdir: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "BENTOML_HOME": str(workdir / "bentoml_home"),
+        "BENTOML_DO_NOT_TRACK": "True",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+@contextmanager
+def running(name: str, cmd: list[str], env: dict[str, str], workdir: Path, port: int, ready_timeout: float = 300):
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = workdir / f"{name}-{port}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    server = Server(name, proc, f"http://127.0.0.1:{port}", log)
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode} before ready:\n{server.output()[-4000:]}")
+            try:
+                if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} not ready after {ready_timeout}s:\n{server.output()[-4000:]}")
+            time.sleep(0.3)
+        yield server
+    finally:
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # workers too, whatever state they are in
+    except ProcessLookupError:
+        pass
+    proc.wait(10)
+
+
+def running_vitserve(artifact: Path, workdir: Path, **settings):
+    """Our service exactly as users start it: `vitserve serve` (→ `bentoml serve service.app:VitServe`)."""
+    port = free_port()
+    env = {**_base_env(workdir), **{f"VITSERVE_{k.upper()}": str(v) for k, v in settings.items()}}
+    cmd = [sys.executable, str(ROOT / "vitserve.py"), "serve", "--artifact", str(artifact), "--host", "127.0.0.1", "--port", str(port)]
+    return running("vitserve", cmd, env, workdir, port)
+
+
+def running_peer(peer: str, artifact: Path, workdir: Path, **env_extra: str):
+    """A peer service file under benchmarks/peers/, served by plain `bentoml serve`; it reads the artifact path
+    from VITSERVE_BENCH_ARTIFACT."""
+    port = free_port()
+    env = {**_base_env(workdir), "VITSERVE_BENCH_ARTIFACT": str(Path(artifact).resolve()), **env_extra}
+    cmd = [sys.executable, "-m", "bentoml", "serve", PEER_TARGETS[peer], "--working-dir", str(ROOT),
+           "--host", "127.0.0.1", "--port", str(port)]
+    return running(peer, cmd, env, workdir, port)

@@ -1,0 +1,435 @@
+"""Load a running classification service over HTTP and report what clients saw and what the server's stages did.
+
+    vitserve bench load --url http://127.0.0.1:3000 [--concurrency 1,4,16] [--rates 5,10] [--duration 10]
+
+Two ways to offer load, both with real JPEG/PNG photographs (benchmarks/photos.py), one image per request:
+
+- closed loop: N clients each send a request, wait for the answer, send the next. Throughput at saturation.
+- open loop: requests arrive as a Poisson process at a fixed rate and each is sent at its scheduled time whether
+  or not earlier ones have been answered, so queueing shows as latency instead of slowing the client down
+  (no coordinated omission: latency counts from the *scheduled* time). A cap on outstanding requests keeps the
+  client bounded; an arrival beyond it is recorded as "dropped by client", never silently skipped.
+
+Each phase warms up, then measures a fixed window; /metrics is scraped at the window's start and end, and the
+difference of the server's histograms gives mean decode per image, queue wait per image, inference per batch
+and batch size over exactly that window. Traffic goes only to the URL given, and only a loopback one unless
+--allow-remote; every phase stops by itself (bounded duration, bounded requests, per-request timeout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import re
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import httpx
+
+from benchmarks.common import environment, latency_summary_ms, load_average, print_summary, write_result
+from benchmarks.photos import Photo, describe, realistic_photos
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+# ---- requests ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Body:
+    content: bytes
+    headers: dict[str, str]
+    images: int
+
+
+def multipart_bodies(photos: list[Photo], images_per_request: int = 1, field: str = "images") -> list[Body]:
+    """Pre-encoded multipart bodies (httpx's own encoder, once), so the client spends no CPU on encoding in the run."""
+    bodies = []
+    n = len(photos)
+    for i in range(n):
+        parts = [(field, (p.name, p.data, p.content_type)) for p in (photos[(i + j) % n] for j in range(images_per_request))]
+        req = httpx.Request("POST", "http://placeholder/", files=parts)
+        req.read()
+        bodies.append(Body(req.content, {"content-type": req.headers["content-type"]}, images_per_request))
+    return bodies
+
+
+@dataclass
+class Record:
+    scheduled: float  # loop time the request was due (closed loop: = sent)
+    sent: float
+    done: float | None = None
+    status: str = "pending"  # HTTP status as text, or "timeout", "connect_error", …, or "dropped_by_client"
+    images: int = 1
+
+
+def check_url(url: str, allow_remote: bool) -> str:
+    host = urlparse(url).hostname
+    if host is None:
+        raise ValueError(f"not a URL: {url!r}")
+    if host not in LOOPBACK and not allow_remote:
+        raise ValueError(f"{url} is not a loopback address; pass --allow-remote to load a remote service on purpose")
+    return url.rstrip("/")
+
+
+async def _send(client: httpx.AsyncClient, url: str, body: Body, rec: Record) -> None:
+    rec.sent = time.perf_counter()
+    try:
+        r = await client.post(url, content=body.content, headers=body.headers)
+        rec.status = str(r.status_code)
+    except httpx.TimeoutException:
+        rec.status = "timeout"
+    except httpx.HTTPError as e:
+        rec.status = type(e).__name__
+    rec.done = time.perf_counter()
+
+
+def _client(pool: int, timeout_s: float) -> httpx.AsyncClient:
+    # HTTP/1.1, one connection per concurrent request, kept alive between requests.
+    limits = httpx.Limits(max_connections=pool, max_keepalive_connections=pool)
+    return httpx.AsyncClient(http2=False, limits=limits, timeout=httpx.Timeout(timeout_s))
+
+
+# ---- server metrics ----------------------------------------------------------------------------------------------
+def parse_prometheus(text: str) -> list[tuple[str, dict[str, str], float]]:
+    """Prometheus text format → [(sample name, labels, value)]."""
+    out = []
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        head, _, value = line.rpartition(" ")
+        name, _, rest = head.partition("{")
+        labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', rest))
+        try:
+            out.append((name, labels, float(value)))
+        except ValueError:
+            continue
+    return out
+
+
+def total(samples: list, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels``."""
+    return sum(v for n, lab, v in samples if n == name and all(lab.get(k) == want for k, want in labels.items()))
+
+
+async def scrape(client: httpx.AsyncClient, base: str) -> list | None:
+    try:
+        r = await client.get(f"{base}/metrics", timeout=10)
+        return parse_prometheus(r.text) if r.status_code == 200 else None
+    except httpx.HTTPError:
+        return None
+
+
+def _delta(before: list, after: list, name: str, **labels: str) -> float:
+    return total(after, name, **labels) - total(before, name, **labels)
+
+
+def _mean(before: list, after: list, name: str, **labels: str) -> float | None:
+    n = _delta(before, after, f"{name}_count", **labels)
+    return _delta(before, after, f"{name}_sum", **labels) / n if n > 0 else None
+
+
+def _has(samples: list, name: str) -> bool:
+    return any(n == name for n, _, _ in samples)
+
+
+def stage_breakdown(before: list | None, after: list | None, window_s: float) -> dict:
+    """Means over the window from the server's own histograms. Ours (vitserve_*) where present; BentoML's
+    adaptive-batching histogram for the peers that have one."""
+    if not before or not after:
+        return {"available": False}
+    ms = lambda v: None if v is None else round(v * 1000, 3)  # noqa: E731
+    out: dict = {"available": True}
+    if _has(after, "vitserve_batch_size_count"):
+        inference_sum = _delta(before, after, "vitserve_batch_inference_duration_seconds_sum")
+        batched_images = _delta(before, after, "vitserve_batch_size_sum")
+        batches = _delta(before, after, "vitserve_batch_size_count")
+        out.update({
+            "source": "vitserve histograms",
+            "batches": int(batches),
+            "images": int(batched_images),
+            "mean_batch_size": round(batched_images / batches, 2) if batches else None,
+            "decode_ms_per_image": ms(_mean(before, after, "vitserve_decode_duration_seconds")),
+            "queue_wait_ms_per_image": ms(_mean(before, after, "vitserve_queue_wait_duration_seconds")),
+            "inference_ms_per_batch": ms(_mean(before, after, "vitserve_batch_inference_duration_seconds")),
+            "inference_ms_per_image": ms(inference_sum / batched_images) if batched_images else None,
+            "postprocess_ms_per_request": ms(_mean(before, after, "vitserve_postprocess_duration_seconds")),
+            "server_request_ms": ms(_mean(before, after, "vitserve_request_duration_seconds", status="200")),
+            # Share of the window the engine was computing: below ~1 at saturation means it was starved.
+            "engine_busy_fraction": round(inference_sum / window_s, 3) if window_s > 0 else None,
+        })
+    elif _has(after, "bentoml_service_adaptive_batch_size_count"):
+        out.update({
+            "source": "bentoml histograms",
+            "mean_batch_size": _round(_mean(before, after, "bentoml_service_adaptive_batch_size"), 2),
+            "batches": int(_delta(before, after, "bentoml_service_adaptive_batch_size_count")),
+        })
+    else:
+        out["source"] = "bentoml histograms"
+    dur = _mean(before, after, "bentoml_service_request_duration_seconds", endpoint="/classify")
+    if dur is not None:
+        out["bentoml_request_ms"] = ms(dur)
+    return out
+
+
+def _round(v, n):
+    return None if v is None else round(v, n)
+
+
+# ---- summaries ---------------------------------------------------------------------------------------------------
+def summarize(records: list[Record], window: tuple[float, float], *, latency_from: str) -> dict:
+    """Throughput = successful answers completed inside the window per second; latency over the requests that
+    started (closed loop) or were due (open loop) inside it; errors by status for those same requests."""
+    start, end = window
+    span = end - start
+    in_window = [r for r in records if start <= r.scheduled < end]
+    ok_done = [r for r in records if r.status == "200" and r.done is not None and start <= r.done <= end]
+    lat = [r.done - (r.scheduled if latency_from == "scheduled" else r.sent) for r in in_window if r.status == "200" and r.done is not None]
+    lag = [r.sent - r.scheduled for r in in_window if r.status != "dropped_by_client"]
+    statuses = Counter(r.status for r in in_window)
+    return {
+        "window_s": round(span, 3),
+        "requests": len(in_window),
+        "throughput_rps": round(len(ok_done) / span, 3),
+        "throughput_images_per_s": round(sum(r.images for r in ok_done) / span, 3),
+        "latency": latency_summary_ms(lat),
+        "latency_measured_from": latency_from,
+        "statuses": dict(sorted(statuses.items())),
+        "errors": {k: v for k, v in sorted(statuses.items()) if k != "200"},
+        "send_lag_ms": {k: v for k, v in latency_summary_ms(lag).items() if k in ("p50_ms", "p99_ms", "max_ms")},
+    }
+
+
+# ---- closed loop -------------------------------------------------------------------------------------------------
+async def closed_loop(
+    base: str, bodies: list[Body], *, concurrency: int, warmup_s: float, duration_s: float,
+    timeout_s: float = 30, path: str = "/classify",
+) -> dict:
+    url = f"{base}{path}"
+    records: list[Record] = []
+    async with _client(concurrency, timeout_s) as client, httpx.AsyncClient() as meta:
+        t0 = time.perf_counter()
+        w_start, w_end = t0 + warmup_s, t0 + warmup_s + duration_s
+        snapshots: dict[str, list | None] = {}
+
+        async def worker(i: int) -> None:
+            k = i
+            while time.perf_counter() < w_end:
+                now = time.perf_counter()
+                rec = Record(scheduled=now, sent=now, images=bodies[k % len(bodies)].images)
+                records.append(rec)
+                await _send(client, url, bodies[k % len(bodies)], rec)
+                k += concurrency
+
+        async def scraper() -> None:
+            await asyncio.sleep(max(0.0, w_start - time.perf_counter()))
+            snapshots["before"] = await scrape(meta, base)
+            await asyncio.sleep(max(0.0, w_end - time.perf_counter()))
+            snapshots["after"] = await scrape(meta, base)
+
+        await asyncio.gather(scraper(), *(worker(i) for i in range(concurrency)))
+    out = {"mode": "closed", "concurrency": concurrency, **summarize(records, (w_start, w_end), latency_from="sent")}
+    out["server_stages"] = stage_breakdown(snapshots.get("before"), snapshots.get("after"), duration_s)
+    return out
+
+
+# ---- open loop ---------------------------------------------------------------------------------------------------
+def poisson_schedule(rate: float, duration_s: float, seed: int = 0) -> list[float]:
+    """Arrival offsets (s) of a Poisson process of ``rate``/s over ``duration_s``, conditioned on having exactly
+    round(rate × duration) arrivals: given its count, a Poisson process's arrival times are independent uniform
+    draws, sorted. The gaps stay exponential-like (bursts and lulls) while the offered rate is exactly the one
+    asked for, so runs at the same rate offer the same number of requests to every peer."""
+    n = round(rate * duration_s)
+    rng = random.Random(seed)
+    return sorted(rng.uniform(0, duration_s) for _ in range(n))
+
+
+async def open_loop(
+    base: str, bodies: list[Body], *, rate: float, warmup_s: float, duration_s: float, max_outstanding: int = 64,
+    timeout_s: float = 30, seed: int = 0, path: str = "/classify",
+) -> dict:
+    url = f"{base}{path}"
+    schedule = [t for t in poisson_schedule(rate, warmup_s, seed)] + [warmup_s + t for t in poisson_schedule(rate, duration_s, seed + 1)]
+    records: list[Record] = []
+    tasks: list[asyncio.Task] = []
+    outstanding = 0
+    async with _client(max_outstanding, timeout_s) as client, httpx.AsyncClient() as meta:
+        t0 = time.perf_counter() + 0.05
+        w_start, w_end = t0 + warmup_s, t0 + warmup_s + duration_s
+        snapshots: dict[str, list | None] = {}
+
+        async def one(body: Body, rec: Record) -> None:
+            nonlocal outstanding
+            try:
+                await _send(client, url, body, rec)
+            finally:
+                outstanding -= 1
+
+        async def scraper() -> None:
+            await asyncio.sleep(max(0.0, w_start - time.perf_counter()))
+            snapshots["before"] = await scrape(meta, base)
+            await asyncio.sleep(max(0.0, w_end - time.perf_counter()))
+            snapshots["after"] = await scrape(meta, base)
+
+        scraping = asyncio.create_task(scraper())
+        for i, offset in enumerate(schedule):
+            due = t0 + offset
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            body = bodies[i % len(bodies)]
+            rec = Record(scheduled=due, sent=time.perf_counter(), images=body.images)
+            records.append(rec)
+            if outstanding >= max_outstanding:
+                rec.status = "dropped_by_client"
+                continue
+            outstanding += 1
+            tasks.append(asyncio.create_task(one(body, rec)))
+        await scraping
+        if tasks:  # answers still owed: each is bounded by the client timeout
+            await asyncio.wait(tasks, timeout=timeout_s + 5)
+    sent_in_window = [r for r in records if w_start <= r.scheduled < w_end]
+    out = {
+        "mode": "open", "target_rate_rps": rate, "max_outstanding": max_outstanding,
+        "achieved_arrival_rps": round(len(sent_in_window) / duration_s, 3),
+        **summarize(records, (w_start, w_end), latency_from="scheduled"),
+    }
+    out["dropped_by_client"] = out["statuses"].get("dropped_by_client", 0)
+    out["server_stages"] = stage_breakdown(snapshots.get("before"), snapshots.get("after"), duration_s)
+    return out
+
+
+# ---- response checks (one adapter per service's answer shape) -----------------------------------------------------
+def _vitserve_ok(body, n: int) -> bool:
+    return isinstance(body, dict) and len(body.get("predictions", [])) == n and all(len(p["top5"]) == 5 for p in body["predictions"])
+
+
+def _list_ok(body, n: int) -> bool:
+    if not isinstance(body, list) or len(body) != n:
+        return False
+    first = body[0]
+    top5 = first.get("top5") if isinstance(first, dict) else first  # batching peer: dicts; pipeline: lists
+    return isinstance(top5, list) and len(top5) == 5
+
+
+RESPONSE_CHECKS: dict[str, Callable] = {"vitserve": _vitserve_ok, "bentoml-batching": _list_ok, "naive-pipeline": _list_ok}
+
+
+async def check_answers(base: str, bodies: list[Body], kind: str, count: int = 4, path: str = "/classify") -> dict:
+    """A few sequential requests before measuring: the service answers this request shape with real predictions
+    (and is warm)."""
+    checker = RESPONSE_CHECKS.get(kind, lambda body, n: True)
+    async with _client(1, 120) as client:
+        for i in range(count):
+            b = bodies[i % len(bodies)]
+            r = await client.post(f"{base}{path}", content=b.content, headers=b.headers)
+            if r.status_code != 200 or not checker(r.json(), b.images):
+                raise RuntimeError(f"{kind} at {base}{path} answered {r.status_code}: {r.text[:500]}")
+    return {"checked_requests": count, "shape": kind}
+
+
+# ---- a whole load test ---------------------------------------------------------------------------------------------
+async def run_load(
+    base: str, bodies: list[Body], *, kind: str = "vitserve", concurrency: list[int], rates: list[float],
+    warmup_s: float, duration_s: float, max_outstanding: int, timeout_s: float, seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> dict:
+    check = await check_answers(base, bodies, kind)
+    closed = []
+    for c in concurrency:
+        r = await closed_loop(base, bodies, concurrency=c, warmup_s=warmup_s, duration_s=duration_s, timeout_s=timeout_s)
+        log(f"  {kind} closed c={c:<3d} {r['throughput_images_per_s']:7.2f} img/s  p50 {r['latency']['p50_ms']} ms  "
+            f"p99 {r['latency']['p99_ms']} ms  errors {r['errors'] or '-'}")
+        closed.append(r)
+    opened = []
+    for rate in rates:
+        r = await open_loop(base, bodies, rate=rate, warmup_s=warmup_s, duration_s=duration_s,
+                            max_outstanding=max_outstanding, timeout_s=timeout_s, seed=seed)
+        log(f"  {kind} open {rate:6.2f}/s  arrivals {r['achieved_arrival_rps']:6.2f}/s  {r['throughput_images_per_s']:7.2f} img/s  "
+            f"p50 {r['latency']['p50_ms']} ms  p99 {r['latency']['p99_ms']} ms  errors {r['errors'] or '-'}")
+        opened.append(r)
+    best = max(closed, key=lambda r: r["throughput_images_per_s"]) if closed else None
+    return {
+        "url": base, "kind": kind, "answer_check": check, "closed_loop": closed, "open_loop": opened,
+        "saturation": None if best is None else {
+            "images_per_s": best["throughput_images_per_s"], "concurrency": best["concurrency"], "latency": best["latency"],
+        },
+    }
+
+
+def _floats(s: str) -> list[float]:
+    return [float(x) for x in s.split(",") if x.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vitserve bench load", description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--url", required=True, help="base URL of a running service, e.g. http://127.0.0.1:3000")
+    p.add_argument("--kind", default="vitserve", choices=sorted(RESPONSE_CHECKS), help="answer shape to check before loading")
+    p.add_argument("--concurrency", default="1,4,16", help="closed-loop client counts (empty: none)")
+    p.add_argument("--rates", default="", help="open-loop arrival rates, requests/s (empty: none)")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds before each measured window")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds in each measured window")
+    p.add_argument("--max-outstanding", type=int, default=64, help="open loop: arrivals beyond this many unanswered are dropped by the client")
+    p.add_argument("--timeout", type=float, default=30.0, help="per-request client timeout, seconds")
+    p.add_argument("--images-per-request", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback URL")
+    p.add_argument("--name", default="service-load", help="result file name prefix under benchmarks/results/")
+    p.add_argument("--no-write", action="store_true", help="print only; write no result files")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    base = check_url(args.url, args.allow_remote)
+    photos = realistic_photos()
+    bodies = multipart_bodies(photos, args.images_per_request)
+    load_before = load_average()
+    result = asyncio.run(run_load(
+        base, bodies, kind=args.kind, concurrency=[int(c) for c in _floats(args.concurrency)], rates=_floats(args.rates),
+        warmup_s=args.warmup, duration_s=args.duration, max_outstanding=args.max_outstanding, timeout_s=args.timeout,
+        seed=args.seed,
+    ))
+    payload = {
+        "benchmark": "service_load", "command": "vitserve bench load " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "environment": environment(), "load_average": {"before": load_before, "after": load_average()},
+        "settings": vars(args), "images": describe(photos), **result,
+    }
+    rows = [(f"closed c={r['concurrency']}", _row(r)) for r in result["closed_loop"]]
+    rows += [(f"open {r['target_rate_rps']}/s", _row(r)) for r in result["open_loop"]]
+    table = load_table(result)
+    if not args.no_write:
+        j, m = write_result(args.name, payload, table)
+        rows.append(("written", f"{j.name}, {m.name}"))
+    print_summary("service load", payload, rows)
+    return 0
+
+
+def _row(r: dict) -> str:
+    lat = r["latency"]
+    return (f"{r['throughput_images_per_s']:.2f} img/s, p50 {lat['p50_ms']} ms, p90 {lat['p90_ms']} ms, "
+            f"p99 {lat['p99_ms']} ms, max {lat['max_ms']} ms, errors {r['errors'] or 'none'}")
+
+
+def load_table(result: dict) -> str:
+    lines = ["| mode | load | img/s | p50 ms | p90 ms | p99 ms | max ms | errors | batch | queue ms/img | infer ms/batch | decode ms/img |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["closed_loop"] + result["open_loop"]:
+        s, lat = r["server_stages"], r["latency"]
+        load = f"c={r['concurrency']}" if r["mode"] == "closed" else f"{r['target_rate_rps']}/s"
+        lines.append(
+            f"| {r['mode']} | {load} | {r['throughput_images_per_s']:.2f} | {lat['p50_ms']} | {lat['p90_ms']} | {lat['p99_ms']} | "
+            f"{lat['max_ms']} | {json.dumps(r['errors']) if r['errors'] else '-'} | {s.get('mean_batch_size', '-')} | "
+            f"{s.get('queue_wait_ms_per_image', '-')} | {s.get('inference_ms_per_batch', '-')} | {s.get('decode_ms_per_image', '-')} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
