@@ -366,8 +366,10 @@ def _floats(s: str) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from benchmarks.cli import HelpFormatter
+
     p = argparse.ArgumentParser(
-        prog="vitserve bench load", description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="vitserve bench load", description=__doc__, formatter_class=HelpFormatter,
     )
     p.add_argument("--url", required=True, help="base URL of a running service, e.g. http://127.0.0.1:3000")
     p.add_argument("--kind", default="vitserve", choices=sorted(RESPONSE_CHECKS), help="answer shape to check before loading")

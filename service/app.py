@@ -63,14 +63,16 @@ class VitServe:
         # wrapping) uvicorn's handler would hang shutdown.
         loop = asyncio.get_running_loop()
         uvicorn_handler = signal.getsignal(signal.SIGTERM)
-        grace = self.settings.grace_period_s
+        grace = self.settings.drain_s
 
         async def drain_then_exit(signum, frame) -> None:
             clf = self.classifier
             log.info("SIGTERM: draining %d queued images, %d requests in flight", clf.batcher.depth, clf.in_flight)
             clf.begin_drain()
             deadline = loop.time() + grace
-            while (clf.in_flight or not clf.batcher.idle) and loop.time() < deadline:
+            # Answer what was accepted, and keep answering newcomers 503 (with Connection: close) until they
+            # stop coming: closing idle keep-alive connections under a client's feet is a dropped request.
+            while not clf.drained(self.settings.drain_quiet_s) and loop.time() < deadline:
                 await asyncio.sleep(0.02)
             log.info("drained (%d still in flight); stopping", clf.in_flight)
             if callable(uvicorn_handler):
@@ -84,7 +86,7 @@ class VitServe:
 
     @bentoml.on_shutdown
     async def drain(self) -> None:
-        await self.classifier.stop(self.settings.grace_period_s)
+        await self.classifier.stop(self.settings.drain_s)
         log.info("drained and stopped")
 
     def __is_ready__(self) -> bool:

@@ -56,6 +56,7 @@ class Classifier:
         self.batcher: Batcher | None = None
         self.draining = False
         self.in_flight = 0  # requests between check and answer: the drain waits for this to reach 0
+        self.last_request_at = time.monotonic()  # the drain also waits for clients to stop arriving
         d = self.engine.describe()
         metrics.ENGINE_INFO.labels(
             engine=self.engine.name, device=d.get("device", "?"), precision=d.get("precision", "?"),
@@ -89,6 +90,11 @@ class Classifier:
         self.draining = True
         metrics.READY.set(0)
 
+    def drained(self, quiet_s: float) -> bool:
+        """Nothing queued or in flight, and no client has arrived for ``quiet_s``."""
+        idle = self.batcher is None or self.batcher.idle
+        return idle and self.in_flight == 0 and time.monotonic() - self.last_request_at >= quiet_s
+
     async def stop(self, timeout_s: float) -> None:
         self.begin_drain()
         if self.batcher is not None:
@@ -102,6 +108,7 @@ class Classifier:
 
     def check_request(self, count: int, top_k: int | None) -> int:
         """Validate what can be validated before reading image bytes; returns the effective top_k."""
+        self.last_request_at = time.monotonic()
         if self.draining:
             raise ShuttingDown("the server is shutting down; retry on another replica")
         if self.batcher is None:

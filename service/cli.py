@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from service.engines import ENGINE_CHOICES
     from service.settings import Settings
 
     s = Settings()
@@ -21,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--artifact", type=Path, default=s.artifact, help="artifact directory")
-    p.add_argument("--engine", default=s.engine, help="auto | onnxruntime-cpu | onnxruntime-cuda | onnxruntime-tensorrt | tensorrt | pytorch-cpu | pytorch-cuda")
+    p.add_argument("--engine", default=s.engine, choices=ENGINE_CHOICES, help="engine to run; auto picks the best for this machine")
     p.add_argument("--host", default=s.host)
     p.add_argument("--port", type=int, default=s.port)
     p.add_argument("--max-batch-size", type=int, default=s.max_batch_size)
@@ -40,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     except ArtifactError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from service.settings import Settings
+
+    settings = Settings(grace_period_s=args.grace_period_s)
     env = {
         **os.environ,
         "VITSERVE_ARTIFACT": str(args.artifact.resolve()),
@@ -53,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd = [
         sys.executable, "-m", "bentoml", "serve", "service.app:VitServe",
         "--working-dir", str(ROOT), "--host", args.host, "--port", str(args.port),
-        "--timeout-graceful-shutdown", str(int(args.grace_period_s)),
+        "--timeout-graceful-shutdown", str(settings.server_shutdown_s),  # after our drain (see service/app.py)
     ]
     os.execve(sys.executable, cmd, env)  # become the server: signals reach bentoml directly
 

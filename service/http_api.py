@@ -27,6 +27,7 @@ from service.errors import (
     PayloadTooLarge,
     ServiceError,
     STATUS_BY_TYPE,
+    ShuttingDown,
     UnsupportedImage,
     error_body,
     error_headers,
@@ -134,7 +135,10 @@ def create_app(get_classifier: Callable[[], Classifier]) -> FastAPI:
         except ServiceError as exc:
             status = http_status(exc)
             record_outcome(PROTOCOL, status, time.perf_counter() - start, exc)
-            return JSONResponse(error_body(exc), status_code=status, headers=error_headers(exc))
+            headers = error_headers(exc)
+            if isinstance(exc, ShuttingDown):
+                headers["Connection"] = "close"  # reconnect (to another replica), don't reuse this one
+            return JSONResponse(error_body(exc), status_code=status, headers=headers)
         finally:
             metrics.IN_FLIGHT.dec()
         total = time.perf_counter() - start

@@ -32,8 +32,21 @@ class Settings(BaseSettings):
     decode_threads: int = Field(0, ge=0, description="decode/preprocess threads; 0 = min(4, CPU count)")
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = one per physical core")
     grace_period_s: float = Field(30.0, ge=0, description="on SIGTERM, at most this long to answer accepted requests")
+    drain_quiet_s: float = Field(
+        1.0, ge=0, description="on SIGTERM, stop once no request has arrived for this long (within the grace period)"
+    )
     host: str = Field("0.0.0.0", description="address `vitserve serve` binds")
     port: int = Field(3000, ge=1, le=65535, description="port `vitserve serve` binds")
+
+    @property
+    def server_shutdown_s(self) -> int:
+        """uvicorn's share of the grace period: closing connections after our drain has answered everything."""
+        return max(1, int(min(5.0, self.grace_period_s / 2)))
+
+    @property
+    def drain_s(self) -> float:
+        """Our share: answering queued and in-flight requests. Together the two fit in grace_period_s."""
+        return max(0.0, self.grace_period_s - self.server_shutdown_s)
 
     @model_validator(mode="after")
     def _check(self) -> "Settings":

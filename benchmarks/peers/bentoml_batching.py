@@ -6,8 +6,8 @@ one argument of concurrent requests and concatenates the lists (``DefaultContain
 the method once in its worker thread, then splits the returned list back per request. A multipart request whose
 parts are named ``images`` arrives as ``list[PIL.Image.Image]`` (BentoML's multipart serde + PIL validator).
 
-Everything model-side is ours, so only the serving layer differs: the artifact's CPU ONNX file loaded with
-``service.engines.load_engine`` (the same file, the same ONNX Runtime session options) and the manifest's
+Everything model-side is ours, so only the serving layer differs: the engine our service would pick, loaded with
+``service.engines.load_engine`` (on CPU the artifact's one CPU ONNX file, the same ONNX Runtime session options) and the manifest's
 ``Preprocessor``/``to_rgb`` and top-k. Batch limits match our service's defaults: at most 32 images a batch,
 and a 10 s latency budget (our request deadline) after which BentoML answers 503.
 """
@@ -32,7 +32,8 @@ class IdiomaticVit:
         from service.preprocess import Preprocessor
 
         artifact = load_artifact(Path(os.environ["VITSERVE_BENCH_ARTIFACT"]))
-        self.engine = load_engine(artifact, "onnxruntime-cpu")
+        # "auto" picks what our service picks on this machine (on CPU: the artifact's one CPU ONNX file).
+        self.engine = load_engine(artifact, os.environ.get("VITSERVE_BENCH_ENGINE", "auto"))
         self.manifest = artifact.manifest
         self.preprocess = Preprocessor(self.manifest.preprocessing)
 

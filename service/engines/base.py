@@ -19,6 +19,8 @@ class Engine(ABC):
     max_batch_size: int
     #: batch sizes the engine is fastest at or requires (fixed-shape engines); the batcher pads up to these
     batch_buckets: tuple[int, ...] = ()
+    #: (H, W) of the input tensor
+    input_size: tuple[int, int]
 
     @abstractmethod
     def run(self, pixels: np.ndarray) -> np.ndarray:
@@ -32,5 +34,3 @@ class Engine(ABC):
     @abstractmethod
     def describe(self) -> dict[str, str]:
         """Facts for logs and the engine-info metric: engine, device, precision, file."""
-
-    input_size: tuple[int, int]

@@ -1,0 +1,86 @@
+"""`vitserve bench`: engine sweep, service load, and the peer comparison. Each subcommand owns its own options.
+
+    vitserve bench engines --config vit-small          # every engine here × batch sizes (GPU: fraction of matmul)
+    vitserve bench load --url http://127.0.0.1:3000     # load a running service (closed and open loop)
+    vitserve bench compare --config vit-small          # ours vs raw engine vs BentoML-idiomatic vs naive peer
+    vitserve bench flops --config vit-large             # FLOPs per image of a config or checkpoint
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+import warnings
+
+SUBCOMMANDS = {
+    "engines": ("benchmarks.engine_sweep", "every engine on this machine × a batch-size grid"),
+    "load": ("benchmarks.service_load", "closed- and open-loop load against a running service URL"),
+    "compare": ("benchmarks.compare", "our service vs the raw engine and two BentoML peers, one run"),
+    "flops": ("benchmarks.cli", "FLOPs per image of a ViT config or checkpoint"),
+}
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown beside every option; module docstrings (commands, examples) keep their line breaks."""
+
+
+def quiet_libraries() -> None:
+    """Our progress lines only: the exporter's, quantiser's and transformers' chatter stays at WARNING or off."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("vitserve").setLevel(logging.WARNING)
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def flops_main(argv: list[str]) -> int:
+    from pathlib import Path
+
+    from benchmarks.models import CONFIGS, checkpoint_shape, vit_flops
+
+    p = argparse.ArgumentParser(prog="vitserve bench flops", description="FLOPs per image (a multiply-add = 2 FLOPs)",
+                                formatter_class=HelpFormatter)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--config", choices=sorted(CONFIGS), default="vit-large")
+    src.add_argument("--checkpoint", type=Path)
+    args = p.parse_args(argv)
+    shape = checkpoint_shape(args.checkpoint) if args.checkpoint else CONFIGS[args.config]
+    f = vit_flops(shape)
+    print(f"{args.checkpoint or args.config}: {f['total'] / 1e9:.2f} GFLOP/image "
+          f"(encoder {f['encoder'] / 1e9:.2f}, patch embed {f['patch_embed'] / 1e9:.3f}, head {f['head'] / 1e9:.4f}; T={f['tokens']} tokens)")
+    return 0
+
+
+def _usage() -> str:
+    width = max(map(len, SUBCOMMANDS))
+    lines = ["usage: vitserve bench <command> [options]   (vitserve bench <command> --help)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in SUBCOMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in SUBCOMMANDS:
+        print(f"vitserve bench: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    if command == "flops":
+        return flops_main(rest)
+    return int(importlib.import_module(SUBCOMMANDS[command][0]).main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
