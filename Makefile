@@ -37,7 +37,7 @@ demo-model: install data
 	$(BIN)/python -m finetune.fashion_mnist --out data/fashion-mnist
 	$(BIN)/python -m finetune.tiny_base --out data/demo-base --image-size 28 --patch-size 7 --hidden 128 --layers 4 --heads 4
 	$(BIN)/torchrun --nproc-per-node 2 -m finetune --train-dir data/fashion-mnist/train --test-dir data/fashion-mnist/test \
-	  --val-split 0.05 --base data/demo-base --output runs/demo --epochs 12 --batch-size 32 --lr 1.5e-3 --augment none
+	  --val-split 0.05 --base data/demo-base --output runs/demo --epochs 12 --batch-size 32 --lr 1.5e-3 --augment none --num-workers 0
 	$(BIN)/vitserve export runs/demo/checkpoint --output service/demo_artifact --force --name fashion-mnist-vit \
 	  --calibration-dir data/fashion-mnist/test --max-images 500 --max-batch 64
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import types
 import typing
@@ -56,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     try:
         for warning in check(cfg):
-            print(f"warning: {warning}", file=sys.stderr)
+            if os.environ.get("RANK", "0") == "0":  # under torchrun, once
+                print(f"warning: {warning}", file=sys.stderr)
         from finetune.train import run  # heavy imports (torch, transformers) only once the options are valid
 
         return run(cfg)

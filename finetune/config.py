@@ -54,7 +54,9 @@ class TrainConfig:
     dropout: float = arg(0.0, "hidden dropout (config.hidden_dropout_prob)", "model")
     attention_dropout: float = arg(0.0, "attention-probability dropout", "model")
     drop_path: float = arg(0.0, "stochastic depth rate of the last block (linear from 0 over depth)", "model")
-    gradient_checkpointing: bool = arg(False, "recompute activations in backward: ~30%% slower, far less memory", "model")
+    gradient_checkpointing: bool = arg(
+        False, "recompute activations in backward: ~30%% slower, far less memory", "model"
+    )
     freeze: str = arg("none", "none | patch-embed | blocks:N (embeddings + first N blocks) | linear-probe", "model")
     lora: bool = arg(False, "train LoRA adapters on the attention q/k/v projections (merged when saved)", "model")
     lora_r: int = arg(8, "LoRA rank", "model")
@@ -67,7 +69,9 @@ class TrainConfig:
     learning_rate: float = arg(5e-5, "peak learning rate (model card: 1e-6..1e-4)", "optimisation", aliases=["--lr"])
     eval_steps: int = arg(1, "evaluate every N epochs (and always after the last)", "optimisation")
     optimizer: str = arg("adamw", "optimizer (README: which suits what)", "optimisation", choices=OPTIMIZERS)
-    sam: bool = arg(False, "wrap the optimizer in Sharpness-Aware Minimization (2 forward/backward per step)", "optimisation")
+    sam: bool = arg(
+        False, "wrap the optimizer in Sharpness-Aware Minimization (2 forward/backward per step)", "optimisation"
+    )
     sam_rho: float = arg(0.05, "SAM neighbourhood radius (Foret et al. use 0.05)", "optimisation")
     # Decoupled decay, not applied to biases, norms, position embeddings or the CLS token (DeiT/BEiT recipes).
     weight_decay: float = arg(0.05, "weight decay", "optimisation")
@@ -76,8 +80,12 @@ class TrainConfig:
     max_grad_norm: float = arg(1.0, "clip the gradient norm to this (0: off); the ViT paper clips at 1", "optimisation")
     label_smoothing: float = arg(0.0, "label smoothing of the cross-entropy targets", "optimisation")
     # fp32 runs everywhere and reproduces bit for bit; use bf16 on Ampere or newer GPUs.
-    precision: str = arg("fp32", "fp32 | bf16 (GPU, or CPU autocast) | fp16 (GPU only)", "optimisation", choices=PRECISIONS)
-    auto_batch: bool = arg(False, "on CUDA, find the largest micro-batch that fits; keeps batch x accumulation", "optimisation")
+    precision: str = arg(
+        "fp32", "fp32 | bf16 (GPU, or CPU autocast) | fp16 (GPU only)", "optimisation", choices=PRECISIONS
+    )
+    auto_batch: bool = arg(
+        False, "on CUDA, find the largest micro-batch that fits; keeps batch x accumulation", "optimisation"
+    )
     seed: int = arg(42, "seed for the split, initialisation, data order and augmentation", "optimisation")
     device: str = arg("auto", "auto | cpu | cuda | cuda:N", "optimisation")
 
@@ -85,7 +93,9 @@ class TrainConfig:
     output: str | None = arg(None, "run folder (checkpoint/, metrics.json, report/ ...)", "output", required=True)
     resume: bool = arg(False, "continue from the run folder's last training state", "output")
     # ViT-L's training state is ~3.6 GB (weights + AdamW moments): a few minutes of GPU time between saves.
-    save_every_steps: int = arg(500, "also save the training state every N optimizer steps (0: epoch ends only)", "output")
+    save_every_steps: int = arg(
+        500, "also save the training state every N optimizer steps (0: epoch ends only)", "output"
+    )
     metric: str = arg("top1", "validation metric that picks the best checkpoint", "output", choices=METRICS)
     log_every_steps: int = arg(10, "record train loss and lr every N steps (training curves)", "output")
 
@@ -109,7 +119,8 @@ def check(cfg: TrainConfig) -> list[str]:
 
     need(cfg.batch_size >= 1, f"--batch-size must be >= 1 (got {cfg.batch_size})")
     need(cfg.epochs >= 1, f"--epochs must be >= 1 (got {cfg.epochs})")
-    need(math.isfinite(cfg.learning_rate) and cfg.learning_rate > 0, f"--learning-rate must be > 0 (got {cfg.learning_rate})")
+    lr = cfg.learning_rate
+    need(math.isfinite(lr) and lr > 0, f"--learning-rate must be > 0 (got {lr})")
     need(cfg.eval_steps >= 1, f"--eval-steps must be >= 1 epoch (got {cfg.eval_steps})")
     need(cfg.gradient_accumulation_steps >= 1, "--gradient-accumulation-steps must be >= 1")
     need(0 < cfg.val_split < 1, f"--val-split must be in (0, 1) (got {cfg.val_split})")
@@ -132,7 +143,11 @@ def check(cfg: TrainConfig) -> list[str]:
     warnings = []
     lo, hi = RECOMMENDED_BATCH
     if not lo <= cfg.batch_size <= hi:
-        why = "a batch of 1 gives very noisy gradients" if cfg.batch_size < lo else "larger batches need more memory and usually a larger learning rate (scale it with the batch)"
+        why = (
+            "a batch of 1 gives very noisy gradients"
+            if cfg.batch_size < lo
+            else "larger batches need more memory and usually a larger learning rate (scale it with the batch)"
+        )
         warnings.append(f"--batch-size {cfg.batch_size} is outside the model card's recommended {lo}-{hi}: {why}")
     lo, hi = RECOMMENDED_EPOCHS
     if cfg.epochs > hi:

@@ -149,16 +149,22 @@ def describe(train: Scan, train_samples: list, val_samples: list, val_sha: dict[
     dups = [(train_hashes[h], rel) for rel, h in val_sha.items() if h in train_hashes]
     if dups:
         examples = "; ".join(f"{a} == {b}" for a, b in dups[:3])
-        warn(f"{len(dups)} validation file(s) are byte-identical to training files (validation is optimistic): {examples}")
+        warn(
+            f"{len(dups)} validation file(s) are byte-identical to training files (validation is optimistic): "
+            + examples
+        )
 
     n = len(train_samples)
     if n < 5000:
-        advice = "under 5,000 images: ViT-Large will likely overfit; consider ViT-Base (google/vit-base-patch16-224-in21k)"
+        advice = (
+            "under 5,000 images: ViT-Large will likely overfit; consider ViT-Base (google/vit-base-patch16-224-in21k)"
+        )
     elif n <= 10000:
         advice = "5,000-10,000 images: marginal for ViT-Large; watch the validation curve"
     else:
         advice = "over 10,000 images: enough for ViT-Large"
-    (warn if n < 5000 else info)(f"dataset: {n} training images in {len(train.classes)} classes; model card advice: {advice}")
+    message = f"dataset: {n} training images in {len(train.classes)} classes; model card advice: {advice}"
+    (warn if n < 5000 else info)(message)
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):

@@ -21,7 +21,9 @@ from finetune.data import normalize
 
 
 @torch.no_grad()
-def predict(model, loader, device: torch.device, mean, std, autocast=contextlib.nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(
+    model, loader, device: torch.device, mean, std, autocast=contextlib.nullcontext
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (N, C) float32 and labels (N,) on CPU, in loader order. The model is put in eval mode and restored."""
     was_training = model.training
     model.eval()
@@ -57,7 +59,13 @@ def per_class(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) ->
     f1 = multiclass_f1_score(logits, labels, num_classes=c, average=None)
     support = torch.bincount(labels, minlength=c)
     return [
-        {"label": name, "precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]), "support": int(support[i])}
+        {
+            "label": name,
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1": float(f1[i]),
+            "support": int(support[i]),
+        }
         for i, name in enumerate(classes)
     ]
 

@@ -52,17 +52,27 @@ def image_processor_class():
 
 
 def load_processor(base: str, image_size: int):
-    """The base's preprocessing (mean/std) at our image size: resize to exactly S x S, bilinear, x/255, normalize."""
+    """A ViTImageProcessor with the base's mean/std at our image size: resize to exactly S x S (PIL bilinear),
+    x / 255, normalize. Only mean/std are taken from the base, so no other processor's options (crops, ...) leak in."""
     cls = image_processor_class()
+    mean, std = list(DEFAULT_MEAN), list(DEFAULT_STD)
     try:
-        processor = cls.from_pretrained(base)
-    except (OSError, ValueError):  # a checkpoint without preprocessor_config.json: ViT's defaults
-        processor = cls(image_mean=list(DEFAULT_MEAN), image_std=list(DEFAULT_STD))
-    processor.size = {"height": image_size, "width": image_size}
-    processor.do_resize = processor.do_rescale = processor.do_normalize = True
-    processor.resample = 2  # PIL bilinear, what finetune.data.ImageFolderDataset uses
-    processor.rescale_factor = 1 / 255
-    return processor
+        from transformers import AutoImageProcessor
+
+        base_processor = AutoImageProcessor.from_pretrained(base)
+        mean, std = list(base_processor.image_mean), list(base_processor.image_std)
+    except (OSError, ValueError, AttributeError, TypeError):  # no preprocessor_config.json: ViT's defaults
+        pass
+    return cls(
+        size={"height": image_size, "width": image_size},
+        resample=2,  # PIL bilinear, what finetune.data.ImageFolderDataset uses
+        do_resize=True,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=mean,
+        image_std=std,
+    )
 
 
 def set_image_size(model: ViTForImageClassification, image_size: int) -> None:
@@ -160,7 +170,9 @@ def add_lora(model, r: int, alpha: float, dropout: float):
         modules_to_save=["classifier"],  # the new head must train in full
         bias="none",
     )
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():  # peft 0.21 reads a property transformers 5 deprecated
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def plain(model) -> ViTForImageClassification:

@@ -92,8 +92,8 @@ class Lars(torch.optim.Optimizer):
     plain SGD step scaled by trust_coefficient. The base learning rate is large (~1-10) as in the paper."""
 
     def __init__(self, params, lr=1.0, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001, eps=1e-8):
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps)
-        super().__init__(params, defaults)
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient)
+        super().__init__(params, dict(defaults, eps=eps))
 
     @torch.no_grad()
     def step(self, closure=None):

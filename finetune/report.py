@@ -40,14 +40,15 @@ def confusion_matrix(counts: torch.Tensor, classes: list[str], path: Path, title
     rates = counts.float() / counts.sum(1, keepdim=True).clamp(min=1)
     size = min(4 + 0.5 * c, 30)
     fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
     ax.set(xticks=range(c), yticks=range(c), xlabel="predicted", ylabel="true", title=title)
     ax.set_xticklabels(classes, rotation=90)
     ax.set_yticklabels(classes)
     if c <= 20:
         for i in range(c):
             for j in range(c):
-                ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=8, color="white" if rates[i, j] > 0.5 else "black")
+                color = "white" if rates[i, j] > 0.5 else "black"
+                ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=8, color=color)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -62,7 +63,7 @@ def reliability_diagram(logits: torch.Tensor, labels: torch.Tensor, temperature:
         correct = (pred == labels).float()
         bins = torch.bucketize(conf, edges[1:-1])  # bin index in [0, ECE_BINS)
         acc = [float(correct[bins == b].mean()) if (bins == b).any() else 0.0 for b in range(ECE_BINS)]
-        ax.bar(edges[:-1], acc, width=1 / ECE_BINS, align="edge", edgecolor="black", alpha=0.7, label="accuracy")
+        ax.bar(edges[:-1].numpy(), acc, width=1 / ECE_BINS, align="edge", edgecolor="black", alpha=0.7, label="accuracy")
         ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
         ax.set(title=f"{name}: ECE {ece(logits, labels, t):.4f}", xlabel="confidence", xlim=(0, 1), ylim=(0, 1))
         ax.legend(loc="upper left")

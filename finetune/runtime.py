@@ -40,6 +40,10 @@ class Runtime:
         if self.is_main:
             print(f"warning: {message}", file=sys.stderr, flush=True)
 
+    def error(self, message: str) -> None:
+        if self.is_main:
+            print(f"vitserve finetune: error: {message}", file=sys.stderr, flush=True)
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
@@ -99,8 +103,9 @@ def rng_state() -> tuple[dict, dict]:
         for i, state in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"cuda.{i}"] = state
     name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, state, gauss = random.getstate()
     values = {
-        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "python": [version, list(state), gauss],
         "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
     }
     return tensors, values

@@ -21,7 +21,14 @@ from finetune import model as model_lib
 from finetune.cli import build_parser, main
 from finetune.config import TrainConfig, UsageError, check
 
-torch.set_num_threads(1)  # the machine is shared; these models are tiny anyway
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The machine is shared and these models are tiny: one thread, restored afterwards for other test files."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 # --- helpers ----------------------------------------------------------------------------------------------------
@@ -95,7 +102,8 @@ def test_argparse_errors_also_exit_2(capsys):
 
 def test_fp16_on_cpu_is_rejected(tmp_path, capsys):
     write_images(tmp_path / "train", {"a": 3, "b": 3})
-    rc = main(["--train-dir", str(tmp_path / "train"), "--output", str(tmp_path / "run"), "--precision", "fp16", "--device", "cpu"])
+    args = ["--train-dir", str(tmp_path / "train"), "--output", str(tmp_path / "run")]
+    rc = main([*args, "--precision", "fp16", "--device", "cpu"])
     assert rc == 2
     assert "fp16 needs a CUDA GPU" in capsys.readouterr().err
 
@@ -134,7 +142,8 @@ def test_scan_lists_and_skips_corrupt_files(tmp_path):
 
 
 def test_stratified_split_is_stratified_and_deterministic():
-    samples = [(f"a/{i}.png", 0) for i in range(40)] + [(f"b/{i}.png", 1) for i in range(20)] + [("c/0.png", 2), ("c/1.png", 2)]
+    samples = [(f"a/{i}.png", 0) for i in range(40)] + [(f"b/{i}.png", 1) for i in range(20)]
+    samples += [("c/0.png", 2), ("c/1.png", 2)]
     train, val = data.stratified_split(samples, 0.25, seed=1)
     assert [sum(1 for _, label in val if label == c) for c in range(3)] == [10, 5, 1]
     assert sorted(train + val) == sorted(samples) and not set(train) & set(val)
@@ -363,9 +372,11 @@ def test_calibration_file_contract(tmp_path):
 def test_training_state_roundtrip_keeps_types_and_tensors(tmp_path):
     model = tiny_model()
     opt = optim.build("adamw", optim.param_groups(model, 0.1), 1e-3)
-    torch.nn.functional.cross_entropy(model(pixel_values=torch.randn(2, 3, 32, 32)).logits, torch.tensor([0, 1])).backward()
+    logits = model(pixel_values=torch.randn(2, 3, 32, 32)).logits
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1])).backward()
     opt.step()
-    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "meta": {"step": 3, "best": None, "pair": (1, "a")}}
+    meta = {"step": 3, "best": None, "pair": (1, "a")}
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "meta": meta}
     checkpoint.save_state(tmp_path, state)
     loaded = checkpoint.load_state(tmp_path)
     assert loaded["meta"] == {"step": 3, "best": None, "pair": [1, "a"]}

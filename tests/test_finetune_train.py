@@ -23,7 +23,16 @@ from finetune.cli import main
 from finetune.tiny_base import write_tiny_base
 
 ROOT = Path(__file__).resolve().parents[1]
-torch.set_num_threads(1)
+pytestmark = pytest.mark.slow  # each test trains or runs the CLI: seconds to a minute on 2 CPU cores
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The machine is shared and these models are tiny: one thread, restored afterwards for other test files."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def write_images(root: Path, classes: int, per_class: int, size: int = 32, seed: int = 0) -> None:
@@ -40,7 +49,8 @@ def write_images(root: Path, classes: int, per_class: int, size: int = 32, seed:
 
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory) -> Path:
-    return write_tiny_base(tmp_path_factory.mktemp("base") / "tiny", image_size=32, patch_size=8, hidden=32, layers=2, heads=2, mlp_ratio=2)
+    out = tmp_path_factory.mktemp("base") / "tiny"
+    return write_tiny_base(out, image_size=32, patch_size=8, hidden=32, layers=2, heads=2, mlp_ratio=2)
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +58,6 @@ def squares(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("squares")
     write_images(root / "train", classes=3, per_class=20)
     return root / "train"
-
-
-def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`python -m finetune ...` in a subprocess, one thread so runs are bit-for-bit comparable."""
-    return subprocess.run(
-        [sys.executable, "-m", "finetune", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
-    )  # fmt: skip
 
 
 def _progress(run: Path) -> dict:
@@ -109,63 +111,67 @@ RESUME_ARGS = [
 ]  # fmt: skip
 
 
-def test_resume_after_sigkill_reaches_the_same_state(squares, tiny_base, tmp_path):
-    common = ["--train-dir", str(squares), "--base", str(tiny_base), *RESUME_ARGS]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    # the uninterrupted run (a) and the one to kill (b) run side by side: one thread each
-    a = subprocess.Popen([sys.executable, "-m", "finetune", *common, "--output", str(tmp_path / "a")], cwd=ROOT,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
-    run = tmp_path / "b"
-    b = subprocess.Popen([sys.executable, "-m", "finetune", *common, "--output", str(run)], cwd=ROOT,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)  # fmt: skip
-    deadline = time.monotonic() + 120
-    while not (run / "train_state" / "state.json").exists() and b.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    b.send_signal(signal.SIGKILL)
-    assert b.wait() == -signal.SIGKILL, "the run ended before it could be killed"
-    _, a_err = a.communicate(timeout=300)
-    assert a.returncode == 0, a_err[-3000:]
-    total = json.loads((tmp_path / "a" / "args.json").read_text())["resolved"]["total_steps"]
-    killed_at = _progress(run)["step"]
-    assert 0 < killed_at < total
-
-    resumed = cli(*common, "--output", str(run), "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed at step {killed_at}/{total}" in resumed.stdout
-
-    for name in ("checkpoint/model.safetensors", "train_state/tensors.safetensors"):
-        a, b = load_file(tmp_path / "a" / name), load_file(run / name)
-        assert a.keys() == b.keys()
-        different = [k for k in a if not torch.equal(a[k], b[k])]
-        assert not different, f"{name}: {different[:5]}"
-    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "a", run))
-    assert [h["val"] for h in ma["history"]] == [h["val"] for h in mb["history"]]
-    assert ma["train_log"] == mb["train_log"] and ma["final"] == mb["final"]
-    assert (tmp_path / "a" / "split.json").read_text() == (run / "split.json").read_text()
+def start(args: list[str], out: Path) -> subprocess.Popen:
+    """`python -m finetune ... --output out` in the background; its stdout/stderr go to out.stdout/out.stderr."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # one thread: runs comparable bit for bit
+    with open(out.with_suffix(".stdout"), "a") as stdout, open(out.with_suffix(".stderr"), "a") as stderr:
+        return subprocess.Popen([sys.executable, "-m", "finetune", *args, "--output", str(out)], cwd=ROOT, env=env,
+                                stdout=stdout, stderr=stderr)  # fmt: skip
 
 
-def test_sigterm_saves_the_training_state_and_exits_143(squares, tiny_base, tmp_path):
-    run = tmp_path / "run"
-    args = ["--train-dir", str(squares), "--base", str(tiny_base), "--output", str(run), *RESUME_ARGS]
-    args[args.index("--epochs") + 1] = "40"
-    args[args.index("--save-every-steps") + 1] = "1000"  # only the epoch end and SIGTERM save
-    proc = subprocess.Popen([sys.executable, "-m", "finetune", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    deadline = time.monotonic() + 120
+def logs(out: Path) -> tuple[str, str]:
+    return out.with_suffix(".stdout").read_text(), out.with_suffix(".stderr").read_text()
+
+
+def wait_for_state(proc: subprocess.Popen, run: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
     while not (run / "train_state" / "state.json").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    time.sleep(0.3)  # now mid-epoch
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 143
-    step = _progress(run)["step"]
-    assert f"SIGTERM: saved the training state at step {step}" in out
-    assert _progress(run)["batch"] > 0  # saved mid-epoch, not just at the epoch end
+
+
+def test_killed_and_terminated_runs_resume_to_the_same_state(squares, tiny_base, tmp_path):
+    """Three runs side by side: (a) uninterrupted, (b) SIGKILLed and (c) sent SIGTERM after their first
+    training-state save (mid-epoch). Resumed, (b) and (c) must end with exactly a's weights, optimizer state and
+    metrics."""
+    args = ["--train-dir", str(squares), "--base", str(tiny_base), *RESUME_ARGS]
+    a, b, c = (start(args, tmp_path / name) for name in "abc")
+    wait_for_state(b, tmp_path / "b")
+    b.send_signal(signal.SIGKILL)
+    wait_for_state(c, tmp_path / "c")
+    c.send_signal(signal.SIGTERM)
+    assert b.wait(60) == -signal.SIGKILL, "run b ended before it could be killed"
+    assert c.wait(60) == 143, "run c did not stop on SIGTERM with exit code 143"
+    c_step = _progress(tmp_path / "c")["step"]
+    assert f"SIGTERM: saved the training state at step {c_step}" in logs(tmp_path / "c")[0]
+    assert a.wait(300) == 0, logs(tmp_path / "a")[1][-3000:]
+    total = json.loads((tmp_path / "a" / "args.json").read_text())["resolved"]["total_steps"]
+    b_step = _progress(tmp_path / "b")["step"]
+    assert 0 < b_step < total and 0 < c_step < total
+
+    resumed = {name: start([*args, "--resume"], tmp_path / name) for name in "bc"}
+    for (name, proc), step in zip(resumed.items(), (b_step, c_step)):
+        assert proc.wait(300) == 0, logs(tmp_path / name)[1][-3000:]
+        assert f"resumed at step {step}/{total}" in logs(tmp_path / name)[0]
+
+    ma = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    for name in "bc":
+        run = tmp_path / name
+        for file in ("checkpoint/model.safetensors", "train_state/tensors.safetensors"):
+            x, y = load_file(tmp_path / "a" / file), load_file(run / file)
+            assert x.keys() == y.keys()
+            different = [k for k in x if not torch.equal(x[k], y[k])]
+            assert not different, f"run {name}, {file}: {different[:5]}"
+        mb = json.loads((run / "metrics.json").read_text())
+        assert [h["val"] for h in ma["history"]] == [h["val"] for h in mb["history"]]
+        assert ma["train_log"] == mb["train_log"] and ma["final"] == mb["final"]
+        assert (tmp_path / "a" / "split.json").read_text() == (run / "split.json").read_text()
 
 
 def test_refuses_to_overwrite_a_run_and_resume_needs_a_state(squares, tiny_base, tmp_path, capsys):
     (tmp_path / "run" / "checkpoint").mkdir(parents=True)
-    assert main(["--train-dir", str(squares), "--base", str(tiny_base), "--output", str(tmp_path / "run")]) == 2
-    assert main(["--train-dir", str(squares), "--base", str(tiny_base), "--output", str(tmp_path / "new"), "--resume"]) == 2
+    args = ["--train-dir", str(squares), "--base", str(tiny_base)]
+    assert main([*args, "--output", str(tmp_path / "run")]) == 2
+    assert main([*args, "--output", str(tmp_path / "new"), "--resume"]) == 2
     err = capsys.readouterr().err
     assert "already holds a run" in err and "has no training state" in err
 
@@ -193,11 +199,14 @@ def test_lora_run_at_a_new_resolution_saves_a_plain_checkpoint(squares, tiny_bas
     out, err = capsys.readouterr()
     assert rc == 0, out + err
     assert "skipping unreadable file" in err and "truncated.png" in err and "fake.jpg" in err
+    assert "warning: --learning-rate 0.001 is outside the model card's recommended 1e-06..0.0001" in err
     split = json.loads((run / "split.json").read_text())
-    assert len(split["train"]) + len(split["val"]) == 60 and not any("fake" in f for f, _ in split["train"] + split["val"])
+    files = [f for f, _ in split["train"] + split["val"]]
+    assert len(files) == 60 and not any("fake" in f or "truncated" in f for f in files)
 
     ckpt = run / "checkpoint"
-    assert {p.name for p in ckpt.iterdir()} >= {"config.json", "model.safetensors", "preprocessor_config.json", "vitserve_calibration.json"}
+    expected = {"config.json", "model.safetensors", "preprocessor_config.json", "vitserve_calibration.json"}
+    assert {p.name for p in ckpt.iterdir()} >= expected
     weights = load_file(ckpt / "model.safetensors")
     assert not any("lora" in k or "base_model" in k for k in weights)
     assert weights["vit.embeddings.position_embeddings"].shape == (1, 1 + 6 * 6, 32)
