@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: serve test install data demo-model bento clean
+.PHONY: serve test install data demo-model bench bento clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ demo-model: install data
 	  --val-split 0.05 --base data/demo-base --output runs/demo --epochs 12 --batch-size 32 --lr 1.5e-3 --augment none --num-workers 0
 	$(BIN)/vitserve export runs/demo/checkpoint --output service/demo_artifact --force --name fashion-mnist-vit \
 	  --calibration-dir data/fashion-mnist/test --max-images 500 --max-batch 64
+
+# The CPU comparison table in the README: our service vs the raw engine, BentoML's batchable idiom and a naive
+# pipeline() service, same model (ViT-S/16, random weights), same machine, one run (~6 min on 2 quiet cores).
+bench: install
+	BENTOML_DO_NOT_TRACK=True $(BIN)/vitserve bench compare --config vit-small
 
 bento: install
 	BENTOML_DO_NOT_TRACK=True $(BIN)/bentoml build

@@ -145,3 +145,48 @@ def print_summary(title: str, payload: dict, rows: list[tuple[str, str]]) -> str
     text = "\n".join(lines)
     print(text, flush=True)
     return text
+
+
+def cpu_snapshot() -> dict:
+    """Machine-wide busy CPU seconds and this process tree's CPU seconds (itself, reaped children, and every live
+    descendant such as a server it started), now. Two snapshots give how much CPU *other* processes took meanwhile."""
+    import time
+
+    import psutil
+
+    t = psutil.cpu_times()
+    busy = t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0) + getattr(t, "steal", 0)
+    me = psutil.Process()
+    own = sum(me.cpu_times()[:4])  # user, system, children_user, children_system
+    for child in me.children(recursive=True):
+        try:
+            own += sum(child.cpu_times()[:4])
+        except psutil.Error:
+            pass
+    return {"wall": time.monotonic(), "busy": busy, "own": own}
+
+
+def other_cpu_load(before: dict, after: dict) -> dict:
+    """Mean cores busy between two snapshots: on the machine, in our process tree, and in everything else."""
+    wall = max(after["wall"] - before["wall"], 1e-9)
+    busy = (after["busy"] - before["busy"]) / wall
+    own = (after["own"] - before["own"]) / wall
+    return {"seconds": round(wall, 1), "machine_busy_cores": round(busy, 2), "ours_cores": round(own, 2),
+            "other_processes_cores": round(max(0.0, busy - own), 2)}
+
+
+def wait_until_quiet(max_wait_s: float, *, threshold_cores: float = 0.3, sample_s: float = 5.0, log=print) -> dict:
+    """Before measuring on a shared machine: wait (at most ``max_wait_s``) until processes outside this one use less
+    than ``threshold_cores`` over a ``sample_s`` sample. Returns what was seen; never raises."""
+    import time
+
+    waited, seen = 0.0, None
+    while True:
+        before = cpu_snapshot()
+        time.sleep(sample_s)
+        seen = other_cpu_load(before, cpu_snapshot())["other_processes_cores"]
+        waited += sample_s
+        if seen < threshold_cores or waited >= max_wait_s:
+            break
+        log(f"  machine busy: other processes use {seen:.2f} cores; waiting ({waited:.0f}/{max_wait_s:.0f} s)")
+    return {"waited_s": round(waited, 1), "other_processes_cores": seen, "quiet": seen < threshold_cores}

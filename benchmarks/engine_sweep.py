@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import environment, load_average, print_summary, write_result
+from benchmarks.common import cpu_snapshot, environment, load_average, other_cpu_load, print_summary, wait_until_quiet, write_result
 from benchmarks.models import CONFIGS, checkpoint_shape, make_checkpoint, vit_flops
 from benchmarks.peers.raw_engine import time_call
 
@@ -66,7 +66,7 @@ def _sync(device: str) -> None:
 
 
 # ---- the device's own rate -------------------------------------------------------------------------------------
-def matmul_rate(n: int = MATMUL_N, iters: int = 20) -> dict:
+def matmul_rate(n: int = MATMUL_N, iters: int = 50) -> dict:
     """Dense BF16 matmul FLOP/s measured now, on this GPU (the denominator for 'fraction of the device')."""
     import torch
 
@@ -251,10 +251,10 @@ def variants(builds: _Builds, devices: set[str], compile_mode: str) -> tuple[lis
         ]
     gpu_names = ["pytorch-cuda-fp16", "pytorch-cuda-bf16", "pytorch-cuda-fp16-cudagraph", "pytorch-cuda-bf16-compile",
                  "onnxruntime-cuda-fp16", "onnxruntime-tensorrt-fp16", "tensorrt-cuda-fp16"]
-    if "cuda" not in devices:
-        return out, {n: "not requested (--devices)" for n in gpu_names}
     if not cuda_available():
         return out, {n: "no CUDA GPU visible (torch.cuda.is_available() is false)" for n in gpu_names}
+    if "cuda" not in devices:
+        return out, {n: "not requested (--devices)" for n in gpu_names}
     out += [
         Variant("pytorch-cuda-fp16", "cuda", lambda: builds.torch_cuda_eager("fp16"), "device-resident input"),
         Variant("pytorch-cuda-bf16", "cuda", lambda: builds.torch_cuda_eager("bf16"), "device-resident input"),
@@ -309,22 +309,25 @@ def sweep(checkpoint: Path, work: Path, *, batches: list[int], devices: set[str]
                     call()
                     _sync(dev)
 
+                cpu0 = cpu_snapshot()
                 r = time_call(timed, warmup=1, min_repeats=3, min_seconds=min_seconds)
+                cpu = other_cpu_load(cpu0, cpu_snapshot())
             except Exception as e:  # noqa: BLE001
                 rows.append({"engine": v.name, "device": v.device, "batch": b, "error": f"{type(e).__name__}: {e}"})
                 log(f"  {v.name} batch {b}: failed ({type(e).__name__}: {e})")
                 continue
             ips = b / r["median_s"]
             row = {
-                "engine": v.name, "device": v.device, "batch": b, "seconds_per_batch": round(r["median_s"], 6),
+                "engine": v.name, "device": v.device, "batch": b, "seconds_per_batch": round(r["median_s"], 9),
                 "ms_per_batch": round(r["median_s"] * 1000, 3), "images_per_s": round(ips, 3), "repeats": r["repeats"],
                 "spread_ms": [round(r["min_s"] * 1000, 3), round(r["max_s"] * 1000, 3)],
                 "model_tflops": round(ips * flops["total"] / 1e12, 4), "note": v.note, "build_s": round(build_s, 2),
+                "other_processes_cores": cpu["other_processes_cores"],  # CPU other jobs took meanwhile (should be ~0)
             }
             if peak and v.device == "cuda":
                 row["fraction_of_matmul"] = round(ips * flops["total"] / 1e12 / peak["tflops"], 4)
             rows.append(row)
-            log(f"  {v.name:<30} batch {b:>4}: {ips:9.2f} img/s  {r['median_s'] * 1000:9.2f} ms/batch"
+            log(f"  {v.name:<30} batch {b:>4}: {ips:9.2f} img/s  {r['median_s'] * 1000:9.2f} ms/batch  other CPU {cpu['other_processes_cores']:.2f}"
                 + (f"  {row['fraction_of_matmul']:.2f} of matmul" if "fraction_of_matmul" in row else ""))
     ok = [r for r in rows if "images_per_s" in r]
     best = {}
@@ -347,14 +350,15 @@ def sweep(checkpoint: Path, work: Path, *, batches: list[int], devices: set[str]
 
 def table(result: dict) -> str:
     has_frac = result["matmul"] is not None
-    head = "| engine | batch | img/s | ms/batch | model TFLOP/s |" + (" fraction of matmul |" if has_frac else "") + " note |"
+    head = "| engine | batch | img/s | ms/batch | model TFLOP/s |" + (" fraction of matmul |" if has_frac else "") + " other procs' CPU | note |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in result["rows"]:
         if "error" in r:
             lines.append(f"| {r['engine']} | {r['batch']} | failed: {r['error'][:80]} |")
             continue
         frac = f" {r.get('fraction_of_matmul', '-')} |" if has_frac else ""
-        lines.append(f"| {r['engine']} | {r['batch']} | {r['images_per_s']:.2f} | {r['ms_per_batch']:.2f} | {r['model_tflops']:.3f} |{frac} {r['note']} |")
+        lines.append(f"| {r['engine']} | {r['batch']} | {r['images_per_s']:.2f} | {r['ms_per_batch']:.2f} | {r['model_tflops']:.3f} |{frac} "
+                     f"{r['other_processes_cores']:.2f} | {r['note']} |")
     if result["matmul"]:
         lines.append(f"\nDevice dense BF16 matmul ({result['matmul']['n']}³): **{result['matmul']['tflops']} TFLOP/s**.")
     if result["skipped"]:
@@ -377,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", type=Path, default=None, help="keep the exported variants here (default: a temp dir, removed)")
     p.add_argument("--name", default=None, help="result file prefix (default: engine-sweep_<config>)")
     p.add_argument("--no-write", action="store_true", help="print only; write no result files")
+    p.add_argument("--wait-quiet", type=float, default=300.0,
+                   help="first wait up to this long for other processes to use < 0.3 cores (0: start at once)")
     return p
 
 
@@ -390,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     batches = [int(b) for b in (args.batches or ("1,8,32,64,128" if "cuda" in devices and gpu else "1,4,16,32")).split(",")]
     work = args.workdir or Path(tempfile.mkdtemp(prefix="vitserve-engine-sweep-"))
     work.mkdir(parents=True, exist_ok=True)
+    quiet = wait_until_quiet(args.wait_quiet) if args.wait_quiet > 0 else None
     load_before = load_average()
     try:
         if args.checkpoint:
@@ -405,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     payload = {
         "benchmark": "engine_sweep", "command": "vitserve bench engines " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "environment": environment(), "load_average": {"before": load_before, "after": load_average()},
+        "environment": environment(), "load_average": {"before": load_before, "after": load_average()}, "quiet_before_start": quiet,
         "model": {"name": model_name, "shape": shape.__dict__, "random_weights": not args.checkpoint},
         "settings": {"batches": batches, "devices": sorted(devices), "min_seconds": args.min_seconds, "compile_mode": args.compile_mode},
         **result,
@@ -414,6 +421,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = [(k, f"best {v['images_per_s']:.2f} img/s at batch {v['batch']}" + (f", {v['fraction_of_matmul']:.2f} of matmul" if "fraction_of_matmul" in v else ""))
             for k, v in result["best"].items()]
     rows.append(("flops/image", f"{result['flops_per_image']['total'] / 1e9:.2f} GFLOP"))
+    busiest = max((r.get("other_processes_cores", 0) for r in result["rows"]), default=0)
+    payload["valid"] = busiest <= 0.25
+    rows.append(("other procs' CPU", f"up to {busiest:.2f} cores in a row's window ({'ok' if busiest <= 0.25 else 'CONTENDED: figures skewed'})"))
     rows.append(("matmul", f"{result['matmul']['tflops']} TFLOP/s" if result["matmul"] else "n/a (no GPU)"))
     t = result["targets"]["gpu_engine_fraction_of_matmul"]
     rows.append(("target ≥0.75 matmul", "n/a (no GPU)" if t["met"] is None else f"{'MET' if t['met'] else 'MISSED'} ({t['measured']:.2f})"))

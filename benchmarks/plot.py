@@ -26,6 +26,9 @@ def latency_throughput(result: dict, path: Path, title: str) -> Path:
         opened = [r for r in svc["open_loop"] if r["latency"]["p99_ms"]]
         ax.plot([r["throughput_images_per_s"] for r in opened], [r["latency"]["p99_ms"] for r in opened], "s", color=color,
                 mfc="none", ms=8, label=f"{name} p99 (open loop)")
+        for r in opened:
+            ax.annotate(f"{r['target_rate_rps']:g}/s", (r["throughput_images_per_s"], r["latency"]["p99_ms"]), fontsize=7,
+                        textcoords="offset points", xytext=(5, -9), color=color)
     raw = result.get("raw_engine")
     served = [r["throughput_images_per_s"] for svc in result["services"].values() for r in svc["closed_loop"] + svc["open_loop"]]
     right = max(served + [0.0])

@@ -12,7 +12,9 @@ Two ways to offer load, both with real JPEG/PNG photographs (benchmarks/photos.p
 
 Each phase warms up, then measures a fixed window; /metrics is scraped at the window's start and end, and the
 difference of the server's histograms gives mean decode per image, queue wait per image, inference per batch
-and batch size over exactly that window. Traffic goes only to the URL given, and only a loopback one unless
+and batch size over exactly that window, and CPU use is sampled at the same two moments: "other_processes_cores"
+is what processes outside this one's tree took (when the server is not our child, that includes the server).
+Traffic goes only to the URL given, and only a loopback one unless
 --allow-remote; every phase stops by itself (bounded duration, bounded requests, per-request timeout).
 """
 
@@ -32,7 +34,7 @@ from urllib.parse import urlparse
 
 import httpx
 
-from benchmarks.common import environment, latency_summary_ms, load_average, print_summary, write_result
+from benchmarks.common import cpu_snapshot, environment, latency_summary_ms, load_average, other_cpu_load, print_summary, write_result
 from benchmarks.photos import Photo, describe, realistic_photos
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -227,13 +229,20 @@ async def closed_loop(
 
         async def scraper() -> None:
             await asyncio.sleep(max(0.0, w_start - time.perf_counter()))
-            snapshots["before"] = await scrape(meta, base)
+            snapshots["before"], snapshots["cpu_before"] = await scrape(meta, base), cpu_snapshot()
             await asyncio.sleep(max(0.0, w_end - time.perf_counter()))
-            snapshots["after"] = await scrape(meta, base)
+            snapshots["after"], snapshots["cpu_after"] = await scrape(meta, base), cpu_snapshot()
 
         await asyncio.gather(scraper(), *(worker(i) for i in range(concurrency)))
     out = {"mode": "closed", "concurrency": concurrency, **summarize(records, (w_start, w_end), latency_from="sent")}
+    # Cross-check: with every client always waiting on one request, Little's law gives throughput = clients ÷ mean
+    # latency. It does not depend on how completions bunch up at the window's edges (a batch of 16 finishing just
+    # inside or just outside a 15 s window moves the counted figure by ~10% at ~12 img/s).
+    mean_s = out["latency"]["mean_ms"] and out["latency"]["mean_ms"] / 1000
+    per_request = bodies[0].images
+    out["littles_law_images_per_s"] = round(concurrency * per_request / mean_s, 3) if mean_s else None
     out["server_stages"] = stage_breakdown(snapshots.get("before"), snapshots.get("after"), duration_s)
+    out["cpu"] = other_cpu_load(snapshots["cpu_before"], snapshots["cpu_after"])
     return out
 
 
@@ -271,9 +280,9 @@ async def open_loop(
 
         async def scraper() -> None:
             await asyncio.sleep(max(0.0, w_start - time.perf_counter()))
-            snapshots["before"] = await scrape(meta, base)
+            snapshots["before"], snapshots["cpu_before"] = await scrape(meta, base), cpu_snapshot()
             await asyncio.sleep(max(0.0, w_end - time.perf_counter()))
-            snapshots["after"] = await scrape(meta, base)
+            snapshots["after"], snapshots["cpu_after"] = await scrape(meta, base), cpu_snapshot()
 
         scraping = asyncio.create_task(scraper())
         for i, offset in enumerate(schedule):
@@ -292,7 +301,9 @@ async def open_loop(
         await scraping
         if tasks:  # answers still owed: each is bounded by the client timeout
             await asyncio.wait(tasks, timeout=timeout_s + 5)
-    sent_in_window = [r for r in records if w_start <= r.scheduled < w_end]
+    # Achieved rate from the *actual* send times (an arrival dropped by the client counts when it was handled): a
+    # generator that fell behind its schedule would send fewer inside the window.
+    sent_in_window = [r for r in records if w_start <= r.sent < w_end]
     out = {
         "mode": "open", "target_rate_rps": rate, "max_outstanding": max_outstanding,
         "achieved_arrival_rps": round(len(sent_in_window) / duration_s, 3),
@@ -300,6 +311,7 @@ async def open_loop(
     }
     out["dropped_by_client"] = out["statuses"].get("dropped_by_client", 0)
     out["server_stages"] = stage_breakdown(snapshots.get("before"), snapshots.get("after"), duration_s)
+    out["cpu"] = other_cpu_load(snapshots["cpu_before"], snapshots["cpu_after"])
     return out
 
 

@@ -65,7 +65,7 @@ def measure(artifact: Path, photos: list[Photo], batch_sizes: list[int], *, engi
         per_batch = t["median_s"]
         e2e = b / (per_batch + b * decode["mean_ms_per_image"] / 1000)
         rows.append({
-            "batch": b, "seconds_per_batch": round(per_batch, 5), "engine_images_per_s": round(b / per_batch, 3),
+            "batch": b, "seconds_per_batch": round(per_batch, 9), "engine_images_per_s": round(b / per_batch, 3),
             "end_to_end_images_per_s": round(e2e, 3), "repeats": t["repeats"],
             "spread_s": [round(t["min_s"], 5), round(t["max_s"], 5)],
         })
