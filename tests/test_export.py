@@ -12,7 +12,7 @@ from onnx import numpy_helper
 
 from export.checkpoint import load_checkpoint
 from export.parity import DEFAULT_THRESHOLDS, check_engine, compare, default_image_bytes, preprocess_images, reference_logits
-from service.artifact import ArtifactError, Manifest, load_artifact, read_manifest, write_manifest
+from service.artifact import ArtifactError, load_artifact, read_manifest, write_manifest
 from service.engines import build_engine, candidates, load_engine
 from service.engines.onnxruntime_engine import OnnxRuntimeEngine
 from service.preprocess import Preprocessor
@@ -76,7 +76,6 @@ def test_batch_sizes_give_the_same_logits_as_batch_one(tiny_artifact, parity_inp
 def test_int8_engine_is_batch_invariant(tiny_checkpoint, tmp_path, parity_inputs):
     """Dynamic INT8 scales activations over the whole batch; the engine must hide that from clients."""
     from export.onnx_export import export_fp32, quantize_int8
-    from service.artifact import Artifact
 
     ckpt, pixels, reference = parity_inputs
     fp32 = export_fp32(ckpt.model, tmp_path / "m.onnx", (32, 32), 16)
