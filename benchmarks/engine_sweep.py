@@ -37,6 +37,7 @@ import numpy as np
 from benchmarks.common import cpu_snapshot, environment, load_average, other_cpu_load, print_summary, wait_until_quiet, write_result
 from benchmarks.models import CONFIGS, checkpoint_shape, make_checkpoint, vit_flops
 from benchmarks.peers.raw_engine import time_call
+from service.engines import cuda_available  # the service's own check: the sweep sees what `auto` sees
 
 MATMUL_N = 8192  # BF16 (8192×8192)·(8192×8192): large enough to reach a GPU's dense tensor-core rate
 
@@ -47,15 +48,6 @@ class Variant:
     device: str  # "cpu" | "cuda"
     build: Callable[[], Callable[[int], Callable[[], object]]]  # → (batch → a no-arg call running one batch)
     note: str = ""
-
-
-def cuda_available() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
 
 
 def _sync(device: str) -> None:

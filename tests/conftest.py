@@ -42,6 +42,17 @@ def run_cli(*args: str, timeout: float = 600, env: dict | None = None) -> subpro
     )
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The machine is shared and tiny models gain nothing from threads: one, restored afterwards for other files."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-vit")

@@ -23,12 +23,8 @@ from finetune.config import TrainConfig, UsageError, check
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The machine is shared and these models are tiny: one thread, restored afterwards for other test files."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """Tiny models on a shared machine: one thread for this module (conftest's one_torch_thread)."""
 
 
 # --- helpers ----------------------------------------------------------------------------------------------------

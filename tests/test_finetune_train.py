@@ -27,12 +27,8 @@ pytestmark = pytest.mark.slow  # each test trains or runs the CLI: seconds to a 
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The machine is shared and these models are tiny: one thread, restored afterwards for other test files."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """Tiny models on a shared machine: one thread for this module (conftest's one_torch_thread)."""
 
 
 def write_images(root: Path, classes: int, per_class: int, size: int = 32, seed: int = 0) -> None:

@@ -21,7 +21,7 @@ EngineChoice = Literal[
 ENGINE_CHOICES: tuple[str, ...] = EngineChoice.__args__  # type: ignore[attr-defined]
 
 
-def _cuda_available() -> bool:
+def cuda_available() -> bool:
     try:
         import torch
 
@@ -45,7 +45,7 @@ def _ort_has(provider: str) -> bool:
 def candidates(artifact: Artifact, choice: str, cuda: bool | None = None) -> list[tuple[str, EngineFile]]:
     """Ordered (engine kind, file) pairs to try for ``choice``; ``auto`` lists every viable one."""
     m = artifact.manifest
-    cuda = _cuda_available() if cuda is None else cuda
+    cuda = cuda_available() if cuda is None else cuda
     cpu_onnx = next((e for e in m.engines if e.format == "onnx" and e.device == "cpu"), None)
     gpu_onnx = m.engine(format="onnx", precision="fp16")
     plan = m.engine(format="tensorrt")
