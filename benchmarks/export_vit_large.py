@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     ckpt, out = work / "vit-large-random", work / "artifact"
     n_params = make_vit_large(ckpt, args.labels)
     cmd = [sys.executable, str(ROOT / "vitserve.py"), "export", str(ckpt), "-o", str(out), "--force",
-           "--max-images", str(args.max_images), "--cpu-bench-batch", "4"]
+           "--max-images", str(args.max_images), "--speed-seconds", "0"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - t0
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     cpu = payload["cpu_engine"] or {}
     table = (f"ViT-L/16 ({n_params/1e6:.0f}M parameters) export on CPU: **{wall:.0f} s wall, peak RSS {peak_gib:.1f} GiB**, "
              f"exit code {proc.returncode}.\n\n" + "\n".join(rows) +
-             "\n\nCPU candidates: " + ", ".join(f"{k}: {v['images_per_s']:.2f} img/s (batch {v['batch']})" for k, v in cpu.get("candidates", {}).items())
+             "\n\nCPU candidates (img/s by batch): " + "; ".join(f"{k}: {v['images_per_s']}" for k, v in cpu.get("candidates", {}).items())
              + f"; shipped: {cpu.get('chosen')}")
     print(table)
     j, m = write_result("export_vit-large", payload, table)

@@ -31,6 +31,7 @@ class LoadedCheckpoint:
     source_sha256: str
     architecture: str
     preprocessing_source: Path | None = None  # the image-processor JSON the preprocessing came from
+    calibration_source: Path | None = None  # vitserve_calibration.json, when fine-tuning wrote one
 
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # namespace/name; paths start with / or . instead
@@ -75,32 +76,6 @@ class _LogitsOnly(torch.nn.Module):
         return self.model(pixel_values=pixel_values).logits
 
 
-def preprocessing_from_hf(cfg: dict, image_size: int) -> Preprocessing:
-    """HF image-processor JSON → our Preprocessing. Covers ViTImageProcessor and DeiT-style resize+crop."""
-    resample_names = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}  # PIL's enum values
-    size = cfg.get("size", {"height": image_size, "width": image_size})
-    if isinstance(size, int):
-        size = {"shortest_edge": size}
-    crop = None
-    if cfg.get("do_center_crop") and cfg.get("crop_size"):
-        c = cfg["crop_size"]
-        crop = (c, c) if isinstance(c, int) else (c["height"], c["width"])
-    if "shortest_edge" in size:
-        mode, resize = "shortest_edge", (size["shortest_edge"], size["shortest_edge"])
-        crop = crop or (image_size, image_size)
-    else:
-        mode, resize = "exact", (size["height"], size["width"])
-    return Preprocessing(
-        resize_mode=mode,
-        resize_size=resize,
-        center_crop=crop,
-        resample=resample_names.get(cfg.get("resample", 2), "bilinear"),
-        rescale_factor=cfg.get("rescale_factor", 1 / 255) if cfg.get("do_rescale", True) else 1.0,
-        mean=tuple(cfg.get("image_mean", (0.5, 0.5, 0.5))) if cfg.get("do_normalize", True) else (0.0, 0.0, 0.0),
-        std=tuple(cfg.get("image_std", (0.5, 0.5, 0.5))) if cfg.get("do_normalize", True) else (1.0, 1.0, 1.0),
-    )
-
-
 @register_loader("huggingface-vit")
 def load_hf_vit(source: str) -> LoadedCheckpoint | None:
     """A local HF ViTForImageClassification directory, or a hub id (needs network)."""
@@ -137,11 +112,12 @@ def load_hf_vit(source: str) -> LoadedCheckpoint | None:
     return LoadedCheckpoint(
         model=_LogitsOnly(model).eval(),
         labels=labels,
-        preprocessing=preprocessing_from_hf(pre_cfg, model.config.image_size),
+        preprocessing=Preprocessing.from_hf(pre_cfg, model.config.image_size),
         temperature=temperature,
         name=cfg.get("_name_or_path") or local.name,
         source=str(source),
         source_sha256=weights_sha256(weight_files),
         architecture="vit",
         preprocessing_source=pre_cfg_path if pre_cfg_path.is_file() else None,
+        calibration_source=calib_path if calib_path.is_file() else None,
     )

@@ -8,14 +8,15 @@ import sys
 import warnings
 from pathlib import Path
 
-from export.parity import DEFAULT_THRESHOLDS
+from service.parity import DEFAULT_THRESHOLDS
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vitserve export",
-        description="Export a ViT checkpoint to an artifact: FP16 ONNX (GPU), the faster of FP32/INT8 ONNX that "
-        "passes the gate (CPU), optional TensorRT plan and PyTorch weights, each checked against FP32 PyTorch.",
+        description="Export a ViT checkpoint to an artifact: FP16 ONNX (GPU), the fastest of FP32 / INT8 ONNX that "
+        "passes the gate (CPU), optional TensorRT plan and PyTorch weights, each checked against FP32 PyTorch, plus a "
+        "golden set the service re-checks on the machine that serves.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("checkpoint", help="HF ViTForImageClassification directory (safetensors) or hub id")
@@ -26,10 +27,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opt-batch", type=int, default=16, help="batch size TensorRT optimises for")
     p.add_argument("--tensorrt", action="store_true", help="also build an FP16 TensorRT plan (needs a GPU and tensorrt)")
     p.add_argument("--no-pytorch", dest="include_pytorch", action="store_false", help="do not copy safetensors weights for the PyTorch engine")
-    p.add_argument("--calibration-dir", type=Path, default=None, help="images for the parity gate (default: scikit-image's photographs)")
-    p.add_argument("--max-images", type=int, default=96, help="at most this many parity images")
-    p.add_argument("--cpu-candidates", default="fp32,int8", help="CPU ONNX precisions to measure; the fastest passing one ships")
-    p.add_argument("--cpu-bench-batch", type=int, default=8, help="batch size for the CPU speed comparison")
+    p.add_argument("--calibration-dir", type=Path, default=None,
+                   help="images for the parity gate and INT8 calibration, disjoint subsets (default: views of scikit-image's photographs)")
+    p.add_argument("--max-images", type=int, default=1024,
+                   help="parity-gate images; agreement is judged by its 95%% lower bound, so 0.99 needs at least 380")
+    p.add_argument("--calibration-images", type=int, default=128, help="images that calibrate static INT8 (never gated on)")
+    p.add_argument("--int8-calibration", choices=("percentile", "minmax"), default="percentile", help="static INT8 activation range rule")
+    p.add_argument("--golden-images", type=int, default=32, help="golden-set images the service re-checks at startup")
+    p.add_argument("--cpu-candidates", default="fp32,int8-dynamic,int8-static",
+                   help="CPU engines to build, gate and time by batch size; the fastest passing one ships (int8 = both schemes)")
+    p.add_argument("--speed-seconds", type=float, default=0.5, help="time each candidate at least this long per batch size")
     p.add_argument(
         "--gate",
         action="append",
@@ -51,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch.export internals' deprecation chatter
-    from export.parity import format_table
+    from service.parity import format_table
     from export.pipeline import ExportOptions, export_artifact, parse_threshold_overrides, summarize_cpu_choice
     from export.tensorrt_build import TensorRTUnavailable
 
@@ -59,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         thresholds = parse_threshold_overrides(args.gate)
         if args.max_batch < 1 or not 1 <= args.opt_batch:
             raise ValueError("--max-batch and --opt-batch must be at least 1")
+        if args.max_images < 1 or args.golden_images < 1 or args.calibration_images < 0:
+            raise ValueError("--max-images and --golden-images must be at least 1, --calibration-images at least 0")
         result = export_artifact(
             ExportOptions(
                 checkpoint=args.checkpoint,
@@ -71,8 +80,11 @@ def main(argv: list[str] | None = None) -> int:
                 include_pytorch=args.include_pytorch,
                 calibration_dir=args.calibration_dir,
                 max_images=args.max_images,
+                calibration_images=args.calibration_images,
+                int8_calibration=args.int8_calibration,
+                golden_images=args.golden_images,
                 cpu_candidates=tuple(c.strip() for c in args.cpu_candidates.split(",") if c.strip()),
-                cpu_bench_batch=args.cpu_bench_batch,
+                speed_seconds=args.speed_seconds,
                 thresholds=thresholds,
                 force=args.force,
             )

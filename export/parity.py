@@ -1,33 +1,23 @@
-"""The parity gate: every engine against the FP32 PyTorch model, on the same preprocessed images.
+"""The parity gate's inputs: which images, decoded how, and the FP32 reference they are judged against.
 
-Images go through ``service.preprocess`` (bytes → decode → resize/crop/normalise), the code the service
-runs, so what passes here is what clients get. Metrics: top-1 agreement, top-5 set overlap, max |Δlogit|
-and max |Δprobability| (probabilities at the manifest's temperature, i.e. as served).
+Images go through ``service.preprocess`` (bytes → decode → resize/crop → uint8 → normalise), the code the service
+runs, so what passes here is what clients get. The comparison itself (top-1 agreement and top-5 overlap with 95 %
+confidence bounds, max |Δlogit|, max |Δprobability| at the served temperature, batch invariance) is
+``service.parity``: the service re-runs the same function on the artifact's golden set at startup.
 """
 
 from __future__ import annotations
 
 import io
+import random
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from service.artifact import ParityReport, ParityThresholds
-from service.engines.base import Engine
-from service.preprocess import Preprocessor, decode_image
-from service.topk import softmax, topk_indices
-
-# Defaults per precision. FP16 ones are the issue's (a trained model); INT8 is looser because dynamic
-# quantisation rounds activations per tensor at run time, which moves logits by tenths, not hundredths.
-DEFAULT_THRESHOLDS: dict[str, ParityThresholds] = {
-    "fp32": ParityThresholds(min_top1_agreement=0.999, min_top5_overlap=0.99, max_abs_logit_diff=1e-3, max_abs_prob_diff=1e-4, max_batch_logit_diff=1e-3),
-    "bf16": ParityThresholds(min_top1_agreement=0.99, min_top5_overlap=0.97, max_abs_logit_diff=0.25, max_abs_prob_diff=0.03, max_batch_logit_diff=0.1),
-    "fp16": ParityThresholds(min_top1_agreement=0.995, min_top5_overlap=0.98, max_abs_logit_diff=0.05, max_abs_prob_diff=0.01, max_batch_logit_diff=0.02),
-    "int8": ParityThresholds(min_top1_agreement=0.97, min_top5_overlap=0.90, max_abs_logit_diff=1.0, max_abs_prob_diff=0.10, max_batch_logit_diff=1e-3),
-}
-# Batch invariance is part of the gate: the batcher mixes clients' images, so an engine whose answer for
-# one image depends on its batch-mates would make one client's result depend on another's traffic.
+from service.parity import DEFAULT_THRESHOLDS, check_engine, compare, format_table, run_batched  # noqa: F401 - re-exported
+from service.errors import ServiceError
+from service.preprocess import Preprocessor, decode_image, to_rgb
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm"}
 # Photographs shipped inside the scikit-image wheel (no download); grey ones exercise the L→RGB path.
@@ -35,17 +25,17 @@ _SKIMAGE_PHOTOS = (
     "astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "moon", "page", "text", "clock",
     "hubble_deep_field", "immunohistochemistry", "retina", "microaneurysms", "grass", "gravel", "brick", "horse",
 )
+_MAX_SIDE = 640  # photos are shrunk to this first: views of a 1411 px retina scan cost decode time, not information
 
 
-def default_image_bytes(limit: int) -> list[tuple[str, bytes]]:
-    """Real photographs from scikit-image, encoded as JPEG/PNG, plus crops and flips for more views."""
+def _skimage_photos():
     try:
         from skimage import data as skdata
     except ImportError:
         raise RuntimeError(
             "the default parity images come from scikit-image: `pip install scikit-image`, or pass --calibration-dir"
         ) from None
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     photos = []
     for name in _SKIMAGE_PHOTOS:
@@ -55,114 +45,99 @@ def default_image_bytes(limit: int) -> list[tuple[str, bytes]]:
             continue
         if arr.dtype != np.uint8:
             arr = (arr.astype(np.float64) / max(arr.max(), 1) * 255).astype(np.uint8)
-        photos.append((name, Image.fromarray(arr)))
+        img = Image.fromarray(arr)
+        img.thumbnail((_MAX_SIDE, _MAX_SIDE), Image.Resampling.LANCZOS)
+        photos.append((name, img))
+    return photos
+
+
+def _view(img, view: int):
+    """View 0 is the photo, view 1 its mirror; later views are a deterministic crop (40–100 % of each side, anywhere
+    in the frame), maybe mirrored, maybe rescaled to half size, saved as JPEG at quality 50–95 or PNG."""
+    from PIL import ImageOps
+
+    if view == 0:
+        return img, "JPEG", 90
+    if view == 1:
+        return ImageOps.mirror(img), "PNG", None
+    rng = random.Random(view)
+    w, h = img.size
+    cw, ch = max(8, int(w * rng.uniform(0.4, 1.0))), max(8, int(h * rng.uniform(0.4, 1.0)))
+    x0, y0 = rng.randint(0, w - cw), rng.randint(0, h - ch)
+    v = img.crop((x0, y0, x0 + cw, y0 + ch))
+    if rng.random() < 0.5:
+        v = ImageOps.mirror(v)
+    if rng.random() < 0.3:
+        v = v.resize((max(8, cw // 2), max(8, ch // 2)))
+    return (v, "PNG", None) if rng.random() < 0.3 else (v, "JPEG", rng.choice((50, 70, 85, 95)))
+
+
+def default_image_bytes(limit: int) -> list[tuple[str, bytes]]:
+    """``limit`` encoded views of scikit-image's photographs: every photo's view 0, then every photo's view 1, ...,
+    so any prefix covers all photos. Deterministic: the same bytes on every machine with the same Pillow."""
+    return _views(_skimage_photos(), limit)
+
+
+def _views(photos: list, limit: int, first_view: int = 0) -> list[tuple[str, bytes]]:
     out: list[tuple[str, bytes]] = []
-    for view in range(6):
+    view = first_view
+    while len(out) < limit and photos:
         for name, img in photos:
-            w, h = img.size
-            if view == 0:
-                v = img
-            elif view == 1:
-                v = ImageOps.mirror(img)
-            else:  # four overlapping corner crops at 60 % size
-                cx, cy = (view - 2) % 2, (view - 2) // 2
-                cw, ch = int(w * 0.6), int(h * 0.6)
-                v = img.crop((cx * (w - cw), cy * (h - ch), cx * (w - cw) + cw, cy * (h - ch) + ch))
+            v, fmt, quality = _view(img, view)
             buf = io.BytesIO()
-            fmt = "JPEG" if (view + len(name)) % 2 == 0 else "PNG"
-            v.save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
-            out.append((f"{name}-view{view}.{fmt.lower()}", buf.getvalue()))
+            v.save(buf, format=fmt, **({"quality": quality} if fmt == "JPEG" else {"compress_level": 1}))
+            out.append((f"{Path(name).stem}-view{view}.{fmt.lower()}", buf.getvalue()))
             if len(out) >= limit:
-                return out
+                break
+        view += 1
     return out
 
 
-def directory_image_bytes(root: Path, limit: int) -> list[tuple[str, bytes]]:
+def split_calibration(images: list, count: int) -> tuple[list, list]:
+    """(gate images, INT8 calibration images): every k-th image calibrates, so both sets span all sources and the
+    gate never judges a quantiser on the images it was calibrated on."""
+    count = min(count, len(images) // 4)
+    if count <= 0:
+        return images, []
+    step = len(images) / count
+    picked = {int(i * step + step / 2) for i in range(count)}
+    return [x for i, x in enumerate(images) if i not in picked], [x for i, x in enumerate(images) if i in picked]
+
+
+def directory_image_bytes(root: Path, limit: int, log=None) -> list[tuple[str, bytes]]:
+    """``limit`` images from ``root``: evenly spaced picks when there are more (so every class subfolder is
+    represented), and when there are fewer, every file followed by deterministic views of them (the crops, flips and
+    rescales ``default_image_bytes`` makes of the bundled photos). The gate compares the engine with the FP32 model,
+    not with labels, so views of the user's own images measure it on their domain as well as more photos would."""
     files = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise RuntimeError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
-    # Evenly spaced picks, so class subfolders are all represented when limit < count.
-    if len(files) > limit:
+    if len(files) >= limit:
         step = len(files) / limit
-        files = [files[int(i * step)] for i in range(limit)]
-    return [(str(p.relative_to(root)), p.read_bytes()) for p in files]
+        return [(str(files[int(i * step)].relative_to(root)), files[int(i * step)].read_bytes()) for i in range(limit)]
+    out = [(str(p.relative_to(root)), p.read_bytes()) for p in files]
+    if log:
+        log(f"{root} has {len(files)} images; adding views (crops, flips, rescales) of them to reach {limit}")
+    photos = []
+    for name, data in out:
+        try:
+            photos.append((name, to_rgb(decode_image(data, max_pixels=50_000_000))))
+        except ServiceError:
+            continue  # unreadable files fail the gate's own decode below, with their name
+    return out + _views(photos, limit - len(out), first_view=2)
+def decode_images(images: list[tuple[str, bytes]], pre: Preprocessor, max_pixels: int = 50_000_000) -> np.ndarray:
+    """The serving path up to normalisation: decode + resize/crop. Returns (N, H, W, 3) uint8 (what the golden set
+    stores)."""
+    return np.stack(
+        [pre.to_uint8(decode_image(b, max_pixels=max_pixels, target_size=pre.input_size, index=i)) for i, (_, b) in enumerate(images)]
+    )
 
 
 def preprocess_images(images: list[tuple[str, bytes]], pre: Preprocessor, max_pixels: int = 50_000_000) -> np.ndarray:
-    """The serving path: decode + preprocess. Returns (N, 3, H, W) float32."""
-    return np.stack([pre(decode_image(b, max_pixels=max_pixels, target_size=pre.input_size, index=i)) for i, (_, b) in enumerate(images)])
-
-
-def run_batched(fn, pixels: np.ndarray, batch: int) -> np.ndarray:
-    return np.concatenate([fn(pixels[i : i + batch]) for i in range(0, len(pixels), batch)])
+    """The whole serving path: decode + preprocess. Returns (N, 3, H, W) float32."""
+    return pre.normalize(decode_images(images, pre, max_pixels))
 
 
 def reference_logits(model: torch.nn.Module, pixels: np.ndarray, batch: int = 16) -> np.ndarray:
     with torch.inference_mode():
         return run_batched(lambda x: model(torch.from_numpy(x)).float().numpy(), pixels, batch)
-
-
-def compare(
-    reference: np.ndarray,
-    candidate: np.ndarray,
-    *,
-    temperature: float,
-    thresholds: ParityThresholds,
-    alone: np.ndarray | None = None,
-) -> ParityReport:
-    """``candidate``: the engine's logits in full batches; ``alone``: the same images one at a time."""
-    ref_p, cand_p = softmax(reference, temperature), softmax(candidate, temperature)
-    k = min(5, reference.shape[1])
-    top1 = float(np.mean(reference.argmax(1) == candidate.argmax(1)))
-    ref5, cand5 = topk_indices(ref_p, k), topk_indices(cand_p, k)
-    overlap = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(ref5, cand5)]))
-    dlogit = float(np.max(np.abs(reference - candidate)))
-    dprob = float(np.max(np.abs(ref_p - cand_p)))
-    alone = candidate if alone is None else alone
-    batch_diff = float(np.max(np.abs(alone - candidate)))
-    batch_top5_same = bool(np.array_equal(topk_indices(softmax(alone, temperature), k), cand5))
-    t = thresholds
-    failures = []
-    if not batch_top5_same:
-        failures.append("top-5 differs between an image alone and inside a batch")
-    if not np.isfinite(batch_diff) or batch_diff > t.max_batch_logit_diff:
-        failures.append(f"batch variation |Δlogit| {batch_diff:.4g} > {t.max_batch_logit_diff}")
-    if top1 < t.min_top1_agreement:
-        failures.append(f"top-1 agreement {top1:.4f} < {t.min_top1_agreement}")
-    if overlap < t.min_top5_overlap:
-        failures.append(f"top-5 overlap {overlap:.4f} < {t.min_top5_overlap}")
-    if not np.isfinite(dlogit) or dlogit > t.max_abs_logit_diff:
-        failures.append(f"max |Δlogit| {dlogit:.4g} > {t.max_abs_logit_diff}")
-    if not np.isfinite(dprob) or dprob > t.max_abs_prob_diff:
-        failures.append(f"max |Δprob| {dprob:.4g} > {t.max_abs_prob_diff}")
-    return ParityReport(
-        images=len(reference),
-        top1_agreement=top1,
-        top5_overlap=overlap,
-        max_abs_logit_diff=dlogit,
-        max_abs_prob_diff=dprob,
-        batch_logit_diff=batch_diff,
-        batch_top5_identical=batch_top5_same,
-        thresholds=thresholds,
-        passed=not failures,
-        failures=failures,
-    )
-
-
-def check_engine(engine: Engine, pixels: np.ndarray, reference: np.ndarray, *, temperature: float, thresholds: ParityThresholds) -> ParityReport:
-    batch = max(1, min(engine.max_batch_size, 16))
-    batched = run_batched(engine.run, pixels, batch)
-    alone = run_batched(engine.run, pixels, 1)
-    return compare(reference, batched, temperature=temperature, thresholds=thresholds, alone=alone)
-
-
-def format_table(reports: dict[str, ParityReport]) -> str:
-    head = f"{'engine':<42} {'images':>6} {'top1 agree':>10} {'top5 overlap':>12} {'max|Δlogit|':>12} {'max|Δprob|':>11} {'batch|Δ|':>9}  result"
-    lines = [head, "-" * len(head)]
-    for name, r in reports.items():
-        verdict = "PASS" if r.passed else "FAIL: " + "; ".join(r.failures)
-        lines.append(
-            f"{name:<42} {r.images:>6} {r.top1_agreement:>10.4f} {r.top5_overlap:>12.4f} "
-            f"{r.max_abs_logit_diff:>12.3g} {r.max_abs_prob_diff:>11.3g} {r.batch_logit_diff:>9.2g}  {verdict}"
-        )
-    return "\n".join(lines)

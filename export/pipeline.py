@@ -1,4 +1,12 @@
-"""checkpoint → ONNX → engines → validated artifact. The CLI is a thin wrapper around :func:`export_artifact`."""
+"""checkpoint → ONNX → engines → validated artifact. The CLI is a thin wrapper around :func:`export_artifact`.
+
+Stages, in order (each a function below):
+
+    load the checkpoint and the images → FP32 reference → to_onnx (FP32, FP16)
+    → gate each engine (service.parity, through the service's own engine classes)
+    → choose the CPU engine (FP32 and each INT8 scheme: gated, then timed by batch size; the fastest that passed)
+    → PyTorch weights → TensorRT plan (optional) → golden set → manifest + parity report
+"""
 
 from __future__ import annotations
 
@@ -12,16 +20,27 @@ from pathlib import Path
 import numpy as np
 
 from export import parity
-from export.checkpoint import load_checkpoint
-from export.onnx_export import INPUT_NAME, OUTPUT_NAME, convert_fp16, export_fp32, quantize_int8
+from export.checkpoint import LoadedCheckpoint, load_checkpoint
+from export.onnx_export import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    convert_fp16,
+    export_fp32,
+    quantize_int8_dynamic,
+    quantize_int8_static,
+)
+from service import hardware
 from service.artifact import (
-    Artifact,
+    GOLDEN_NAME,
     EngineFile,
+    GoldenSet,
     Manifest,
     ModelInfo,
     ParityReport,
     ParityThresholds,
+    QuantizationInfo,
     SourceInfo,
+    SpeedCurve,
     TensorSpec,
     sha256_file,
     write_manifest,
@@ -31,6 +50,9 @@ from service.engines.base import Engine
 from service.preprocess import Preprocessor
 
 log = logging.getLogger("vitserve.export")
+
+CPU_CANDIDATES = ("fp32", "int8-dynamic", "int8-static")
+SPEED_BATCHES = (1, 4, 8, 16, 32)
 
 
 @dataclass
@@ -44,9 +66,12 @@ class ExportOptions:
     tensorrt: bool = False
     include_pytorch: bool = True
     calibration_dir: Path | None = None
-    max_images: int = 96
-    cpu_candidates: tuple[str, ...] = ("fp32", "int8")
-    cpu_bench_batch: int = 8
+    max_images: int = 1024
+    calibration_images: int = 128
+    int8_calibration: str = "percentile"
+    golden_images: int = 32
+    cpu_candidates: tuple[str, ...] = CPU_CANDIDATES
+    speed_seconds: float = 0.5
     thresholds: dict[str, ParityThresholds] = field(default_factory=lambda: dict(parity.DEFAULT_THRESHOLDS))
     force: bool = False
 
@@ -58,6 +83,18 @@ class ExportResult:
     passed: bool
     report_path: Path
     timings_s: dict[str, float]
+
+
+def expand_cpu_candidates(names: tuple[str, ...]) -> tuple[str, ...]:
+    """``int8`` means every INT8 scheme; unknown names are an error listing the known ones."""
+    out: list[str] = []
+    for n in names:
+        for c in ("int8-dynamic", "int8-static") if n == "int8" else (n,):
+            if c not in CPU_CANDIDATES:
+                raise ValueError(f"unknown CPU candidate {n!r}; choose from {', '.join(CPU_CANDIDATES)} (or int8 for both INT8 schemes)")
+            if c not in out:
+                out.append(c)
+    return tuple(out)
 
 
 def _versions() -> dict[str, str | None]:
@@ -81,12 +118,150 @@ def _versions() -> dict[str, str | None]:
     }
 
 
-def _io_specs(h: int, w: int, num_labels: int) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    # Graph I/O stays FP32 for every precision (see export/onnx_export.py).
-    return (
-        [TensorSpec(name=INPUT_NAME, dtype="float32", shape=["batch", 3, h, w])],
-        [TensorSpec(name=OUTPUT_NAME, dtype="float32", shape=["batch", num_labels])],
-    )
+class _Export:
+    """The state every stage shares: options, output folder, checkpoint, images, reference, timings, reports."""
+
+    def __init__(self, opts: ExportOptions, out: Path):
+        self.opts, self.out = opts, out
+        self.timings: dict[str, float] = {}
+        self.reports: dict[str, ParityReport] = {}
+        self.t0 = time.perf_counter()
+
+    def timed(self, name: str, fn, *args, **kwargs):
+        t = time.perf_counter()
+        result = fn(*args, **kwargs)
+        self.timings[name] = time.perf_counter() - t
+        return result
+
+    # ---- inputs -------------------------------------------------------------------------------------------------
+    def load(self) -> None:
+        o = self.opts
+        self.ckpt: LoadedCheckpoint = self.timed("load_checkpoint", load_checkpoint, o.checkpoint)
+        self.pre = Preprocessor(self.ckpt.preprocessing)
+        self.input_size = self.pre.input_size
+        want = o.max_images + o.calibration_images
+        images = (
+            parity.directory_image_bytes(o.calibration_dir, want, log.info) if o.calibration_dir else parity.default_image_bytes(want)
+        )
+        self.images, calibration = parity.split_calibration(images, o.calibration_images)
+        self.uint8 = self.timed("decode", parity.decode_images, self.images, self.pre)  # (N, H, W, 3)
+        self.pixels = self.pre.normalize(self.uint8)  # (N, 3, H, W) float32, exactly as served
+        self.calibration = self.pre.normalize(parity.decode_images(calibration, self.pre)) if calibration else self.pixels[:0]
+        self.reference = self.timed("reference_fp32", parity.reference_logits, self.ckpt.model, self.pixels)
+        log.info("reference: FP32 PyTorch on %d images (%d more for INT8 calibration)", len(self.pixels), len(self.calibration))
+        h, w = self.input_size
+        self.inputs = [TensorSpec(name=INPUT_NAME, dtype="float32", shape=["batch", 3, h, w])]  # FP32 I/O always
+        self.outputs = [TensorSpec(name=OUTPUT_NAME, dtype="float32", shape=["batch", len(self.ckpt.labels)])]
+
+    def entry(self, path: Path, fmt: str, precision: str, device: str, **kw) -> EngineFile:
+        o = self.opts
+        return EngineFile(
+            file=str(path.relative_to(self.out)), format=fmt, precision=precision, device=device, inputs=self.inputs,
+            outputs=self.outputs, min_batch=1, opt_batch=min(o.opt_batch, o.max_batch), max_batch=o.max_batch,
+            sha256=sha256_file(path), **kw,
+        )  # fmt: skip
+
+    # ---- stages ---------------------------------------------------------------------------------------------------
+    def to_onnx(self) -> tuple[Path, Path]:
+        fp32 = self.timed("export_onnx_fp32", export_fp32, self.ckpt.model, self.out / "model.fp32.onnx", self.input_size, self.opts.max_batch)
+        fp16 = self.timed("convert_fp16", convert_fp16, fp32, self.out / "model.fp16.onnx")
+        return fp32, fp16
+
+    def gate(self, kind: str, e: EngineFile) -> tuple[EngineFile, Engine]:
+        """Load ``e`` through the service's engine class and judge it against the FP32 reference."""
+        t = time.perf_counter()
+        engine = build_engine(kind, self.out / e.file, e, self.input_size, trt_cache_dir=self.out / "trt_cache")
+        report = parity.check_engine(
+            engine, self.pixels, self.reference, temperature=self.ckpt.temperature,
+            thresholds=self.opts.thresholds[e.precision], hardware=hardware.describe(engine.device),
+        )  # fmt: skip
+        self.timings[f"parity_{e.file}"] = time.perf_counter() - t
+        self.reports[f"{e.file} ({kind})"] = report
+        return e.model_copy(update={"parity": report}), engine
+
+    def cpu_candidate(self, name: str, fp32: Path) -> EngineFile:
+        quant: QuantizationInfo | None = None
+        if name == "fp32":
+            path = fp32
+        elif name == "int8-dynamic":
+            path = self.out / "model.int8-dynamic.onnx"
+            quant = self.timed("quantize_int8_dynamic", quantize_int8_dynamic, fp32, path)
+        else:
+            if not len(self.calibration):
+                raise ValueError("int8-static needs calibration images: raise --calibration-images or add images")
+            path = self.out / "model.int8-static.onnx"
+            quant = self.timed("quantize_int8_static", quantize_int8_static, fp32, path, self.calibration, self.opts.int8_calibration)
+        e, engine = self.gate("onnxruntime-cpu", self.entry(path, "onnx", "fp32" if name == "fp32" else "int8", "cpu", quantization=quant))
+        curve = self.timed(f"speed_{name}", speed_curve, engine, self.pixels, self.opts.max_batch, self.opts.speed_seconds)
+        return e.model_copy(update={"speed": curve})
+
+    def choose_cpu_engine(self, fp32: Path) -> tuple[EngineFile, dict]:
+        """Measure each candidate; ship the one with the highest throughput at its best batch among those that passed
+        the gate (the fastest of all if none did: the gate failure is then reported and the service refuses it)."""
+        built = {name: self.cpu_candidate(name, fp32) for name in expand_cpu_candidates(self.opts.cpu_candidates)}
+        best = lambda e: e.speed.images_per_s[e.speed.best_batch]  # noqa: E731
+        passing = [n for n, e in built.items() if e.parity.passed]
+        chosen = max(passing or list(built), key=lambda n: best(built[n]))
+        for name, e in built.items():
+            if name != chosen:
+                (self.out / e.file).unlink()
+        report = {
+            "chosen": chosen,
+            "rule": "highest img/s at its best batch among the candidates that passed the gate",
+            "candidates": {
+                n: {"file": e.file, "passed_gate": e.parity.passed, "images_per_s": e.speed.images_per_s,
+                    "best_batch": e.speed.best_batch, "scheme": e.quantization.scheme if e.quantization else None}
+                for n, e in built.items()
+            },  # fmt: skip
+            "measured_on": hardware.describe("cpu"),
+        }
+        return built[chosen], report
+
+    def pytorch_weights(self) -> EngineFile:
+        weights_dir = self.out / "pytorch"
+        self.ckpt.model.model.save_pretrained(weights_dir, safe_serialization=True)
+        (weights_dir / "model.safetensors").chmod(0o644)  # as for the golden set
+        # With the image-processor config beside the weights, the folder is a complete HF checkpoint
+        # (transformers' pipeline() loads it as-is; the naive-service benchmark peer does exactly that).
+        if self.ckpt.preprocessing_source is not None:
+            shutil.copy(self.ckpt.preprocessing_source, weights_dir / "preprocessor_config.json")
+        if self.ckpt.calibration_source is not None:  # so pytorch/ re-exports with the same temperature
+            shutil.copy(self.ckpt.calibration_source, weights_dir / self.ckpt.calibration_source.name)
+        return self.gate("pytorch-cpu", self.entry(weights_dir / "model.safetensors", "safetensors", "fp32", "any"))[0]
+
+    def tensorrt_plan(self, fp16: Path) -> EngineFile:
+        from export.tensorrt_build import build_plan
+
+        o, plan = self.opts, self.out / "model.fp16.plan"
+        facts = self.timed(
+            "build_tensorrt", build_plan, fp16, plan, input_name=INPUT_NAME, input_size=self.input_size, min_batch=1,
+            opt_batch=min(o.opt_batch, o.max_batch), max_batch=o.max_batch, timing_cache=self.out / "tensorrt.timing.cache",
+        )  # fmt: skip
+        return self.gate("tensorrt", self.entry(plan, "tensorrt", "fp16", "cuda", build=facts))[0]
+
+    def golden_set(self) -> GoldenSet:
+        """Evenly spaced parity images (so every photo or class folder is represented) with their FP32 logits: what
+        the service re-checks on the machine that serves."""
+        from safetensors.numpy import save_file
+
+        n = min(self.opts.golden_images, len(self.uint8))
+        picks = np.linspace(0, len(self.uint8) - 1, n).round().astype(int)
+        path = self.out / GOLDEN_NAME
+        save_file({"pixels": np.ascontiguousarray(self.uint8[picks]), "reference_logits": np.ascontiguousarray(self.reference[picks])}, str(path))
+        path.chmod(0o644)  # safetensors writes 0600; a service running as another user must read it
+        return GoldenSet(sha256=sha256_file(path), images=n, source=f"{n} evenly spaced parity images ({self._image_source()})")
+
+    def _image_source(self) -> str:
+        return str(self.opts.calibration_dir or "scikit-image photographs")
+
+    def manifest(self, engines: list[EngineFile], golden: GoldenSet, report: dict) -> Manifest:
+        o, c = self.opts, self.ckpt
+        return Manifest(
+            model=ModelInfo(name=o.name or c.name, version=o.version, architecture=c.architecture,
+                            num_parameters=sum(p.numel() for p in c.model.parameters())),
+            labels=c.labels, preprocessing=c.preprocessing, temperature=c.temperature, engines=engines, golden=golden,
+            source=SourceInfo(checkpoint=o.checkpoint, sha256=c.source_sha256), versions=_versions(), export_report=report,
+        )  # fmt: skip
 
 
 def export_artifact(opts: ExportOptions) -> ExportResult:
@@ -95,169 +270,71 @@ def export_artifact(opts: ExportOptions) -> ExportResult:
 
         ensure_available()
     out = Path(opts.output)
+    created = _prepare_output(out, opts.force)
+    try:
+        return _export(opts, out)
+    except BaseException:
+        if created:  # an export that failed (not one whose gate failed) leaves nothing behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _prepare_output(out: Path, force: bool) -> bool:
+    """Empty ``out`` (refusing a non-empty one without ``force``); True if this export created it."""
     if out.exists() and any(out.iterdir()):
-        if not opts.force:
+        if not force:
             raise FileExistsError(f"{out} is not empty; pass --force to overwrite it")
         shutil.rmtree(out)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
+    return created
 
-    ckpt = load_checkpoint(opts.checkpoint)
-    pre = Preprocessor(ckpt.preprocessing)
-    h, w = pre.input_size
-    timings["load_checkpoint"] = time.perf_counter() - t0
 
-    images = (
-        parity.directory_image_bytes(opts.calibration_dir, opts.max_images)
-        if opts.calibration_dir
-        else parity.default_image_bytes(opts.max_images)
-    )
-    pixels = parity.preprocess_images(images, pre)  # (N, 3, H, W) through the serving path
-    t = time.perf_counter()
-    reference = parity.reference_logits(ckpt.model, pixels)
-    timings["reference_fp32"] = time.perf_counter() - t
-    log.info("reference: FP32 PyTorch on %d images", len(pixels))
-
-    t = time.perf_counter()
-    fp32_path = export_fp32(ckpt.model, out / "model.fp32.onnx", (h, w), opts.max_batch)
-    timings["export_onnx_fp32"] = time.perf_counter() - t
-    t = time.perf_counter()
-    fp16_path = convert_fp16(fp32_path, out / "model.fp16.onnx")
-    timings["convert_fp16"] = time.perf_counter() - t
-    inputs, outputs = _io_specs(h, w, len(ckpt.labels))
-
-    def entry(path: Path, fmt: str, precision: str, device: str, **kw) -> EngineFile:
-        return EngineFile(
-            file=str(path.relative_to(out)),
-            format=fmt,
-            precision=precision,
-            device=device,
-            inputs=inputs,
-            outputs=outputs,
-            min_batch=1,
-            opt_batch=min(opts.opt_batch, opts.max_batch),
-            max_batch=opts.max_batch,
-            sha256=sha256_file(path),
-            **kw,
-        )
-
-    # A manifest of everything built so far; engines are loaded through the service's own loader.
-    draft = Manifest(
-        model=ModelInfo(
-            name=opts.name or ckpt.name,
-            version=opts.version,
-            architecture=ckpt.architecture,
-            num_parameters=sum(p.numel() for p in ckpt.model.parameters()),
-        ),
-        labels=ckpt.labels,
-        preprocessing=ckpt.preprocessing,
-        temperature=ckpt.temperature,
-        engines=[entry(fp16_path, "onnx", "fp16", "cuda")],
-        source=SourceInfo(checkpoint=opts.checkpoint, sha256=ckpt.source_sha256),
-        versions=_versions(),
-    )
-    reports: dict[str, ParityReport] = {}
-    built: dict[str, Engine] = {}
-
-    def gate(kind: str, e: EngineFile) -> EngineFile:
-        t = time.perf_counter()
-        engine = built[e.file] = build_engine(kind, Artifact(out, draft), e)
-        report = parity.check_engine(
-            engine, pixels, reference, temperature=ckpt.temperature, thresholds=opts.thresholds[e.precision]
-        )
-        timings[f"parity_{e.file}"] = time.perf_counter() - t
-        reports[f"{e.file} ({kind})"] = report
-        return e.model_copy(update={"parity": report})
-
+def _export(opts: ExportOptions, out: Path) -> ExportResult:
+    x = _Export(opts, out)
+    x.load()
+    fp32, fp16 = x.to_onnx()
     # The FP16 graph is meant for CUDA, but ORT's CPU EP runs it too: its gate runs here, on any machine.
-    fp16_entry = gate("onnxruntime-cpu", draft.engines[0])
-
-    # CPU engine: measure each candidate, ship the fastest one that passes the gate, delete the others.
-    cpu_entries: dict[str, EngineFile] = {}
-    cpu_timing: dict[str, dict] = {}
-    for precision in opts.cpu_candidates:
-        if precision == "fp32":
-            path = fp32_path
-        elif precision == "int8":
-            t = time.perf_counter()
-            path = quantize_int8(fp32_path, out / "model.int8.onnx")
-            timings["quantize_int8"] = time.perf_counter() - t
-        else:
-            raise ValueError(f"unknown CPU candidate precision {precision!r} (fp32, int8)")
-        e = gate("onnxruntime-cpu", entry(path, "onnx", precision, "cpu"))
-        secs = time_engine(built[e.file], (h, w), opts.cpu_bench_batch)
-        cpu_timing[precision] = {
-            "seconds_per_batch": secs,
-            "images_per_s": opts.cpu_bench_batch / secs,
-            "batch": opts.cpu_bench_batch,
-            "passed_gate": e.parity.passed,
-        }
-        cpu_entries[precision] = e
-    passing = [p for p in cpu_entries if cpu_entries[p].parity.passed]
-    chosen = min(passing or list(cpu_entries), key=lambda p: cpu_timing[p]["seconds_per_batch"])
-    for p, e in cpu_entries.items():
-        if p != chosen:
-            (out / e.file).unlink()
-    engines = [fp16_entry, cpu_entries[chosen]]
-    export_report: dict = {
-        "cpu_engine": {"chosen": chosen, "candidates": cpu_timing, "rule": "fastest candidate that passes the gate"}
-    }
-
+    engines = [x.gate("onnxruntime-cpu", x.entry(fp16, "onnx", "fp16", "cuda"))[0]]
+    cpu_entry, cpu_report = x.choose_cpu_engine(fp32)
+    engines.append(cpu_entry)
     if opts.include_pytorch:
-        weights_dir = out / "pytorch"
-        ckpt.model.model.save_pretrained(weights_dir, safe_serialization=True)
-        # With the image-processor config beside the weights, the folder is a complete HF checkpoint
-        # (transformers' pipeline() loads it as-is; the naive-service benchmark peer does exactly that).
-        if ckpt.preprocessing_source is not None:
-            shutil.copy(ckpt.preprocessing_source, weights_dir / "preprocessor_config.json")
-        engines.append(gate("pytorch-cpu", entry(weights_dir / "model.safetensors", "safetensors", "fp32", "any")))
-
+        engines.append(x.pytorch_weights())
     if opts.tensorrt:
-        from export.tensorrt_build import build_plan
-
-        t = time.perf_counter()
-        plan = out / "model.fp16.plan"
-        facts = build_plan(
-            fp16_path,
-            plan,
-            input_name=INPUT_NAME,
-            input_size=(h, w),
-            min_batch=1,
-            opt_batch=min(opts.opt_batch, opts.max_batch),
-            max_batch=opts.max_batch,
-            timing_cache=out / "tensorrt.timing.cache",
-        )
-        timings["build_tensorrt"] = time.perf_counter() - t
-        draft = draft.model_copy(update={"engines": draft.engines + [entry(plan, "tensorrt", "fp16", "cuda", build=facts)]})
-        engines.append(gate("tensorrt", draft.engines[-1]))
-
-    timings["total"] = time.perf_counter() - t0
-    export_report["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
-    export_report["parity_images"] = {"count": len(images), "source": str(opts.calibration_dir or "scikit-image photographs")}
-    manifest = draft.model_copy(update={"engines": engines, "export_report": export_report})
+        engines.append(x.tensorrt_plan(fp16))
+    golden = x.golden_set()
+    x.timings["total"] = time.perf_counter() - x.t0
+    report = {
+        "cpu_engine": cpu_report,
+        "timings_s": {k: round(v, 3) for k, v in x.timings.items()},
+        "parity_images": {"count": len(x.images), "source": x._image_source(), "calibration": len(x.calibration)},
+    }
+    manifest = x.manifest(engines, golden, report)
     write_manifest(out, manifest)
     passed = all(e.parity is None or e.parity.passed for e in engines)
     report_path = out / "parity_report.json"
     report_path.write_text(
-        json.dumps(
-            {"passed": passed, "engines": {k: r.model_dump() for k, r in reports.items()}, **export_report}, indent=2
-        )
-        + "\n"
+        json.dumps({"passed": passed, "engines": {k: r.model_dump() for k, r in x.reports.items()}, **report}, indent=2) + "\n"
     )
-    return ExportResult(manifest=manifest, reports=reports, passed=passed, report_path=report_path, timings_s=timings)
+    return ExportResult(manifest=manifest, reports=x.reports, passed=passed, report_path=report_path, timings_s=x.timings)
 
 
-def time_engine(engine: Engine, input_size: tuple[int, int], batch: int, repeats: int = 5) -> float:
-    """Median seconds per batch through the engine exactly as the service calls it, after one warmup."""
-    x = np.random.default_rng(0).standard_normal((batch, 3, *input_size)).astype(np.float32)
-    engine.run(x)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def speed_curve(engine: Engine, pixels: np.ndarray, max_batch: int, min_seconds: float = 0.5) -> SpeedCurve:
+    """Images/s by batch size through the engine exactly as the service calls it (real preprocessed images, cycled),
+    after one warm-up call per size: the median of at least 3 calls spanning ``min_seconds``."""
+    rates: dict[int, float] = {}
+    for b in sorted({min(b, max_batch) for b in SPEED_BATCHES}):
+        x = pixels[np.arange(b) % len(pixels)]
         engine.run(x)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+        times: list[float] = []
+        start = time.perf_counter()
+        while len(times) < 3 or time.perf_counter() - start < min_seconds:
+            t = time.perf_counter()
+            engine.run(x)
+            times.append(time.perf_counter() - t)
+        rates[b] = round(b / float(np.median(times)), 3)
+    best = max(rates, key=rates.get)
+    return SpeedCurve(images_per_s=rates, best_batch=best, measured_on=hardware.describe(engine.device))
 
 
 def parse_threshold_overrides(items: list[str]) -> dict[str, ParityThresholds]:
@@ -281,12 +358,8 @@ def parse_threshold_overrides(items: list[str]) -> dict[str, ParityThresholds]:
 
 def summarize_cpu_choice(report: dict) -> str:
     c = report["cpu_engine"]
-    parts = [
-        f"{p}: {v['images_per_s']:.1f} img/s at batch {v['batch']}{'' if v['passed_gate'] else ' (failed gate)'}"
-        for p, v in c["candidates"].items()
-    ]
-    ratio = ""
-    cands = c["candidates"]
-    if "fp32" in cands and "int8" in cands:
-        ratio = f"; int8/fp32 speed = {cands['int8']['images_per_s'] / cands['fp32']['images_per_s']:.2f}x"
-    return f"CPU engine: {c['chosen']} ({', '.join(parts)}{ratio})"
+    parts = []
+    for name, v in c["candidates"].items():
+        curve = ", ".join(f"b{b} {r:.1f}" for b, r in v["images_per_s"].items())
+        parts.append(f"  {name:<13} {'PASS' if v['passed_gate'] else 'FAIL'}  img/s: {curve} (best batch {v['best_batch']})")
+    return f"CPU engine: {c['chosen']} ({c['rule']}; on {c['measured_on'].get('cpu', '?')})\n" + "\n".join(parts)

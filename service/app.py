@@ -7,8 +7,14 @@ bucket → batcher started → ready. One worker per GPU; the batcher lives in t
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
+import os
 import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
 
 import bentoml
 
@@ -16,6 +22,30 @@ from service.settings import Settings
 
 log = logging.getLogger("vitserve.service")
 _settings = Settings()  # read once at import: the decorator below needs the timeout
+REFUSAL_FILE_ENV = "VITSERVE_REFUSAL_FILE"
+
+
+def _exit_2_if_a_worker_refused() -> None:
+    """Main process, at exit: a worker that refused to serve (see VitServe.__init__) makes `bentoml serve` (and so
+    `vitserve serve`) exit 2 with its reason, instead of 0."""
+    path = os.environ.get(REFUSAL_FILE_ENV)
+    if path and Path(path).is_file() and (reason := Path(path).read_text().strip()):
+        print(f"vitserve: refusing to serve: {reason}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(2)
+
+
+def _refuse_to_serve(reason: str) -> None:
+    """Worker: a startup failure no restart can fix (the artifact, or no engine that passes its check here). Record
+    it, stop the whole server, and wait to be stopped: raising instead would make the process supervisor restart
+    this worker forever outside a container (BentoML respawns workers there)."""
+    log.error("refusing to serve: %s", reason)
+    if path := os.environ.get(REFUSAL_FILE_ENV):
+        Path(path).write_text(reason + "\n")
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the arbiter's stop must end this process at once
+    os.kill(os.getppid(), signal.SIGTERM)  # the BentoML arbiter: it stops every worker, then exits
+    time.sleep(60)
+    os._exit(2)
 
 
 def _current_classifier():
@@ -41,17 +71,24 @@ class VitServe:
     @bentoml.on_deployment
     def verify_artifact() -> None:
         """Runs once in the main process before any worker: a broken artifact stops `serve` with one clear
-        message instead of workers crashing and being restarted forever."""
+        message instead of workers crashing and being restarted forever. Workers inherit the refusal file's path."""
         from service.artifact import load_artifact
 
         load_artifact(Settings().artifact, verify=True)
+        os.environ[REFUSAL_FILE_ENV] = str(Path(tempfile.mkdtemp(prefix="vitserve-")) / "refused")
+        atexit.register(_exit_2_if_a_worker_refused)
 
     def __init__(self) -> None:
         logging.getLogger("vitserve").setLevel(logging.INFO)
+        from service.artifact import ArtifactError
         from service.classifier import Classifier
+        from service.engines import EngineRefused
 
         self.settings = Settings()
-        self.classifier = Classifier(self.settings)  # verifies, loads and warms the engine
+        try:
+            self.classifier = Classifier(self.settings)  # verifies, loads, re-checks and warms the engine
+        except (ArtifactError, EngineRefused) as e:
+            _refuse_to_serve(str(e))
 
     @bentoml.on_startup
     async def start_batcher(self) -> None:

@@ -1,8 +1,12 @@
 """The artifact contract: one manifest schema, and the only code that opens an artifact directory.
 
-An artifact is a directory holding ``manifest.json`` and the engine files it lists. Export writes it
-(``export/``); the service and the parity gate read it through :func:`load_artifact`, which checks every
-engine file's sha256 before anything is loaded, so a tampered or truncated file never reaches a runtime.
+An artifact is a directory holding ``manifest.json``, the engine files it lists and a small golden set (inputs and
+their FP32 reference logits, re-checked by the service on the machine that serves). Export writes it (``export/``);
+the service and the parity gate read it through :func:`load_artifact`, which checks every file's sha256 before
+anything is loaded, so a tampered or truncated file never reaches a runtime.
+
+Schema 2 added the golden set, each INT8 file's quantisation scheme, the speed-by-batch curve measured at export,
+and confidence bounds and hardware facts in parity reports. Schema 1 manifests still load (those fields are absent).
 """
 
 from __future__ import annotations
@@ -13,10 +17,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MANIFEST_NAME = "manifest.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+GOLDEN_NAME = "golden.safetensors"
 
 
 class ArtifactError(Exception):
@@ -60,6 +66,35 @@ class Preprocessing(_Strict):
             raise ValueError("std must be positive")
         return self
 
+    @classmethod
+    def from_hf(cls, cfg: dict, image_size: int) -> "Preprocessing":
+        """A Hugging Face image-processor config (preprocessor_config.json as a dict) → our spec. Covers
+        ViTImageProcessor (exact resize) and DeiT-style shortest-edge resize + centre crop. Export writes this into
+        the manifest and fine-tuning evaluates with it, so both read the processor the same way."""
+        resample_names = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}  # PIL's enum values
+        size = cfg.get("size", {"height": image_size, "width": image_size})
+        if isinstance(size, int):
+            size = {"shortest_edge": size}
+        crop = None
+        if cfg.get("do_center_crop") and cfg.get("crop_size"):
+            c = cfg["crop_size"]
+            crop = (c, c) if isinstance(c, int) else (c["height"], c["width"])
+        if "shortest_edge" in size:
+            mode, resize = "shortest_edge", (size["shortest_edge"], size["shortest_edge"])
+            crop = crop or (image_size, image_size)
+        else:
+            mode, resize = "exact", (size["height"], size["width"])
+        normalize = cfg.get("do_normalize", True)
+        return cls(
+            resize_mode=mode,
+            resize_size=resize,
+            center_crop=crop,
+            resample=resample_names.get(cfg.get("resample", 2), "bilinear"),
+            rescale_factor=cfg.get("rescale_factor", 1 / 255) if cfg.get("do_rescale", True) else 1.0,
+            mean=tuple(cfg.get("image_mean", (0.5, 0.5, 0.5))) if normalize else (0.0, 0.0, 0.0),
+            std=tuple(cfg.get("image_std", (0.5, 0.5, 0.5))) if normalize else (1.0, 1.0, 1.0),
+        )
+
 
 class TensorSpec(_Strict):
     name: str
@@ -82,13 +117,57 @@ class ParityReport(_Strict):
     images: int
     top1_agreement: float
     top5_overlap: float = Field(description="mean |top5(engine) ∩ top5(reference)| / 5")
+    top1_agreement_ci95: tuple[float, float] | None = Field(default=None, description="95 % Wilson interval")
+    top5_overlap_ci95: tuple[float, float] | None = Field(default=None, description="95 % Wilson interval (conservative)")
+    decided_on: Literal["point", "lower_bound", "upper_bound"] = Field(
+        default="point",
+        description="which end of the interval the agreement thresholds were applied to: export's gate must show "
+        "agreement (lower bound); the startup check refuses only what its few images refute (upper bound)",
+    )
     max_abs_logit_diff: float
     max_abs_prob_diff: float
     batch_logit_diff: float = Field(description="max |Δlogit| of each image run alone vs inside a full batch")
     batch_top5_identical: bool = Field(description="every image's top-5 is the same alone and inside a batch")
+    batch_images: int | None = Field(default=None, description="images the batch-invariance figures were measured on")
     thresholds: ParityThresholds
     passed: bool
     failures: list[str] = Field(default_factory=list, description="which thresholds were missed, and by how much")
+    hardware: dict[str, str] = Field(default_factory=dict, description="where it was measured: CPU, ISA flags, GPU")
+
+
+class QuantizationInfo(_Strict):
+    """How an INT8 file was quantised: what decides whether it may batch and whether it is exact on every CPU."""
+
+    scheme: Literal["dynamic", "static"] = Field(
+        description="dynamic: activation scales computed per call from the batch; static: calibrated constants"
+    )
+    weights: str = Field(description="e.g. 'int8, per output channel, symmetric, 7-bit range'")
+    activations: str
+    saturation_free: bool = Field(
+        description="no 16-bit intermediate can saturate on any ISA (x86 without VNNI multiplies u8 x s8 pairs into "
+        "16 bits; 7-bit weights keep every pair sum in range), so results do not depend on the CPU"
+    )
+    batch_invariant: bool = Field(description="an image's logits do not depend on its batch-mates")
+    quantized_ops: str
+    calibration: dict[str, str | int | float] | None = Field(default=None, description="static only: method, images")
+
+
+class SpeedCurve(_Strict):
+    """Throughput by batch size through the engine exactly as the service calls it, measured at export."""
+
+    images_per_s: dict[int, float]
+    best_batch: int
+    measured_on: dict[str, str] = Field(default_factory=dict)
+
+
+class GoldenSet(_Strict):
+    """A few dozen inputs and their FP32 reference logits: the service re-runs them through the engine it is about
+    to serve, on the machine that serves, before it turns ready."""
+
+    file: str = GOLDEN_NAME
+    sha256: str
+    images: int
+    source: str = Field(description="where the inputs came from (the first images of the parity set)")
 
 
 class EngineFile(_Strict):
@@ -103,7 +182,16 @@ class EngineFile(_Strict):
     max_batch: int
     sha256: str
     parity: ParityReport | None = None
+    quantization: QuantizationInfo | None = None
+    speed: SpeedCurve | None = None
     build: dict[str, str] = Field(default_factory=dict, description="builder facts, e.g. TensorRT version, GPU name")
+
+    @property
+    def batch_dependent(self) -> bool:
+        """True when the engine must run one image per call to keep clients independent (dynamic INT8)."""
+        if self.quantization is not None:
+            return not self.quantization.batch_invariant
+        return self.precision == "int8"  # schema 1: every INT8 file was dynamically quantised
 
     @field_validator("file")
     @classmethod
@@ -126,12 +214,13 @@ class SourceInfo(_Strict):
 
 
 class Manifest(_Strict):
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1, 2] = SCHEMA_VERSION
     model: ModelInfo
     labels: list[str] = Field(min_length=1, description="class names in logit index order")
     preprocessing: Preprocessing
     temperature: float = Field(default=1.0, gt=0, description="softmax temperature; 1.0 until calibrated")
     engines: list[EngineFile] = Field(min_length=1)
+    golden: GoldenSet | None = None
     source: SourceInfo
     versions: dict[str, str | None]
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
@@ -163,17 +252,34 @@ class Artifact:
         return self.root / entry.file
 
     def verify(self, entries: list[EngineFile] | None = None) -> None:
-        """Refuse any engine file whose bytes are not the ones export measured."""
+        """Refuse any engine file (and the golden set) whose bytes are not the ones export measured."""
         for entry in entries if entries is not None else self.manifest.engines:
-            p = self.path(entry)
-            if not p.is_file():
-                raise ArtifactError(f"artifact {self.root}: engine file {entry.file} is missing")
-            actual = sha256_file(p)
-            if actual != entry.sha256:
-                raise ArtifactError(
-                    f"artifact {self.root}: checksum mismatch for {entry.file} "
-                    f"(manifest {entry.sha256[:12]}…, file {actual[:12]}…); refusing to load it"
-                )
+            self._check(entry.file, entry.sha256, "engine file")
+        if entries is None and self.manifest.golden is not None:
+            self._check(self.manifest.golden.file, self.manifest.golden.sha256, "golden set")
+
+    def _check(self, file: str, sha256: str, what: str) -> None:
+        p = self.root / file
+        if not p.is_file():
+            raise ArtifactError(f"artifact {self.root}: {what} {file} is missing")
+        actual = sha256_file(p)
+        if actual != sha256:
+            raise ArtifactError(
+                f"artifact {self.root}: checksum mismatch for {file} "
+                f"(manifest {sha256[:12]}…, file {actual[:12]}…); refusing to load it"
+            )
+
+    def golden_set(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(pixels (N, H, W, 3) uint8 after resize/crop, reference logits (N, L) float32), checksum-verified; None
+        for an artifact without one (schema 1)."""
+        g = self.manifest.golden
+        if g is None:
+            return None
+        from safetensors.numpy import load_file
+
+        self._check(g.file, g.sha256, "golden set")
+        tensors = load_file(self.root / g.file)
+        return tensors["pixels"], tensors["reference_logits"]
 
 
 def read_manifest(root: Path) -> Manifest:

@@ -20,7 +20,7 @@ import numpy as np
 from service import metrics
 from service.artifact import load_artifact
 from service.batcher import Batcher
-from service.engines import load_engine
+from service.engines import select_engine
 from service.errors import EmptyRequest, InvalidParameter, NotReady, ServiceError, ShuttingDown, TooManyImages
 from service.preprocess import Preprocessor
 from service.settings import Settings
@@ -44,7 +44,12 @@ class Classifier:
         t0 = time.perf_counter()
         self.artifact = load_artifact(settings.artifact, verify=False)  # engine files are verified as loaded
         self.manifest = self.artifact.manifest
-        self.engine = load_engine(self.artifact, settings.engine, intra_op_threads=settings.intra_op_threads)
+        # Checksum, load, and re-check the golden set on this machine (auto skips an engine that fails it).
+        self.selection = select_engine(
+            self.artifact, settings.engine, intra_op_threads=settings.intra_op_threads, check=settings.startup_check
+        )
+        self.engine = self.selection.engine
+        metrics.record_engine_selection(self.selection.attempts)
         self.preprocessor = Preprocessor(self.manifest.preprocessing)
         self.max_batch_size = min(settings.max_batch_size, self.engine.max_batch_size)
         buckets = settings.batch_buckets or list(self.engine.batch_buckets)

@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-wait-ms", type=float, default=s.max_wait_ms)
     p.add_argument("--queue-capacity", type=int, default=s.queue_capacity)
     p.add_argument("--grace-period-s", type=float, default=s.grace_period_s)
+    p.add_argument("--no-startup-check", dest="startup_check", action="store_false", default=s.startup_check,
+                   help="skip re-checking the golden set through the engine on this machine before readiness")
     return p
 
 
@@ -52,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         "VITSERVE_MAX_WAIT_MS": str(args.max_wait_ms),
         "VITSERVE_QUEUE_CAPACITY": str(args.queue_capacity),
         "VITSERVE_GRACE_PERIOD_S": str(args.grace_period_s),
+        "VITSERVE_STARTUP_CHECK": str(args.startup_check).lower(),
         "BENTOML_DO_NOT_TRACK": os.environ.get("BENTOML_DO_NOT_TRACK", "True"),
     }
     cmd = [

@@ -194,6 +194,8 @@ def create_app(get_classifier: Callable[[], Classifier]) -> FastAPI:
             "temperature": m.temperature,
             "preprocessing": m.preprocessing.model_dump(),
             "engine": clf.engine.describe(),
+            # Every engine tried, in order, with its startup-check figures on this machine (skipped ones too).
+            "engine_selection": [a.summary() for a in clf.selection.attempts],
             "limits": {
                 "max_batch_size": clf.max_batch_size,
                 "max_images_per_request": s.max_images_per_request,

@@ -45,6 +45,23 @@ ENGINE_INFO = Gauge(
     ["engine", "device", "precision", "model", "version"], multiprocess_mode="max",
 )
 READY = Gauge("vitserve_ready", "1 when warmed up and accepting work", multiprocess_mode="max")
+STARTUP_CHECK_PASSED = Gauge(
+    "vitserve_startup_check_passed",
+    "Golden-set check on this machine at startup: 1 passed (served), 0 failed (skipped); per engine tried",
+    ["engine"], multiprocess_mode="max",
+)
+STARTUP_CHECK_LOGIT_DIFF = Gauge(
+    "vitserve_startup_check_max_abs_logit_diff", "Max |Δlogit| against the FP32 reference on the golden set at startup",
+    ["engine"], multiprocess_mode="max",
+)
+
+
+def record_engine_selection(attempts) -> None:
+    """Each engine the startup check ran on, passed or skipped (service.engines.Attempt)."""
+    for a in attempts:
+        if a.startup_check is not None:
+            STARTUP_CHECK_PASSED.labels(engine=a.engine).set(1 if a.startup_check.passed else 0)
+            STARTUP_CHECK_LOGIT_DIFF.labels(engine=a.engine).set(a.startup_check.max_abs_logit_diff)
 
 
 class PrometheusBatcherHooks(BatcherHooks):

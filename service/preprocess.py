@@ -125,12 +125,31 @@ class Preprocessor:
             img = img.crop((left, top, left + cw, top + ch))  # pads with black where the crop exceeds
         return img
 
-    def __call__(self, img: Image.Image) -> np.ndarray:
-        """RGB image → (3, H, W) float32."""
-        img = self.resize_and_crop(img)
-        hwc = np.asarray(img, dtype=np.uint8)  # (H, W, 3)
-        chw = hwc.transpose(2, 0, 1).astype(np.float32)  # (3, H, W)
+    @property
+    def scale(self) -> np.ndarray:
+        """(3, 1, 1) float32: the model input is ``uint8 pixel * scale + offset`` (training folds it the same way)."""
+        return self._scale
+
+    @property
+    def offset(self) -> np.ndarray:
+        return self._offset
+
+    def to_uint8(self, img: Image.Image) -> np.ndarray:
+        """RGB image → resized/cropped (H, W, 3) uint8: every pixel decision made, before normalisation."""
+        return np.asarray(self.resize_and_crop(img), dtype=np.uint8)
+
+    def normalize(self, hwc: np.ndarray) -> np.ndarray:
+        """(..., H, W, 3) uint8 → (..., 3, H, W) float32 model input."""
+        chw = np.moveaxis(hwc, -1, -3).astype(np.float32)
         return chw * self._scale + self._offset
 
+    def __call__(self, img: Image.Image) -> np.ndarray:
+        """RGB image → (3, H, W) float32."""
+        return self.normalize(self.to_uint8(img))
+
+    def decode_uint8(self, data: bytes, *, max_pixels: int, index: int = 0) -> np.ndarray:
+        """Bytes → (H, W, 3) uint8 exactly as served, before normalisation (training's data loader stops here)."""
+        return self.to_uint8(decode_image(data, max_pixels=max_pixels, target_size=self.input_size, index=index))
+
     def from_bytes(self, data: bytes, *, max_pixels: int, index: int = 0) -> np.ndarray:
-        return self(decode_image(data, max_pixels=max_pixels, target_size=self.input_size, index=index))
+        return self.normalize(self.decode_uint8(data, max_pixels=max_pixels, index=index))

@@ -18,6 +18,9 @@ class Settings(BaseSettings):
 
     artifact: Path = Field(DEMO_ARTIFACT, description="artifact directory to serve (default: the embedded demo model)")
     engine: EngineChoice = Field("auto", description="engine to run; auto picks the best one for this machine")
+    startup_check: bool = Field(
+        True, description="re-check the artifact's golden set through the engine on this machine before readiness"
+    )
     max_batch_size: int = Field(32, ge=1, description="largest batch the batcher forms (capped by the engine's)")
     max_wait_ms: float = Field(5.0, ge=0, description="how long the oldest queued image may wait for a fuller batch")
     queue_capacity: int = Field(256, ge=1, description="images that may wait in the queue; beyond it requests get 429")

@@ -58,10 +58,16 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-vit")
 
 
+# The fewest parity images with which a perfect result can pass the 0.99 agreement gates (service.parity.images_needed
+# gives 380): small exports in tests use this many.
+GATE_IMAGES = "400"
+
+
 @pytest.fixture(scope="session")
 def tiny_artifact(tiny_checkpoint, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("artifact") / "tiny"
-    proc = run_cli("export", str(tiny_checkpoint), "--output", str(out), "--max-images", "48", "--max-batch", "16")
+    proc = run_cli("export", str(tiny_checkpoint), "--output", str(out), "--max-images", GATE_IMAGES,
+                   "--calibration-images", "64", "--max-batch", "16")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out
 
@@ -74,23 +80,17 @@ def photo_bytes() -> list[tuple[str, bytes]]:
     return default_image_bytes(24)
 
 
-def _cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
-
-
 def pytest_collection_modifyitems(config, items):
     import importlib.util
 
+    from service.engines import cuda_available
+
     no_gpu = pytest.mark.skip(reason="needs a CUDA GPU; none is visible (torch.cuda.is_available() is false)")
     no_trt = pytest.mark.skip(reason="needs the tensorrt package and a CUDA GPU")
-    have_trt = importlib.util.find_spec("tensorrt") is not None and _cuda()
+    cuda = cuda_available()
+    have_trt = importlib.util.find_spec("tensorrt") is not None and cuda
     for item in items:
-        if "gpu" in item.keywords and not _cuda():
+        if "gpu" in item.keywords and not cuda:
             item.add_marker(no_gpu)
         if "tensorrt" in item.keywords and not have_trt:
             item.add_marker(no_trt)

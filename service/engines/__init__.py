@@ -1,16 +1,25 @@
-"""Engine selection: which runtime serves this artifact on this machine.
+"""Engine selection: which runtime serves this artifact on this machine, and proof that it answers like the model here.
 
-``auto`` prefers, on a CUDA GPU: a native TensorRT plan built for this GPU, then ONNX Runtime's
-TensorRT/CUDA EPs on the FP16 ONNX, then PyTorch FP16; on CPU: the CPU ONNX file export chose (FP32 or
-INT8, whichever was faster and passed the gate), then PyTorch FP32.
+``auto`` prefers, on a CUDA GPU: a native TensorRT plan built for this GPU, then ONNX Runtime's TensorRT/CUDA EPs on
+the FP16 ONNX, then PyTorch FP16; on CPU: the CPU ONNX file export chose (the fastest of FP32 and the INT8 schemes
+that passed the gate), then PyTorch FP32.
+
+Each candidate is checksum-verified, loaded, and then re-checked *here*: the artifact's golden set goes through it
+and is compared with its FP32 reference logits by ``service.parity.check_engine``, the function export's gate uses,
+with the thresholds the file passed at export. INT8 kernels differ by CPU and TensorRT plans by GPU, so a file that
+passed where it was exported can still disagree where it is served. ``auto`` skips such an engine (and logs its
+figures); an explicitly chosen one refuses to start.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
-from service.artifact import Artifact, EngineFile
+from service import hardware
+from service.artifact import Artifact, EngineFile, ParityReport
 from service.engines.base import Engine
 
 log = logging.getLogger("vitserve.engines")
@@ -21,7 +30,12 @@ EngineChoice = Literal[
 ENGINE_CHOICES: tuple[str, ...] = EngineChoice.__args__  # type: ignore[attr-defined]
 
 
+class EngineRefused(RuntimeError):
+    """No engine may serve: the chosen one (or, under auto, every one) is unusable or failed the startup check."""
+
+
 def cuda_available() -> bool:
+    """The one CUDA check in vitserve (tests, benchmarks and export ask this too)."""
     try:
         import torch
 
@@ -36,7 +50,8 @@ def _importable(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def _ort_has(provider: str) -> bool:
+def ort_has(provider: str) -> bool:
+    """Whether this ONNX Runtime build offers ``provider`` (e.g. "CUDAExecutionProvider")."""
     from service.engines.onnxruntime_engine import available_providers
 
     return provider in available_providers()
@@ -61,16 +76,18 @@ def candidates(artifact: Artifact, choice: str, cuda: bool | None = None) -> lis
     if choice != "auto":
         entry = table.get(choice)
         if entry is None:
-            raise ValueError(f"engine {choice!r} needs a file the artifact {artifact.root} does not have")
+            raise EngineRefused(f"engine {choice!r} needs a file the artifact {artifact.root} does not have")
         if not _passed(entry):
-            raise ValueError(f"{entry.file} failed its parity gate at export ({'; '.join(entry.parity.failures)}); refusing to serve it")
+            raise EngineRefused(
+                f"{entry.file} failed its parity gate at export ({'; '.join(entry.parity.failures)}); refusing to serve it"
+            )
         return [(choice, entry)]
     order = ["tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda", "pytorch-cuda"] if cuda else []
     order += ["onnxruntime-cpu", "pytorch-cpu"]
     usable = {
         "tensorrt": lambda: _importable("tensorrt"),
-        "onnxruntime-tensorrt": lambda: _ort_has("TensorrtExecutionProvider"),
-        "onnxruntime-cuda": lambda: _ort_has("CUDAExecutionProvider"),
+        "onnxruntime-tensorrt": lambda: ort_has("TensorrtExecutionProvider"),
+        "onnxruntime-cuda": lambda: ort_has("CUDAExecutionProvider"),
         "pytorch-cuda": lambda: True,
         "onnxruntime-cpu": lambda: True,
         "pytorch-cpu": lambda: True,
@@ -83,46 +100,141 @@ def _passed(entry: EngineFile) -> bool:
     return entry.parity is None or entry.parity.passed
 
 
-def build_engine(kind: str, artifact: Artifact, entry: EngineFile, *, intra_op_threads: int = 0) -> Engine:
-    size = artifact.manifest.preprocessing.input_size
-    path = artifact.path(entry)
+def build_engine(
+    kind: str,
+    path: Path,
+    entry: EngineFile,
+    input_size: tuple[int, int],
+    *,
+    intra_op_threads: int = 0,
+    trt_cache_dir: Path | None = None,
+) -> Engine:
+    """Load one engine file as ``kind``. Plain arguments: export builds engines before any manifest exists."""
     if kind.startswith("onnxruntime-"):
         from service.engines.onnxruntime_engine import OnnxRuntimeEngine
 
         provider = kind.removeprefix("onnxruntime-")
         return OnnxRuntimeEngine(
-            path, entry, size, provider=provider, intra_op_threads=intra_op_threads, trt_cache_dir=artifact.root / "trt_cache"
+            path, entry, input_size, provider=provider, intra_op_threads=intra_op_threads, trt_cache_dir=trt_cache_dir
         )
     if kind == "tensorrt":
         from service.engines.tensorrt_engine import TensorRTEngine
 
-        return TensorRTEngine(path, entry, size)
+        return TensorRTEngine(path, entry, input_size)
     if kind in ("pytorch-cuda", "pytorch-cpu"):
         from service.engines.torch_engine import TorchEngine
 
         device = kind.removeprefix("pytorch-")
-        return TorchEngine(path, entry, size, device=device, precision="fp16" if device == "cuda" else "fp32")
+        return TorchEngine(path, entry, input_size, device=device, precision="fp16" if device == "cuda" else "fp32")
     raise ValueError(f"unknown engine {kind!r}; choose one of {', '.join(ENGINE_CHOICES)}")
 
 
-def load_engine(artifact: Artifact, choice: str = "auto", *, intra_op_threads: int = 0) -> Engine:
-    """Verify the chosen file's checksum, then load it. ``auto`` falls through failures to the next candidate."""
+def open_engine(kind: str, artifact: Artifact, entry: EngineFile, *, intra_op_threads: int = 0) -> Engine:
+    """:func:`build_engine` for a file of an artifact on disk."""
+    return build_engine(
+        kind, artifact.path(entry), entry, artifact.manifest.preprocessing.input_size,
+        intra_op_threads=intra_op_threads, trt_cache_dir=artifact.root / "trt_cache",
+    )  # fmt: skip
+
+
+def startup_check(engine: Engine, artifact: Artifact) -> ParityReport | None:
+    """The artifact's golden set through ``engine`` on this machine, judged like export's gate judged the file
+    (agreement by its 95 % upper bound: a few dozen images can refute agreement, not prove it). None without one."""
+    from service.parity import DEFAULT_THRESHOLDS, check_engine
+    from service.preprocess import Preprocessor
+
+    golden = artifact.golden_set()
+    if golden is None:
+        return None
+    pixels, reference = golden
+    entry, precision = engine.entry, engine.describe()["precision"]
+    # The thresholds this file passed at export, when it computes at the precision it was gated at (PyTorch on
+    # CUDA runs the FP32 weights in FP16, so it is held to FP16's).
+    same = entry.parity is not None and precision == entry.precision
+    thresholds = entry.parity.thresholds if same else DEFAULT_THRESHOLDS[precision]
+    x = Preprocessor(artifact.manifest.preprocessing).normalize(pixels)
+    return check_engine(
+        engine, x, reference, temperature=artifact.manifest.temperature, thresholds=thresholds,
+        decide_on="upper_bound", hardware=hardware.describe(engine.device),
+    )  # fmt: skip
+
+
+@dataclass
+class Attempt:
+    """One candidate engine and what became of it, for logs and /info."""
+
+    engine: str
+    file: str
+    outcome: Literal["selected", "skipped", "unavailable"]
+    reason: str = ""
+    startup_check: ParityReport | None = field(default=None, repr=False)
+
+    def summary(self) -> dict:
+        out = {"engine": self.engine, "file": self.file, "outcome": self.outcome, "reason": self.reason}
+        if self.startup_check is not None:
+            r = self.startup_check
+            out["startup_check"] = {
+                "passed": r.passed, "images": r.images, "top1_agreement": r.top1_agreement,
+                "max_abs_logit_diff": r.max_abs_logit_diff, "max_abs_prob_diff": r.max_abs_prob_diff,
+                "batch_logit_diff": r.batch_logit_diff, "failures": r.failures, "hardware": r.hardware,
+            }  # fmt: skip
+        return out
+
+
+@dataclass
+class Selection:
+    engine: Engine
+    attempts: list[Attempt]
+
+    @property
+    def startup_check(self) -> ParityReport | None:
+        return self.attempts[-1].startup_check
+
+
+def _figures(r: ParityReport) -> str:
+    return (
+        f"{r.images} golden images: top-1 agreement {r.top1_agreement:.4f}, max |Δlogit| {r.max_abs_logit_diff:.4g}, "
+        f"max |Δprob| {r.max_abs_prob_diff:.4g}, batch |Δlogit| {r.batch_logit_diff:.3g}; " + "; ".join(r.failures)
+    )
+
+
+def select_engine(
+    artifact: Artifact, choice: str = "auto", *, intra_op_threads: int = 0, check: bool = True
+) -> Selection:
+    """Verify, load and (``check``) re-check on this machine; ``auto`` falls through to the next candidate."""
     if choice not in ENGINE_CHOICES:
         raise ValueError(f"unknown engine {choice!r}; choose one of {', '.join(ENGINE_CHOICES)}")
     options = candidates(artifact, choice)
     if not options:
-        raise RuntimeError(f"no engine in {artifact.root} can run on this machine")
-    errors = []
+        raise EngineRefused(f"no engine in {artifact.root} can run on this machine")
+    attempts: list[Attempt] = []
     for kind, entry in options:
         artifact.verify([entry])  # a checksum failure is fatal, never a reason to fall through
         try:
-            engine = build_engine(kind, artifact, entry, intra_op_threads=intra_op_threads)
+            engine = open_engine(kind, artifact, entry, intra_op_threads=intra_op_threads)
         except Exception as e:  # noqa: BLE001 - try the next candidate, report all at the end
             if choice != "auto":
-                raise
+                raise EngineRefused(f"engine {kind} ({entry.file}) could not be loaded: {e}") from e
             log.warning("engine %s unavailable: %s", kind, e)
-            errors.append(f"{kind}: {e}")
+            attempts.append(Attempt(kind, entry.file, "unavailable", str(e)))
             continue
+        report = startup_check(engine, artifact) if check else None
+        if report is not None and not report.passed:
+            why = f"startup check failed on this machine ({report.hardware.get('isa') or report.hardware.get('gpu', '')}): {_figures(report)}"
+            if choice != "auto":
+                raise EngineRefused(f"engine {engine.name} ({entry.file}) refused: {why}")
+            log.warning("engine %s skipped: %s", engine.name, why)
+            attempts.append(Attempt(engine.name, entry.file, "skipped", why, report))
+            continue
+        reason = "passed the startup check" if report is not None else ("startup check off" if not check else "no golden set in the artifact")
+        attempts.append(Attempt(engine.name, entry.file, "selected", reason, report))
+        if report is not None:
+            log.info("engine %s passed the startup check: %s", engine.name, _figures(report).rstrip("; "))
         log.info("engine selected: %s (%s)", engine.name, engine.describe())
-        return engine
-    raise RuntimeError("no engine could be loaded: " + "; ".join(errors))
+        return Selection(engine, attempts)
+    raise EngineRefused("no engine may serve: " + " | ".join(f"{a.engine}: {a.reason}" for a in attempts))
+
+
+def load_engine(artifact: Artifact, choice: str = "auto", *, intra_op_threads: int = 0, check: bool = True) -> Engine:
+    """The engine :func:`select_engine` picks."""
+    return select_engine(artifact, choice, intra_op_threads=intra_op_threads, check=check).engine

@@ -53,16 +53,15 @@ class OnnxRuntimeEngine(Engine):
         self._session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         self._input = entry.inputs[0].name
         self._output = entry.outputs[0].name
-        self.input_size = input_size
-        self.max_batch_size = entry.max_batch
-        self.name = f"onnxruntime-{provider}-{entry.precision}"
-        self._entry = entry
-        self._provider = provider
-        # Dynamic INT8 quantises activations with one scale per *tensor*, computed at run time over the
-        # whole batch, so an image's logits would depend on its batch-mates. One image per call keeps
-        # every client's answer independent of the others; on CPU a ViT's GEMMs are large at batch 1
-        # anyway (197 tokens × hidden), so little throughput is lost.
-        self.per_image = entry.precision == "int8"
+        scheme = f"-{entry.quantization.scheme}" if entry.quantization is not None else ""
+        super().__init__(
+            entry, input_size, name=f"onnxruntime-{provider}-{entry.precision}{scheme}",
+            device="cpu" if provider == "cpu" else "cuda", runtime=f"onnxruntime-{ort.__version__}",
+        )  # fmt: skip
+        # Dynamic INT8 quantises activations with one scale per *tensor*, computed at run time over the whole batch,
+        # so an image's logits would depend on its batch-mates. One image per call keeps every client's answer
+        # independent of the others. Static INT8 (calibrated constant scales), FP32 and FP16 batch freely.
+        self.per_image = entry.batch_dependent
 
     def run(self, pixels: np.ndarray) -> np.ndarray:
         if self.per_image and len(pixels) > 1:
@@ -74,11 +73,4 @@ class OnnxRuntimeEngine(Engine):
         return logits.astype(np.float32, copy=False)
 
     def describe(self) -> dict[str, str]:
-        return {
-            "engine": self.name,
-            "runtime": "onnxruntime",
-            "device": "cpu" if self._provider == "cpu" else "cuda",
-            "precision": self._entry.precision,
-            "file": self._entry.file,
-            "providers": ",".join(self._session.get_providers()),
-        }
+        return {**super().describe(), "providers": ",".join(self._session.get_providers()), "per_image": str(self.per_image).lower()}

@@ -37,10 +37,7 @@ class TensorRTEngine(Engine):
         self._input = entry.inputs[0].name
         self._output = entry.outputs[0].name
         self._stream = torch.cuda.Stream()
-        self.input_size = input_size
-        self.max_batch_size = entry.max_batch
-        self.name = f"tensorrt-cuda-{entry.precision}"
-        self._entry = entry
+        super().__init__(entry, input_size, name=f"tensorrt-cuda-{entry.precision}", device="cuda", runtime=f"tensorrt-{trt.__version__}")
 
     def run(self, pixels: np.ndarray) -> np.ndarray:
         torch = self._torch
@@ -57,12 +54,3 @@ class TensorRTEngine(Engine):
                 raise RuntimeError("TensorRT execute_async_v3 failed")
         self._stream.synchronize()
         return y[:batch].cpu().numpy()
-
-    def describe(self) -> dict[str, str]:
-        return {
-            "engine": self.name,
-            "runtime": f"tensorrt-{self._trt.__version__}",
-            "device": "cuda",
-            "precision": self._entry.precision,
-            "file": self._entry.file,
-        }

@@ -25,26 +25,16 @@ class TorchEngine(Engine):
             Path(weights).parent, use_safetensors=True, dtype=dtype, attn_implementation="sdpa"
         )
         self._model = model.to(device).eval()
-        self._device = device
         self._dtype = dtype
-        self.input_size = input_size
-        self.max_batch_size = entry.max_batch
-        self.name = f"pytorch-{device}-{precision}"
-        self._entry = entry
         self._precision = precision
+        super().__init__(entry, input_size, name=f"pytorch-{device}-{precision}", device=device, runtime=f"torch-{torch.__version__}")
 
     def run(self, pixels: np.ndarray) -> np.ndarray:
         torch = self._torch
         with torch.inference_mode():
-            x = torch.from_numpy(pixels).to(self._device, non_blocking=True).to(self._dtype)
+            x = torch.from_numpy(pixels).to(self.device, non_blocking=True).to(self._dtype)
             logits = self._model(pixel_values=x).logits
             return logits.float().cpu().numpy()
 
     def describe(self) -> dict[str, str]:
-        return {
-            "engine": self.name,
-            "runtime": f"torch-{self._torch.__version__}",
-            "device": self._device,
-            "precision": self._precision,
-            "file": self._entry.file,
-        }
+        return {**super().describe(), "precision": self._precision}  # the file is FP32; it computes in this
