@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: serve test install data demo-model bench bento clean
+.PHONY: serve test install data demo-model demo-artifact bench bento clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,12 +17,14 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
-# Real data for the fine-tune tests and the demo model: Debian's dataset-fashion-mnist (MIT licensed).
+# Debian packages the tests use: real data for the fine-tune tests and the demo model (dataset-fashion-mnist, MIT
+# licensed), and qemu-user, whose qemu-x86_64 runs the INT8 engines on an emulated AVX2 CPU (tests/test_int8.py).
+APT_TEST_PACKAGES := dataset-fashion-mnist qemu-user
 data:
-	@if [ ! -f $(FASHION_MNIST) ]; then \
+	@if [ ! -f $(FASHION_MNIST) ] || ! command -v qemu-x86_64 >/dev/null; then \
 	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
-	  else echo "note: install Debian's dataset-fashion-mnist for the Fashion-MNIST tests (they skip without it)"; fi; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_TEST_PACKAGES) >/dev/null; \
+	  else echo "note: install Debian's $(APT_TEST_PACKAGES) for the Fashion-MNIST and cross-CPU tests (they skip without them)"; fi; \
 	fi
 
 serve: install
@@ -39,7 +41,15 @@ demo-model: install data
 	$(BIN)/torchrun --nproc-per-node 2 -m finetune --train-dir data/fashion-mnist/train --test-dir data/fashion-mnist/test \
 	  --val-split 0.05 --base data/demo-base --output runs/demo --epochs 12 --batch-size 32 --lr 1.5e-3 --augment none --num-workers 0
 	$(BIN)/vitserve export runs/demo/checkpoint --output service/demo_artifact --force --name fashion-mnist-vit \
-	  --calibration-dir data/fashion-mnist/test --max-images 500 --max-batch 64
+	  --calibration-dir data/fashion-mnist/test --max-images 1024 --max-batch 64
+
+# Re-export the committed demo model without retraining: its pytorch/ folder is a complete checkpoint (weights,
+# configs, vitserve_calibration.json), copied out first because --force empties the output folder.
+demo-artifact: install data
+	$(BIN)/python -m finetune.fashion_mnist --out data/fashion-mnist
+	rm -rf runs/demo-checkpoint && mkdir -p runs && cp -r service/demo_artifact/pytorch runs/demo-checkpoint
+	$(BIN)/vitserve export runs/demo-checkpoint --output service/demo_artifact --force --name fashion-mnist-vit \
+	  --calibration-dir data/fashion-mnist/test --max-images 1024 --max-batch 64
 
 # The CPU comparison table in the README: our service vs the raw engine, BentoML's batchable idiom and a naive
 # pipeline() service, same model (ViT-S/16, random weights), same machine, one run (~6 min on 2 quiet cores).

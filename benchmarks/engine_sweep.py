@@ -8,7 +8,7 @@ Variants are built in a temporary directory with the export code (``export.onnx_
 service's own engine classes where one exists (so INT8's one-image-per-call rule and host↔device copies are
 measured as served):
 
-- CPU: ONNX Runtime FP32, ONNX Runtime INT8 (dynamic), PyTorch FP32 (SDPA).
+- CPU: ONNX Runtime FP32, ONNX Runtime INT8 (dynamic, one image per call; static QDQ, batched), PyTorch FP32 (SDPA).
 - CUDA GPU: PyTorch FP16 and BF16 eager (SDPA); FP16 captured in a CUDA graph per batch size (``torch.cuda.graph``);
   BF16 under ``torch.compile``; ONNX Runtime CUDA and TensorRT EPs on the FP16 graph where onnxruntime-gpu provides
   them; a native TensorRT FP16 plan where the tensorrt package is installed. On a GPU the sweep also measures the
@@ -101,15 +101,21 @@ class _Builds:
         self.h = self.w = self.shape.image_size
         self.labels = len(self.ckpt.labels)
         self._files: dict[str, Path] = {}
+        self._quant: dict = {}
 
     def file(self, kind: str) -> Path:
         if kind not in self._files:
-            from export.onnx_export import convert_fp16, export_fp32, quantize_int8
+            from export.onnx_export import convert_fp16, export_fp32, quantize_int8_dynamic, quantize_int8_static
 
             if kind == "fp32":
                 self._files[kind] = export_fp32(self.ckpt.model, self.work / "model.fp32.onnx", (self.h, self.w), self.max_batch)
-            elif kind == "int8":
-                self._files[kind] = quantize_int8(self.file("fp32"), self.work / "model.int8.onnx")
+            elif kind in ("int8-dynamic", "int8-static"):
+                path = self.work / f"model.{kind}.onnx"
+                if kind == "int8-dynamic":
+                    self._quant[kind] = quantize_int8_dynamic(self.file("fp32"), path)
+                else:
+                    self._quant[kind] = quantize_int8_static(self.file("fp32"), path, self.calibration_pixels())
+                self._files[kind] = path
             elif kind == "fp16":
                 self._files[kind] = convert_fp16(self.file("fp32"), self.work / "model.fp16.onnx")
             elif kind == "plan":
@@ -124,14 +130,22 @@ class _Builds:
                 self._files[kind] = plan
         return self._files[kind]
 
+    def calibration_pixels(self):
+        """Static INT8's calibration set, as export builds it (views of scikit-image's photographs)."""
+        from export.parity import default_image_bytes, preprocess_images
+        from service.preprocess import Preprocessor
+
+        return preprocess_images(default_image_bytes(64), Preprocessor(self.ckpt.preprocessing))
+
     # service engines, fed host arrays exactly as the batcher feeds them
-    def ort(self, provider: str, precision: str):
+    def ort(self, provider: str, kind: str):
         from service.engines.onnxruntime_engine import OnnxRuntimeEngine
 
-        f = self.file(precision)
+        f = self.file(kind)
         dev = "cpu" if provider == "cpu" else "cuda"
-        eng = OnnxRuntimeEngine(f, _entry(f, precision, self.h, self.w, self.labels, self.max_batch, dev), (self.h, self.w),
-                                provider=provider, trt_cache_dir=self.work / "trt_cache")
+        entry = _entry(f, kind.split("-")[0], self.h, self.w, self.labels, self.max_batch, dev)
+        entry = entry.model_copy(update={"quantization": self._quant.get(kind)})  # dynamic INT8 runs one image per call
+        eng = OnnxRuntimeEngine(f, entry, (self.h, self.w), provider=provider, trt_cache_dir=self.work / "trt_cache")
         return self._host_runner(eng.run)
 
     def trt_native(self):
@@ -238,7 +252,8 @@ def variants(builds: _Builds, devices: set[str], compile_mode: str) -> tuple[lis
     if "cpu" in devices:
         out += [
             Variant("onnxruntime-cpu-fp32", "cpu", lambda: builds.ort("cpu", "fp32")),
-            Variant("onnxruntime-cpu-int8", "cpu", lambda: builds.ort("cpu", "int8"), "one image per call (dynamic INT8 is batch-dependent)"),
+            Variant("onnxruntime-cpu-int8-dynamic", "cpu", lambda: builds.ort("cpu", "int8-dynamic"), "one image per call (dynamic INT8 is batch-dependent)"),
+            Variant("onnxruntime-cpu-int8-static", "cpu", lambda: builds.ort("cpu", "int8-static"), "calibrated QDQ, batches"),
             Variant("pytorch-cpu-fp32", "cpu", builds.torch_cpu),
         ]
     gpu_names = ["pytorch-cuda-fp16", "pytorch-cuda-bf16", "pytorch-cuda-fp16-cudagraph", "pytorch-cuda-bf16-compile",

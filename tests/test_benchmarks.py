@@ -244,7 +244,7 @@ def test_engine_sweep_runs_on_cpu_and_skips_gpu_paths(tmp_path, monkeypatch, cap
     payload = json.loads(next(tmp_path.glob("sweep-test_*.json")).read_text())
     assert {"environment", "model", "settings", "flops_per_image", "rows", "best", "skipped", "targets"} <= set(payload)
     engines = {r["engine"] for r in payload["rows"]}
-    assert engines == {"onnxruntime-cpu-fp32", "onnxruntime-cpu-int8", "pytorch-cpu-fp32"}
+    assert engines == {"onnxruntime-cpu-fp32", "onnxruntime-cpu-int8-dynamic", "onnxruntime-cpu-int8-static", "pytorch-cpu-fp32"}
     for r in payload["rows"]:
         assert {"batch", "images_per_s", "seconds_per_batch", "ms_per_batch", "model_tflops", "repeats", "other_processes_cores"} <= set(r)
         assert r["images_per_s"] == pytest.approx(r["batch"] / r["seconds_per_batch"], rel=1e-3)
@@ -254,6 +254,21 @@ def test_engine_sweep_runs_on_cpu_and_skips_gpu_paths(tmp_path, monkeypatch, cap
         assert "pytorch-cuda-fp16-cudagraph" in payload["skipped"] and payload["matmul"] is None
         assert payload["targets"]["gpu_engine_fraction_of_matmul"]["met"] is None
     assert "vitserve bench summary: engine sweep" in capsys.readouterr().out
+
+
+def test_int8_schemes_benchmark_times_and_judges_every_scheme(tmp_path, monkeypatch, capsys):
+    from benchmarks.cli import main
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    assert main(["int8", "--config", "tiny", "--images", "32", "--calibration-images", "8", "--min-seconds", "0.05",
+                 "--name", "int8-test"]) == 0
+    payload = json.loads(next(tmp_path.glob("int8-test_*.json")).read_text())
+    assert set(payload["schemes"]) == {"fp32", "old", "dynamic", "static"}
+    for name, r in payload["schemes"].items():
+        assert set(r["images_per_s"]) == {"1", "4", "8", "32"} and all(v > 0 for v in r["images_per_s"].values())
+        assert r["parity"]["images"] == 32 and r["per_image"] == (name in ("old", "dynamic"))
+    assert payload["schemes"]["static"]["quantization"]["saturation_free"] is True
+    assert "vitserve bench summary: int8 schemes" in capsys.readouterr().out
 
 
 def test_compare_runs_every_peer_and_records_every_field(tiny_artifact, tmp_path, monkeypatch, capsys):
