@@ -9,7 +9,7 @@
 `light` is the ViT paper's fine-tuning recipe (crop + flip); `heavy` is DeiT's recipe for training from scratch.
 Every random draw uses torch's global generator, in the training process, so a run resumed from a checkpoint
 (which stores that generator's state) augments exactly as the uninterrupted run would have.
-Evaluation never augments: it is finetune.data.normalize alone.
+Evaluation never augments: it is the service's preprocessing (finetune.data) and finetune.data.normalize alone.
 """
 
 from __future__ import annotations
@@ -52,12 +52,12 @@ class BatchAugment(torch.nn.Module):
     Targets are class indices (B,), or soft targets (B, C) when mixup/cutmix mixed the batch.
     """
 
-    def __init__(self, preset: str, image_size: int, mean: torch.Tensor, std: torch.Tensor, num_classes: int):
+    def __init__(self, preset: str, image_size: int, scale: torch.Tensor, offset: torch.Tensor, num_classes: int):
         super().__init__()
         p = PRESETS[preset]
         self.p, self.num_classes = p, num_classes
-        self.register_buffer("mean", mean, persistent=False)
-        self.register_buffer("std", std, persistent=False)
+        self.register_buffer("scale", scale, persistent=False)  # finetune.data.normalization(spec)
+        self.register_buffer("offset", offset, persistent=False)
         geometric = []
         if p.crop_scale:
             geometric.append(K.RandomResizedCrop((image_size, image_size), scale=p.crop_scale))
@@ -73,7 +73,7 @@ class BatchAugment(torch.nn.Module):
         x = self.geometric(x)
         if self.policy is not None:
             x = torch.cat([self.policy(chunk) for chunk in x.split(POLICY_GROUP)]).clamp_(0, 1)
-        x = normalize(x, self.mean, self.std)
+        x = normalize(x * 255.0, self.scale, self.offset)  # back on the 0..255 scale the served arithmetic takes
         if self.erase is not None:
             x = self.erase(x)
         return mix(x, labels, self.num_classes, self.p.mixup_alpha, self.p.cutmix_alpha)

@@ -5,15 +5,17 @@ opened and fully decoded once: unreadable files are listed and skipped, never a 
 with few images, class imbalance, files duplicated across train and validation (same sha256) and the model card's
 advice on dataset size.
 
-Loading reproduces the checkpoint's ViTImageProcessor exactly (resize to image_size x image_size, bilinear; x/255;
-(x - mean) / std): the dataset returns uint8 (3, S, S) tensors and `normalize` does the rest on the batch, so the
-eval transform is deterministic and augmentation (finetune/augment.py) runs batched between the two.
+Loading is the service's own preprocessing (service.preprocess): the same decode (JPEG draft scaling, EXIF
+orientation, every mode to RGB with alpha composited on white, 16-bit scaled), the same resize and crop, from the
+same Preprocessing spec export writes into the manifest. The dataset stops at uint8 (3, S, S) tensors; `normalize`
+applies the service's folded arithmetic on the batch, so a model is evaluated, calibrated and selected on exactly
+the tensors it will be served, and augmentation (finetune/augment.py) runs batched in between.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
+import json
 import os
 import random
 from collections import Counter
@@ -26,10 +28,16 @@ import torch
 from PIL import Image
 
 from finetune.config import UsageError
+from service.artifact import Preprocessing
+from service.errors import ServiceError
+from service.preprocess import Preprocessor, decode_image
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 MIN_IMAGES_PER_CLASS = 10  # below this a class's validation score is a handful of images: noise
 IMBALANCE_RATIO = 3.0  # largest / smallest class above this: report it (accuracy hides the small classes)
+# Training reads trusted files of any size: only Pillow's own decompression-bomb ceiling applies (the service's
+# per-request pixel limit guards a network endpoint, not a local folder).
+MAX_TRAINING_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
 
 
 @dataclass
@@ -49,20 +57,19 @@ class Scan:
 
 
 def check_image(path: Path) -> tuple[str | None, str | None]:
-    """(sha256, None) for a readable image, (None, reason) otherwise. Decodes the whole file: `verify()` alone
-    misses truncated data, and a file named .jpg may be anything."""
+    """(sha256, None) for an image the service would decode, (None, reason) otherwise. Decodes the whole file with
+    the service's decoder: `verify()` alone misses truncated data, and a file named .jpg may be anything."""
     try:
         data = path.read_bytes()
         if not data:
             return None, "empty file"
-        with Image.open(io.BytesIO(data)) as im:
-            im.verify()
-        with Image.open(io.BytesIO(data)) as im:  # verify() leaves the image unusable: open again and decode
-            im.load()
-            if im.width < 1 or im.height < 1:
-                return None, "zero-sized image"
+        img = decode_image(data, max_pixels=MAX_TRAINING_PIXELS)
+        if img.width < 1 or img.height < 1:
+            return None, "zero-sized image"
         return hashlib.sha256(data).hexdigest(), None
-    except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+    except ServiceError as e:
+        return None, e.message
+    except OSError as e:
         return None, f"{type(e).__name__}: {e}"
 
 
@@ -167,24 +174,42 @@ def describe(train: Scan, train_samples: list, val_samples: list, val_sha: dict[
     (warn if n < 5000 else info)(message)
 
 
-class ImageFolderDataset(torch.utils.data.Dataset):
-    """(uint8 image (3, S, S), label) pairs: RGB, resized exactly as ViTImageProcessor does (PIL bilinear)."""
+def preprocessing(processor, image_size: int) -> Preprocessing:
+    """The checkpoint's image processor as the serving manifest will describe it: export reads the same
+    preprocessor_config.json through the same function (service.artifact.Preprocessing.from_hf)."""
+    return Preprocessing.from_hf(json.loads(processor.to_json_string()), image_size)
 
-    def __init__(self, root: Path, samples: list[tuple[str, int]], image_size: int):
-        self.root, self.samples, self.image_size = Path(root), samples, image_size
+
+def exact_resize(image_size: int) -> Preprocessing:
+    """ViTImageProcessor's defaults: resize to S x S (bilinear), x / 255, mean = std = 0.5."""
+    return Preprocessing(resize_mode="exact", resize_size=(image_size, image_size), resample="bilinear")
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """(uint8 image (3, H, W), label) pairs, decoded, resized and cropped by the service's own code."""
+
+    def __init__(self, root: Path, samples: list[tuple[str, int]], spec: Preprocessing | int):
+        self.root, self.samples = Path(root), samples
+        self.spec = exact_resize(spec) if isinstance(spec, int) else spec
+        self.preprocessor = Preprocessor(self.spec)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         rel, label = self.samples[i]
-        with Image.open(self.root / rel) as im:
-            im = im.convert("RGB").resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
-            pixels = torch.from_numpy(np.asarray(im).copy())  # (S, S, 3) uint8
-        return pixels.permute(2, 0, 1), label  # (3, S, S)
+        hwc = self.preprocessor.decode_uint8((self.root / rel).read_bytes(), max_pixels=MAX_TRAINING_PIXELS, index=i)
+        return torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1))), label  # (3, H, W) uint8
 
 
-def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 or [0, 1] float (B, 3, S, S) -> the model's input: (x / 255 - mean) / std, float32."""
-    x = images.float() / 255.0 if images.dtype == torch.uint8 else images
-    return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+def normalization(spec: Preprocessing, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, offset), each (3,) float32: the model input is ``pixel * scale + offset`` for pixels on the 0..255
+    scale. The very constants the service folds (service.preprocess.Preprocessor), not recomputed from mean/std."""
+    pre = Preprocessor(spec)
+    return torch.from_numpy(pre.scale.reshape(3)).to(device), torch.from_numpy(pre.offset.reshape(3)).to(device)
+
+
+def normalize(images: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, S, S), or float on the same 0..255 scale → the model's input, float32. The same two IEEE float32
+    operations (multiply, then add) as the service, so evaluation tensors equal served ones bit for bit."""
+    return images.float() * scale.view(1, -1, 1, 1) + offset.view(1, -1, 1, 1)

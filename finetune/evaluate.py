@@ -22,14 +22,14 @@ from finetune.data import normalize
 
 @torch.no_grad()
 def predict(
-    model, loader, device: torch.device, mean, std, autocast=contextlib.nullcontext
+    model, loader, device: torch.device, scale, offset, autocast=contextlib.nullcontext
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (N, C) float32 and labels (N,) on CPU, in loader order. The model is put in eval mode and restored."""
     was_training = model.training
     model.eval()
     all_logits, all_labels = [], []
     for images, labels in loader:
-        pixel_values = normalize(images.to(device, non_blocking=True), mean, std)  # (B, 3, S, S)
+        pixel_values = normalize(images.to(device, non_blocking=True), scale, offset)  # (B, 3, S, S)
         with autocast():
             logits = model(pixel_values=pixel_values).logits  # (B, C)
         all_logits.append(logits.float().cpu())

@@ -25,6 +25,7 @@ import itertools
 import json
 import math
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -162,8 +163,8 @@ def _run(cfg: TrainConfig, rt: runtime.Runtime) -> int:
     image_size = cfg.image_size or (base_size if isinstance(base_size, int) else base_size[0])
     model_lib.set_image_size(model, image_size)
     processor = model_lib.load_processor(cfg.base, image_size)
-    mean = torch.tensor(processor.image_mean, dtype=torch.float32, device=device)
-    std = torch.tensor(processor.image_std, dtype=torch.float32, device=device)
+    spec = data.preprocessing(processor, image_size)  # what export will write into the serving manifest
+    scale, offset = data.normalization(spec, device)
     if cfg.drop_path:
         model_lib.add_drop_path(model, cfg.drop_path)
     model_lib.freeze(model, cfg.freeze)
@@ -193,16 +194,16 @@ def _run(cfg: TrainConfig, rt: runtime.Runtime) -> int:
             rt.info(f"--auto-batch: nothing to search on {device.type}; keeping batch size {micro}")
 
     # --- loaders ----------------------------------------------------------------------------------------------
-    train_set = data.ImageFolderDataset(train_scan.root, train_samples, image_size)
+    train_set = data.ImageFolderDataset(train_scan.root, train_samples, spec)
     sampler = ResumableSampler(train_set, rt.world_size, rt.rank, cfg.seed)
     workers = cfg.num_workers
     loader_kw = dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
     # A private generator: creating an iterator then draws nothing from the global RNG, which resume restores.
     generator = torch.Generator().manual_seed(cfg.seed)
     train_loader = DataLoader(train_set, micro, sampler=sampler, generator=generator, **loader_kw)
-    val_loader = DataLoader(data.ImageFolderDataset(val_root, val_samples, image_size), micro * 2, **loader_kw)
+    val_loader = DataLoader(data.ImageFolderDataset(val_root, val_samples, spec), micro * 2, **loader_kw)
     test_loader = (
-        DataLoader(data.ImageFolderDataset(test_scan.root, test_scan.samples, image_size), micro * 2, **loader_kw)
+        DataLoader(data.ImageFolderDataset(test_scan.root, test_scan.samples, spec), micro * 2, **loader_kw)
         if test_scan and test_scan.samples
         else None
     )
@@ -215,7 +216,7 @@ def _run(cfg: TrainConfig, rt: runtime.Runtime) -> int:
     sam = optim.SAM(model.parameters(), cfg.sam_rho) if cfg.sam else None
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
     trainable_params = [p for p in model.parameters() if p.requires_grad]
-    augment = BatchAugment(cfg.augment, image_size, mean, std, len(classes)).to(device)
+    augment = BatchAugment(cfg.augment, image_size, scale, offset, len(classes)).to(device)
     train_model = model
     if rt.distributed:
         train_model = torch.nn.parallel.DistributedDataParallel(
@@ -373,7 +374,7 @@ def _run(cfg: TrainConfig, rt: runtime.Runtime) -> int:
             progress.update(epoch=epoch + 1, batch=0, epoch_loss=0.0, epoch_steps=0)
             if (epoch + 1) % cfg.eval_steps == 0 or epoch + 1 == cfg.epochs:
                 if rt.is_main:
-                    logits, labels = evaluate.predict(model, val_loader, device, mean, std, autocast)
+                    logits, labels = evaluate.predict(model, val_loader, device, scale, offset, autocast)
                     val = evaluate.metrics(logits, labels)
                     history.append({
                         "epoch": epoch + 1, "step": progress["step"], "train_loss": train_loss,
@@ -400,26 +401,28 @@ def _run(cfg: TrainConfig, rt: runtime.Runtime) -> int:
 
     # --- after training (rank 0): calibrate the best checkpoint, test, report -----------------------------------
     if rt.is_main:
-        finish(run_dir, classes, val_loader, test_loader, device, mean, std, autocast, history, best, log)
+        finish(run_dir, classes, val_loader, test_loader, device, scale, offset, autocast, history, best, log)
     rt.barrier()
     return 0
 
 
-def finish(run_dir: Path, classes, val_loader, test_loader, device, mean, std, autocast, history, best, log) -> None:
+def finish(run_dir: Path, classes, val_loader, test_loader, device, scale, offset, autocast, history, best, log) -> None:
     """Reload the saved best checkpoint (proving it loads standalone), fit the temperature on validation, evaluate
     the test set, write metrics.json and report/."""
     from transformers import ViTForImageClassification
 
     ckpt = run_dir / CHECKPOINT_DIR
     model = ViTForImageClassification.from_pretrained(ckpt, use_safetensors=True).to(device)
-    logits, labels = evaluate.predict(model, val_loader, device, mean, std, autocast)
+    logits, labels = evaluate.predict(model, val_loader, device, scale, offset, autocast)
     cal = calibration.calibrate(logits, labels, source="validation")
     calibration.write(ckpt, cal)
     final = {"best_epoch": best["epoch"], "val": evaluate.metrics(logits, labels), "calibration": cal}
     print(
-        f"best epoch {best['epoch']}: val top-1 {final['val']['top1']:.4f}; temperature {cal['temperature']:.3f} "
+        f"best epoch {best['epoch']}: val top-1 {final['val']['top1']:.4f}; calibration: {cal['decision']} "
         f"(ECE {cal['ece_before']:.4f} -> {cal['ece_after']:.4f})"
     )
+    if cal["warning"]:
+        print(f"warning: {cal['warning']}", file=sys.stderr)
 
     out = run_dir / "report"
     out.mkdir(exist_ok=True)
@@ -430,7 +433,7 @@ def finish(run_dir: Path, classes, val_loader, test_loader, device, mean, std, a
 
     test = None
     if test_loader is not None:
-        t_logits, t_labels = evaluate.predict(model, test_loader, device, mean, std, autocast)
+        t_logits, t_labels = evaluate.predict(model, test_loader, device, scale, offset, autocast)
         test = evaluate.metrics(t_logits, t_labels)
         test["ece_calibrated"] = calibration.ece(t_logits, t_labels, cal["temperature"])
         test["nll_calibrated"] = calibration.nll(t_logits, t_labels, cal["temperature"])

@@ -171,13 +171,55 @@ def test_eval_transform_matches_the_checkpoints_image_processor(tmp_path):
 
     reference = AutoImageProcessor.from_pretrained(tmp_path / "ckpt")
     scan = data.scan_folder(tmp_path)
-    ds = data.ImageFolderDataset(tmp_path, scan.samples, 24)
-    mean, std = torch.tensor(processor.image_mean), torch.tensor(processor.image_std)
+    spec = data.preprocessing(processor, 24)
+    ds = data.ImageFolderDataset(tmp_path, scan.samples, spec)
+    scale, offset = data.normalization(spec)
     for i, (rel, _) in enumerate(scan.samples):
-        ours = data.normalize(ds[i][0][None], mean, std)
+        ours = data.normalize(ds[i][0][None], scale, offset)
         theirs = reference(Image.open(tmp_path / rel).convert("RGB"), return_tensors="pt")["pixel_values"]
         assert ours.shape == theirs.shape == (1, 3, 24, 24)
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+def _awkward_images(root: Path) -> list[str]:
+    """The files a real folder holds that a naive loader gets wrong: each in its own class folder."""
+    rng = np.random.default_rng(3)
+    rgb = Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8))
+    files = {}
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise on display": the pixels are stored sideways
+    files["exif/rotated.jpg"] = lambda p: rgb.save(p, format="JPEG", exif=exif)
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(Image.fromarray(rng.integers(0, 255, (40, 56), dtype=np.uint8)))
+    files["rgba/alpha.png"] = lambda p: rgba.save(p)
+    files["palette/anim.gif"] = lambda p: rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=32).save(p, transparency=3)
+    files["deep/sixteen.png"] = lambda p: Image.fromarray(rng.integers(0, 65535, (40, 56), dtype=np.uint16)).save(p)
+    files["cmyk/print.jpg"] = lambda p: rgb.convert("CMYK").save(p, format="JPEG")
+    big = Image.fromarray(rng.integers(0, 255, (700, 900, 3), dtype=np.uint8))  # large enough for JPEG draft scaling
+    files["draft/large.jpg"] = lambda p: big.save(p, format="JPEG")
+    for rel, write in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        write(root / rel)
+    return sorted(files)
+
+
+def test_training_evaluates_on_exactly_the_tensors_the_service_serves(tmp_path):
+    """EXIF rotation, alpha, palette transparency, 16-bit, CMYK and JPEG draft decoding: finetune's evaluation path
+    (scan → dataset → normalize) gives bit-identical tensors to the service's Preprocessor.from_bytes."""
+    from service.preprocess import Preprocessor
+
+    rels = _awkward_images(tmp_path)
+    spec = data.preprocessing(model_lib.load_processor(str(tmp_path / "no-such-base"), 32), 32)
+    scan = data.scan_folder(tmp_path)
+    assert sorted(rel for rel, _ in scan.samples) == rels and not scan.corrupt
+    ds = data.ImageFolderDataset(tmp_path, scan.samples, spec)
+    scale, offset = data.normalization(spec)
+    served = Preprocessor(spec)
+    for i, (rel, _) in enumerate(scan.samples):
+        ours = data.normalize(ds[i][0][None], scale, offset)[0].numpy()
+        theirs = served.from_bytes((tmp_path / rel).read_bytes(), max_pixels=10**8)
+        assert ours.dtype == theirs.dtype == np.float32 and ours.shape == theirs.shape == (3, 32, 32)
+        assert np.array_equal(ours, theirs), rel
 
 
 def test_fashion_mnist_missing_files_name_the_package(tmp_path):
@@ -345,15 +387,45 @@ def test_warmup_then_cosine_schedule():
 
 @pytest.mark.parametrize("true_t", [0.5, 2.5])
 def test_temperature_fit_recovers_a_known_temperature(true_t):
-    """Labels drawn from softmax(z / T): the fitted temperature on z must come back as T."""
+    """Labels drawn from softmax(z / T): the fitted temperature on z must come back as T, and be applied."""
     g = torch.Generator().manual_seed(0)
     z = torch.randn(20000, 10, generator=g) * 3
     labels = torch.multinomial((z / true_t).softmax(-1), 1, generator=g).squeeze(1)
     result = calibration.calibrate(z, labels)
-    assert result["temperature"] == pytest.approx(true_t, rel=0.05)
+    assert result["applied"] and result["temperature"] == pytest.approx(true_t, rel=0.05)
+    assert result["held_out"]["nll_gain"] > 0 and result["held_out"]["ece_gain"] > 0
     assert result["nll_after"] < result["nll_before"]
     assert result["ece_after"] < result["ece_before"] and result["ece_after"] < 0.02
-    assert result["num_samples"] == 20000 and result["source"] == "validation"
+    assert result["num_samples"] == 20000 and result["source"] == "validation" and result["warning"] is None
+
+
+def test_a_temperature_that_does_not_help_on_held_out_images_is_not_applied():
+    """Already calibrated logits (labels drawn at T = 1) on 90 images, as in the issue: the fitted T is noise. It must
+    not ship, the decision must say so, and the small set must be warned about."""
+    kept = 0
+    for seed in range(10):
+        g = torch.Generator().manual_seed(seed)
+        z = torch.randn(90, 10, generator=g) * 3
+        labels = torch.multinomial(z.softmax(-1), 1, generator=g).squeeze(1)
+        result = calibration.calibrate(z, labels)
+        assert result["warning"] and "only 90 validation images" in result["warning"]
+        if not result["applied"]:
+            kept += 1
+            assert result["temperature"] == 1.0 and result["fitted_temperature"] != 1.0
+            assert result["decision"].startswith("T = 1 kept") and result["ece_after"] == result["ece_before"]
+        else:
+            assert result["held_out"]["ece_gain"] > 0 and result["held_out"]["nll_gain"] > 0
+    assert kept >= 5, "on calibrated logits the held-out check rejects the noise fit most of the time (8 of these 10)"
+
+
+def test_a_validation_set_without_errors_keeps_t_1():
+    """Every image right: NLL falls forever as T → 0, so the fit says "be 100 % sure". That must not ship."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (18,), generator=g)
+    z = torch.nn.functional.one_hot(labels, 3).float() * 4 + torch.randn(18, 3, generator=g) * 0.3
+    result = calibration.calibrate(z, labels)
+    assert result["fitted_temperature"] < 0.2 and not result["applied"] and result["temperature"] == 1.0
+    assert "0 of 18 validation images are misclassified, too few" in result["decision"]
 
 
 def test_calibration_file_contract(tmp_path):

@@ -119,10 +119,18 @@ def logs(out: Path) -> tuple[str, str]:
     return out.with_suffix(".stdout").read_text(), out.with_suffix(".stderr").read_text()
 
 
-def wait_for_state(proc: subprocess.Popen, run: Path, timeout: float = 120) -> None:
+def signal_on_first_state(runs: dict[subprocess.Popen, tuple[Path, int]], timeout: float = 120) -> None:
+    """Poll every run at once; send each its signal as soon as its first training state is on disk."""
+    waiting = dict(runs)
     deadline = time.monotonic() + timeout
-    while not (run / "train_state" / "state.json").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+    while waiting and time.monotonic() < deadline:
+        for proc, (run, signum) in list(waiting.items()):
+            if (run / "train_state" / "state.json").exists():
+                proc.send_signal(signum)
+                del waiting[proc]
+            elif proc.poll() is not None:
+                del waiting[proc]  # ended without a state: the asserts below report it
+        time.sleep(0.005)
 
 
 def test_killed_and_terminated_runs_resume_to_the_same_state(squares, tiny_base, tmp_path):
@@ -131,10 +139,9 @@ def test_killed_and_terminated_runs_resume_to_the_same_state(squares, tiny_base,
     metrics."""
     args = ["--train-dir", str(squares), "--base", str(tiny_base), *RESUME_ARGS]
     a, b, c = (start(args, tmp_path / name) for name in "abc")
-    wait_for_state(b, tmp_path / "b")
-    b.send_signal(signal.SIGKILL)
-    wait_for_state(c, tmp_path / "c")
-    c.send_signal(signal.SIGTERM)
+    # Each run is signalled the moment its own first state appears (mid-epoch, step 2). Waiting for one before
+    # polling the other let the second finish training meanwhile (a tiny model trains in well under a second).
+    signal_on_first_state({b: (tmp_path / "b", signal.SIGKILL), c: (tmp_path / "c", signal.SIGTERM)})
     assert b.wait(60) == -signal.SIGKILL, "run b ended before it could be killed"
     assert c.wait(60) == 143, "run c did not stop on SIGTERM with exit code 143"
     c_step = _progress(tmp_path / "c")["step"]
@@ -211,8 +218,11 @@ def test_lora_run_at_a_new_resolution_saves_a_plain_checkpoint(squares, tiny_bas
     pre = json.loads((ckpt / "preprocessor_config.json").read_text())
     assert pre["size"] == {"height": 48, "width": 48} and pre["image_mean"] == [0.5] * 3 and pre["resample"] == 2
     cal = json.loads((ckpt / "vitserve_calibration.json").read_text())
-    assert set(cal) == {"temperature", "ece_before", "ece_after", "nll_before", "nll_after", "num_samples", "source"}
+    assert set(cal) == {"temperature", "fitted_temperature", "applied", "decision", "warning", "held_out", "ece_before",
+                        "ece_after", "nll_before", "nll_after", "num_samples", "min_reliable_samples", "source"}
     assert cal["temperature"] > 0 and cal["num_samples"] == len(split["val"])
+    assert cal["temperature"] == (cal["fitted_temperature"] if cal["applied"] else 1.0)
+    assert f"only {len(split['val'])} validation images" in cal["warning"] and cal["warning"] in err
     model = ViTForImageClassification.from_pretrained(ckpt, use_safetensors=True).eval()
     with torch.no_grad():
         assert model(pixel_values=torch.randn(2, 3, 48, 48)).logits.shape == (2, 3)  # no interpolate flag needed

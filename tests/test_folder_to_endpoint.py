@@ -13,7 +13,7 @@ from PIL import Image
 
 from finetune.tiny_base import write_tiny_base
 from service.artifact import read_manifest
-from tests.conftest import run_cli
+from tests.conftest import GATE_IMAGES, run_cli
 from tests.server import running_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -47,10 +47,11 @@ def test_folder_to_served_predictions(tmp_path):
     assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-2000:]
     calibration = json.loads((tmp_path / "run" / "checkpoint" / "vitserve_calibration.json").read_text())
 
+    # 72 photos are fewer than the gate needs to show 0.99 agreement: export adds views of them to reach 400.
     exported = run_cli("export", str(tmp_path / "run" / "checkpoint"), "--output", str(tmp_path / "artifact"),
-                       "--calibration-dir", str(tmp_path / "photos"), "--max-images", "36", "--max-batch", "8")
+                       "--calibration-dir", str(tmp_path / "photos"), "--max-images", GATE_IMAGES, "--max-batch", "8")
     assert exported.returncode == 0, exported.stdout + exported.stderr
-    assert "parity gate: PASS" in exported.stdout
+    assert "parity gate: PASS" in exported.stdout and "has 72 images; adding views" in exported.stderr
     manifest = read_manifest(tmp_path / "artifact")
     assert manifest.labels == sorted(CLASSES)
     assert manifest.temperature == pytest.approx(calibration["temperature"])
