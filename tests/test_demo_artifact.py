@@ -10,7 +10,7 @@ from PIL import Image
 
 from finetune.fashion_mnist import CLASS_NAMES, DEFAULT_SOURCE, load_split
 from service.artifact import load_artifact
-from service.engines import load_engine
+from service.engines import load_engine, select_engine
 from service.preprocess import Preprocessor
 from service.settings import DEMO_ARTIFACT
 
@@ -19,11 +19,24 @@ MIN_ACCURACY = 0.86
 
 
 def test_demo_artifact_is_intact_and_every_engine_passed_its_gate():
-    art = load_artifact(DEMO_ARTIFACT)  # checksums verified
-    assert art.manifest.labels == sorted(CLASS_NAMES)  # folder names, sorted: what `vitserve finetune` does
-    for e in art.manifest.engines:
-        assert e.parity is not None and e.parity.passed, (e.file, e.parity)
-    assert art.manifest.temperature != 1.0, "the demo model carries its fitted temperature"
+    art = load_artifact(DEMO_ARTIFACT)  # checksums verified, the golden set's included
+    m = art.manifest
+    assert m.schema_version == 2 and m.labels == sorted(CLASS_NAMES)  # folder names, sorted: what `vitserve finetune` does
+    for e in m.engines:
+        assert e.parity is not None and e.parity.passed and e.parity.images >= 1000, (e.file, e.parity)
+        assert e.parity.decided_on == "lower_bound"
+        assert e.quantization is None or e.quantization.saturation_free, e.file
+    assert m.temperature != 1.0, "the demo model carries its fitted temperature"
+    assert (DEMO_ARTIFACT / "pytorch" / "vitserve_calibration.json").is_file(), "pytorch/ re-exports with the same T"
+    cpu = m.export_report["cpu_engine"]
+    assert {"int8-dynamic", "int8-static"} <= set(cpu["candidates"])  # both saturation-free schemes were measured
+
+
+def test_demo_artifact_passes_its_startup_check_on_this_machine():
+    selection = select_engine(load_artifact(DEMO_ARTIFACT), "auto")
+    report = selection.startup_check
+    assert report is not None and report.passed and report.images == 32, report
+    assert [a.outcome for a in selection.attempts] == ["selected"]
 
 
 @pytest.mark.skipif(not (DEFAULT_SOURCE / "t10k-images-idx3-ubyte.gz").exists(), reason="Debian's dataset-fashion-mnist is not installed (make data)")
