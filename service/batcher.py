@@ -1,6 +1,7 @@
 """The batcher: many concurrent requests' images → batches on one engine → each image's logits back to its caller.
 
-Protocol-independent on purpose: HTTP (and the gRPC front-end to come) feed the same :meth:`Batcher.submit`.
+Protocol-independent on purpose: every front-end (our JSON API, KServe v2 over HTTP and gRPC) reaches it through
+:meth:`service.classifier.Classifier.classify`, which calls :meth:`Batcher.submit`; batches mix their requests.
 One asyncio task assembles batches; the engine call runs in one worker thread, so exactly one batch is in
 flight per engine while the next one is assembled on the event loop. Rules:
 
@@ -33,6 +34,7 @@ class BatchStats:
     queue_wait_s: float = 0.0
     inference_s: float = 0.0
     batch_size: int = 0
+    batch_id: int = 0  # which engine batch computed the image (a counter per batcher): shows who shared batches
 
 
 @dataclass
@@ -82,6 +84,7 @@ class Batcher:
         # second concurrent batch only competes for the same SMs).
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vitserve-engine")
         self._batch_seconds_ewma: float | None = None
+        self._batches_run = 0
 
     # ---- public interface -------------------------------------------------------------------------
     def start(self) -> None:
@@ -197,6 +200,8 @@ class Batcher:
         started = time.monotonic()
         n = len(batch)
         padded = self._bucket(n)
+        self._batches_run += 1
+        batch_id = self._batches_run
         try:
             x = np.stack([it.pixels for it in batch])  # (n, 3, H, W)
             if padded > n:
@@ -208,7 +213,7 @@ class Batcher:
             self._batch_seconds_ewma = elapsed if self._batch_seconds_ewma is None else 0.8 * self._batch_seconds_ewma + 0.2 * elapsed
             for i, item in enumerate(batch):
                 if not item.future.done():
-                    stats = BatchStats(queue_wait_s=started - item.enqueued, inference_s=elapsed, batch_size=n)
+                    stats = BatchStats(queue_wait_s=started - item.enqueued, inference_s=elapsed, batch_size=n, batch_id=batch_id)
                     item.future.set_result((logits[i], stats))
         except Exception as e:  # noqa: BLE001 - an engine failure fails this batch's requests, not the loop
             for item in batch:

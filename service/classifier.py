@@ -1,9 +1,11 @@
 """The protocol-independent request flow:
 
     image bytes → decode + preprocess (thread pool) → batcher → engine → softmax (manifest temperature) → top-k
+    (or already-preprocessed pixels, from KServe v2 clients, straight to the batcher)
 
-Front-ends (HTTP now, gRPC next) call :meth:`Classifier.classify` and render its result or its
-``ServiceError``; they never touch the engine or the batcher directly.
+Every front-end (our JSON API in http_api.py, KServe v2 over HTTP in v2_http_api.py and over gRPC in grpc_api.py)
+calls :meth:`Classifier.classify` or :meth:`Classifier.classify_pixels` and renders the typed result or the
+``ServiceError``; none touches the engine or the batcher directly, so they all share batches, limits and metrics.
 """
 
 from __future__ import annotations
@@ -19,21 +21,25 @@ import numpy as np
 
 from service import metrics
 from service.artifact import load_artifact
-from service.batcher import Batcher
+from service.batcher import Batcher, BatchStats
 from service.engines import select_engine
-from service.errors import EmptyRequest, InvalidParameter, NotReady, ServiceError, ShuttingDown, TooManyImages
+from service.errors import EmptyRequest, InvalidParameter, NotReady, ShuttingDown, TooManyImages
 from service.preprocess import Preprocessor
 from service.settings import Settings
-from service.topk import predictions
+from service.topk import Prediction, rank, softmax
 
 log = logging.getLogger("vitserve.service")
 
 
 @dataclass
 class Classification:
-    predictions: list[dict]
+    """One request's answer, before any protocol shapes it."""
+
+    probabilities: np.ndarray  # (N, L) float32, softmax at the manifest's temperature
+    top: list[list[Prediction]]  # per image, the top_k best, best first
     timings_ms: dict[str, float]
-    batch_size: int
+    batch_size: int  # the largest batch any of its images ran in
+    batch_ids: list[int]  # the engine batch each image ran in
 
 
 class Classifier:
@@ -90,6 +96,10 @@ class Classifier:
     def ready(self) -> bool:
         return self.batcher is not None and not self.draining
 
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.preprocessor.input_size
+
     def begin_drain(self) -> None:
         """SIGTERM: refuse new work (readiness turns false) but keep answering what was accepted."""
         self.draining = True
@@ -111,15 +121,19 @@ class Classifier:
         x = self.preprocessor.from_bytes(data, max_pixels=self.settings.max_image_pixels, index=index)
         return x, time.perf_counter() - t
 
-    def check_request(self, count: int, top_k: int | None) -> int:
-        """Validate what can be validated before reading image bytes; returns the effective top_k."""
+    def check_accepting(self) -> None:
+        """Refuse at once (before reading a body) while loading or draining."""
         self.last_request_at = time.monotonic()
         if self.draining:
             raise ShuttingDown("the server is shutting down; retry on another replica")
         if self.batcher is None:
             raise NotReady("the model is still loading")
+
+    def check_request(self, count: int, top_k: int | None) -> int:
+        """Validate what can be validated before reading image bytes; returns the effective top_k."""
+        self.check_accepting()
         if count == 0:
-            raise EmptyRequest("no images in the request (multipart field 'images', or JSON key 'images')")
+            raise EmptyRequest("no images in the request")
         if count > self.settings.max_images_per_request:
             raise TooManyImages(f"{count} images in one request; the limit is {self.settings.max_images_per_request}")
         k = self.settings.default_top_k if top_k is None else top_k
@@ -128,49 +142,63 @@ class Classifier:
         return k
 
     async def classify(self, images: list[bytes], top_k: int | None = None, protocol: str = "http") -> Classification:
+        """Encoded images (JPEG, PNG, ...) → their classification."""
         k = self.check_request(len(images), top_k)
         self.in_flight += 1
         try:
-            return await self._classify(images, k, protocol)
+            t0 = time.perf_counter()
+            loop = asyncio.get_running_loop()
+            decoded = await asyncio.gather(
+                *(loop.run_in_executor(self._decode_pool, self._decode, b, i) for i, b in enumerate(images)),
+                return_exceptions=True,
+            )
+            for d in decoded:  # report the lowest-index bad image; the others' work is simply dropped
+                if isinstance(d, BaseException):
+                    raise d
+            for _, secs in decoded:
+                metrics.DECODE_SECONDS.observe(secs)
+            pixels = np.stack([x for x, _ in decoded])  # (N, 3, H, W)
+            return await self._infer(pixels, k, protocol, decode_s=time.perf_counter() - t0)
         finally:
             self.in_flight -= 1
 
-    async def _classify(self, images: list[bytes], k: int, protocol: str) -> Classification:
+    async def classify_pixels(self, pixels: np.ndarray, top_k: int | None = None, protocol: str = "v2-http") -> Classification:
+        """Already-preprocessed (N, 3, H, W) float32 pixels (a client that preprocesses itself) → their classification."""
+        k = self.check_request(len(pixels), top_k)
+        h, w = self.input_size
+        if pixels.ndim != 4 or pixels.shape[1:] != (3, h, w) or pixels.dtype != np.float32:
+            raise InvalidParameter(f"pixels must be float32 [N, 3, {h}, {w}], got {pixels.dtype} {list(pixels.shape)}")
+        if not np.isfinite(pixels).all():
+            raise InvalidParameter("pixels contain NaN or infinity")
+        self.in_flight += 1
+        try:
+            return await self._infer(np.ascontiguousarray(pixels), k, protocol, decode_s=0.0)
+        finally:
+            self.in_flight -= 1
+
+    async def _infer(self, pixels: np.ndarray, k: int, protocol: str, *, decode_s: float) -> Classification:
         assert self.batcher is not None
-        t0 = time.perf_counter()
         deadline = time.monotonic() + self.settings.request_timeout_s
-        loop = asyncio.get_running_loop()
-        decoded = await asyncio.gather(
-            *(loop.run_in_executor(self._decode_pool, self._decode, b, i) for i, b in enumerate(images)),
-            return_exceptions=True,
-        )
-        for d in decoded:  # report the lowest-index bad image; the others' work is simply dropped
-            if isinstance(d, BaseException):
-                raise d
-        for _, secs in decoded:
-            metrics.DECODE_SECONDS.observe(secs)
-        t_decoded = time.perf_counter()
-        pixels = np.stack([x for x, _ in decoded])  # (N, 3, H, W)
         logits, stats = await self.batcher.submit(pixels, deadline)
         t_inferred = time.perf_counter()
-        preds = predictions(logits, self.manifest.labels, temperature=self.manifest.temperature, k=k)
-        t_done = time.perf_counter()
-        metrics.POSTPROCESS_SECONDS.observe(t_done - t_inferred)
-        metrics.IMAGES.labels(protocol=protocol).inc(len(images))
+        probs = softmax(logits, self.manifest.temperature)
+        top = rank(probs, self.manifest.labels, k)
+        post_s = time.perf_counter() - t_inferred
+        metrics.POSTPROCESS_SECONDS.observe(post_s)
+        metrics.IMAGES.labels(protocol=protocol).inc(len(pixels))
         return Classification(
-            predictions=preds,
-            timings_ms={
-                "decode": (t_decoded - t0) * 1000,
-                "queue": max(s.queue_wait_s for s in stats) * 1000,
-                "inference": max(s.inference_s for s in stats) * 1000,
-                "postprocess": (t_done - t_inferred) * 1000,
-            },
+            probabilities=probs.astype(np.float32),
+            top=top,
+            timings_ms=_timings(decode_s, stats, post_s),
             batch_size=max(s.batch_size for s in stats),
+            batch_ids=[s.batch_id for s in stats],
         )
 
 
-def record_outcome(protocol: str, status: int, seconds: float, error: ServiceError | None = None) -> None:
-    metrics.REQUEST_SECONDS.labels(protocol=protocol, status=str(status)).observe(seconds)
-    metrics.REQUESTS.labels(protocol=protocol, status=str(status)).inc()
-    if error is not None:
-        metrics.REJECTIONS.labels(protocol=protocol, reason=error.type).inc()
+def _timings(decode_s: float, stats: list[BatchStats], post_s: float) -> dict[str, float]:
+    return {
+        "decode": decode_s * 1000,
+        "queue": max(s.queue_wait_s for s in stats) * 1000,
+        "inference": max(s.inference_s for s in stats) * 1000,
+        "postprocess": post_s * 1000,
+    }

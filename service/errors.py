@@ -1,8 +1,8 @@
-"""Every error a client can cause or see, and the one table that maps them to HTTP statuses.
+"""Every error a client can cause or see, and the one table that maps each to its HTTP status and gRPC code.
 
-Stages raise these; only :func:`http_status` and :func:`error_body` turn them into a response, so the
-status for a failure is decided here and nowhere else. Anything that is not a ``ServiceError`` is a bug
-and becomes a 500 with an opaque message.
+Stages raise these; every front-end (our JSON API, KServe v2 over HTTP, gRPC) renders them through the functions
+below, so the status for a failure is decided here and nowhere else, the same way for every protocol. Anything that
+is not a ``ServiceError`` is a bug and becomes 500 / INTERNAL with an opaque message; no client mistake does.
 """
 
 from __future__ import annotations
@@ -22,6 +22,12 @@ class ServiceError(Exception):
 
 class EmptyRequest(ServiceError):
     type = "empty_request"
+
+
+class Unauthenticated(ServiceError):
+    """No API key, or not one of the configured ones (checked before any image byte is read)."""
+
+    type = "unauthenticated"
 
 
 class InvalidParameter(ServiceError):
@@ -90,24 +96,27 @@ class EngineFailure(ServiceError):
     type = "engine_failure"
 
 
-# The single error → status table. Client mistakes are all 4xx; 5xx means us or our capacity.
-STATUS_BY_TYPE: dict[type[ServiceError], int] = {
-    EmptyRequest: 400,
-    MalformedRequest: 400,
-    NotFound: 404,
-    MethodNotAllowed: 405,
-    PayloadTooLarge: 413,
-    TooManyImages: 413,
-    UnsupportedImage: 415,
-    InvalidImage: 422,
-    ImageTooLarge: 422,
-    InvalidParameter: 422,
-    Overloaded: 429,
-    EngineFailure: 500,
-    NotReady: 503,
-    ShuttingDown: 503,
-    DeadlineExceeded: 504,
+# The single error table: HTTP status and gRPC code side by side. Client mistakes are all 4xx / INVALID_ARGUMENT-like;
+# 5xx / UNAVAILABLE / INTERNAL mean us or our capacity. (gRPC codes as names: this module never imports grpc.)
+ERROR_TABLE: dict[type[ServiceError], tuple[int, str]] = {
+    EmptyRequest: (400, "INVALID_ARGUMENT"),
+    MalformedRequest: (400, "INVALID_ARGUMENT"),
+    Unauthenticated: (401, "UNAUTHENTICATED"),
+    NotFound: (404, "NOT_FOUND"),
+    MethodNotAllowed: (405, "UNIMPLEMENTED"),
+    PayloadTooLarge: (413, "RESOURCE_EXHAUSTED"),  # what gRPC itself answers for a message over its limit
+    TooManyImages: (413, "INVALID_ARGUMENT"),
+    UnsupportedImage: (415, "INVALID_ARGUMENT"),
+    InvalidImage: (422, "INVALID_ARGUMENT"),
+    ImageTooLarge: (422, "INVALID_ARGUMENT"),
+    InvalidParameter: (422, "INVALID_ARGUMENT"),
+    Overloaded: (429, "RESOURCE_EXHAUSTED"),
+    EngineFailure: (500, "INTERNAL"),
+    NotReady: (503, "UNAVAILABLE"),
+    ShuttingDown: (503, "UNAVAILABLE"),
+    DeadlineExceeded: (504, "DEADLINE_EXCEEDED"),
 }
+STATUS_BY_TYPE: dict[type[ServiceError], int] = {cls: http for cls, (http, _) in ERROR_TABLE.items()}
 
 
 def from_framework(status: int, detail: str, cause: BaseException | None = None) -> ServiceError:
@@ -118,7 +127,16 @@ def from_framework(status: int, detail: str, cause: BaseException | None = None)
 
 
 def http_status(exc: BaseException) -> int:
-    return STATUS_BY_TYPE.get(type(exc), 500) if isinstance(exc, ServiceError) else 500
+    return ERROR_TABLE.get(type(exc), (500, "INTERNAL"))[0] if isinstance(exc, ServiceError) else 500
+
+
+def grpc_code(exc: BaseException) -> str:
+    """The grpc.StatusCode name for ``exc``."""
+    return ERROR_TABLE.get(type(exc), (500, "INTERNAL"))[1] if isinstance(exc, ServiceError) else "INTERNAL"
+
+
+def error_message(exc: BaseException) -> str:
+    return exc.message if isinstance(exc, ServiceError) else "internal error"
 
 
 def error_body(exc: BaseException) -> dict:
@@ -127,7 +145,14 @@ def error_body(exc: BaseException) -> dict:
     return {"error": {"type": exc.type, "message": exc.message, "index": exc.index}}
 
 
+def v2_error_body(exc: BaseException) -> dict:
+    """KServe v2's error object: ``{"error": "<message>"}``."""
+    return {"error": error_message(exc)}
+
+
 def error_headers(exc: BaseException) -> dict[str, str]:
     if isinstance(exc, ServiceError) and exc.retry_after_s is not None:
         return {"Retry-After": str(max(1, round(exc.retry_after_s)))}
+    if isinstance(exc, Unauthenticated):
+        return {"WWW-Authenticate": "Bearer"}
     return {}

@@ -1,7 +1,8 @@
-"""HTTP front-end: multipart and base64-JSON `POST /classify`, `GET /info`, OpenAPI — rendering only.
+"""Our JSON API over HTTP: multipart and base64-JSON `POST /classify`, `GET /info`, OpenAPI — rendering only.
 
-All the work happens in :class:`service.classifier.Classifier`; errors are rendered by ``service.errors``.
-The app is mounted into the BentoML service at "/", where BentoML keeps /metrics, /livez and /readyz.
+All the work happens in :class:`service.classifier.Classifier`; errors are rendered from ``service.errors``' table.
+The app also carries the KServe v2 routes (``service.v2_http_api``) and is mounted into the BentoML service at "/",
+where BentoML keeps /metrics, /livez and /readyz.
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
-from service.classifier import Classification, Classifier, record_outcome
+from service.classifier import Classification, Classifier
 from service.errors import (
+    STATUS_BY_TYPE,
     EmptyRequest,
     InvalidParameter,
     PayloadTooLarge,
     ServiceError,
-    STATUS_BY_TYPE,
     ShuttingDown,
     UnsupportedImage,
     error_body,
@@ -34,6 +35,7 @@ from service.errors import (
     from_framework,
     http_status,
 )
+from service.topk import Prediction
 
 PROTOCOL = "http"
 
@@ -76,15 +78,24 @@ _ERROR_RESPONSES = {
 }
 
 
+def error_response(exc: BaseException, body=error_body) -> JSONResponse:
+    """The one way an HTTP front-end answers an error: status and headers from the error table."""
+    headers = error_headers(exc)
+    if isinstance(exc, ShuttingDown):
+        headers["Connection"] = "close"  # reconnect (to another replica), don't reuse this one
+    return JSONResponse(body(exc), status_code=http_status(exc), headers=headers)
+
+
 class BodyLimit:
     """Refuse bodies over ``max_bytes`` before reading them (Content-Length) or while streaming (chunked).
 
     BentoML and uvicorn set no body limit of their own, so without this a client could make us buffer anything.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: Callable[[], int]):
+    def __init__(self, app: ASGIApp, max_bytes: Callable[[], int], protocol_of: Callable[[str], str]):
         self.app = app
         self.max_bytes = max_bytes
+        self.protocol_of = protocol_of
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -93,9 +104,8 @@ class BodyLimit:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             exc = PayloadTooLarge(f"request body is {int(declared)} bytes; the limit is {limit}")
-            record_outcome(PROTOCOL, 413, 0.0, exc)
-            response = JSONResponse(error_body(exc), status_code=413)
-            return await response(scope, receive, send)
+            metrics.record_outcome(self.protocol_of(scope["path"]), exc, 0.0)
+            return await error_response(exc)(scope, receive, send)
         seen = 0
 
         async def counted() -> Message:
@@ -109,10 +119,15 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
-def _timing_headers(result: Classification, total_s: float) -> dict[str, str]:
+def render(p: Prediction) -> dict:
+    return {"label": p.label, "index": p.index, "score": p.score}
+
+
+def timing_headers(result: Classification, total_s: float) -> dict[str, str]:
     h = {f"X-Vitserve-{k.capitalize()}-Ms": f"{v:.2f}" for k, v in result.timings_ms.items()}
     h["X-Vitserve-Total-Ms"] = f"{total_s * 1000:.2f}"
     h["X-Vitserve-Batch-Size"] = str(result.batch_size)
+    h["X-Vitserve-Batch-Id"] = ",".join(map(str, result.batch_ids))  # which engine batch served each image
     return h
 
 
@@ -127,25 +142,21 @@ def create_app(get_classifier: Callable[[], Classifier]) -> FastAPI:
 
     async def respond(images_source, top_k: int | None) -> JSONResponse:
         start = time.perf_counter()
-        metrics.IN_FLIGHT.inc()
         clf = get_classifier()
-        try:
-            images = await images_source(clf)
-            result = await clf.classify(images, top_k, protocol=PROTOCOL)
-        except ServiceError as exc:
-            status = http_status(exc)
-            record_outcome(PROTOCOL, status, time.perf_counter() - start, exc)
-            headers = error_headers(exc)
-            if isinstance(exc, ShuttingDown):
-                headers["Connection"] = "close"  # reconnect (to another replica), don't reuse this one
-            return JSONResponse(error_body(exc), status_code=status, headers=headers)
-        finally:
-            metrics.IN_FLIGHT.dec()
-        total = time.perf_counter() - start
-        record_outcome(PROTOCOL, 200, total)
+        with metrics.accounted(PROTOCOL) as outcome:
+            try:
+                images = await images_source(clf)
+                result = await clf.classify(images, top_k, protocol=PROTOCOL)
+            except ServiceError as exc:
+                outcome.fail(exc)
+                return error_response(exc)
         m = clf.manifest.model
-        body = {"model": m.name, "version": m.version, "predictions": result.predictions}
-        return JSONResponse(body, headers=_timing_headers(result, total))
+        body = {
+            "model": m.name,
+            "version": m.version,
+            "predictions": [{"top1": render(top[0]), "top5": [render(p) for p in top]} for top in result.top],
+        }
+        return JSONResponse(body, headers=timing_headers(result, time.perf_counter() - start))
 
     @app.post(
         "/classify",
@@ -196,6 +207,11 @@ def create_app(get_classifier: Callable[[], Classifier]) -> FastAPI:
             "engine": clf.engine.describe(),
             # Every engine tried, in order, with its startup-check figures on this machine (skipped ones too).
             "engine_selection": [a.summary() for a in clf.selection.attempts],
+            "protocols": {
+                "http": {"json": "/classify", "kserve_v2": "/v2"},
+                "grpc": {"port": s.grpc_port or None, "service": "inference.GRPCInferenceService", "tls": s.grpc_tls_cert is not None},
+                "api_keys": bool(s.api_keys),
+            },
             "limits": {
                 "max_batch_size": clf.max_batch_size,
                 "max_images_per_request": s.max_images_per_request,
@@ -206,23 +222,18 @@ def create_app(get_classifier: Callable[[], Classifier]) -> FastAPI:
         }
 
     @app.exception_handler(ServiceError)
-    async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
+    async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
         # Raised outside respond(): the body limit tripping while FastAPI reads the form.
-        status = http_status(exc)
-        record_outcome(PROTOCOL, status, 0.0, exc)
-        return JSONResponse(error_body(exc), status_code=status, headers=error_headers(exc))
+        return framework_answer(request, exc)
 
     @app.exception_handler(StarletteHTTPException)
-    async def framework_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def framework_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         # FastAPI turns any exception raised while reading a form into a bare 400; our body limit's
         # PayloadTooLarge travels as its __cause__ and keeps its own status.
-        err = from_framework(exc.status_code, str(exc.detail), exc.__cause__)
-        status = http_status(err)
-        record_outcome(PROTOCOL, status, 0.0, err)
-        return JSONResponse(error_body(err), status_code=status, headers=error_headers(err))
+        return framework_answer(request, from_framework(exc.status_code, str(exc.detail), exc.__cause__))
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         err: ServiceError = InvalidParameter(f"{where or 'request'}: {first.get('msg', 'invalid request')}")
@@ -230,8 +241,20 @@ def create_app(get_classifier: Callable[[], Classifier]) -> FastAPI:
             err = InvalidParameter(f"request body is not valid JSON: {first.get('msg', '')}")
         if where.startswith("images") and first.get("type") == "missing":
             err = EmptyRequest("no images in the request (multipart field 'images')")
-        status = http_status(err)
-        record_outcome(PROTOCOL, status, 0.0, err)
-        return JSONResponse(error_body(err), status_code=status)
+        return framework_answer(request, err)
 
     return app
+
+
+def protocol_of(path: str) -> str:
+    """Which protocol an HTTP path belongs to, for the metrics' protocol label."""
+    return "v2-http" if path == "/v2" or path.startswith("/v2/") else PROTOCOL
+
+
+def framework_answer(request: Request, exc: ServiceError) -> JSONResponse:
+    """An error the framework raised before a handler ran, counted and rendered in the shape of the path's protocol."""
+    from service.errors import v2_error_body
+
+    protocol = protocol_of(request.url.path)
+    metrics.record_outcome(protocol, exc, 0.0)
+    return error_response(exc, v2_error_body if protocol == "v2-http" else error_body)

@@ -7,9 +7,14 @@ processes (livesum: dead workers drop out). Buckets span 0.5 ms (GPU batches) to
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Iterator
+
 from prometheus_client import Counter, Gauge, Histogram
 
 from service.batcher import BatcherHooks
+from service.errors import ServiceError, http_status
 
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
@@ -35,9 +40,14 @@ POSTPROCESS_SECONDS = Histogram(
     "vitserve_postprocess_duration_seconds", "Softmax + top-k + response building per request", buckets=LATENCY_BUCKETS
 )
 BATCH_SIZE = Histogram("vitserve_batch_size", "Images per engine batch (before padding)", ["engine"], buckets=BATCH_BUCKETS)
-REQUESTS = Counter("vitserve_requests", "Classification requests answered", ["protocol", "status"])
+REQUESTS = Counter(
+    "vitserve_requests", "Classification requests answered, by protocol and the HTTP status their outcome maps to",
+    ["protocol", "status"],
+)
 IMAGES = Counter("vitserve_images", "Images classified", ["protocol"])
 REJECTIONS = Counter("vitserve_rejections", "Requests refused, by reason (the error type)", ["protocol", "reason"])
+EXPIRED = Counter("vitserve_deadline_expired_images", "Images whose deadline passed while queued (never computed)")
+PADDING = Counter("vitserve_batch_padding_images", "Rows of zeros added to reach a batch bucket", ["engine"])
 QUEUE_DEPTH = Gauge("vitserve_queue_depth", "Images waiting in the batch queue", multiprocess_mode="livesum")
 IN_FLIGHT = Gauge("vitserve_requests_in_flight", "Requests being processed", multiprocess_mode="livesum")
 ENGINE_INFO = Gauge(
@@ -64,10 +74,57 @@ def record_engine_selection(attempts) -> None:
             STARTUP_CHECK_LOGIT_DIFF.labels(engine=a.engine).set(a.startup_check.max_abs_logit_diff)
 
 
+# Client went away before an answer (HTTP disconnect, gRPC cancel): nginx's convention, so it never reads as ours.
+CLIENT_CLOSED = "499"
+
+
+def record_outcome(protocol: str, error: BaseException | None, seconds: float) -> None:
+    """One answered (or abandoned) request: every protocol and every error path ends here."""
+    if error is None:
+        status = "200"
+    elif isinstance(error, (GeneratorExit, KeyboardInterrupt)) or type(error).__name__ == "CancelledError":
+        status = CLIENT_CLOSED
+    else:
+        status = str(http_status(error))
+    REQUEST_SECONDS.labels(protocol=protocol, status=status).observe(seconds)
+    REQUESTS.labels(protocol=protocol, status=status).inc()
+    if error is not None:
+        reason = error.type if isinstance(error, ServiceError) else ("client_closed" if status == CLIENT_CLOSED else "internal")
+        REJECTIONS.labels(protocol=protocol, reason=reason).inc()
+
+
+class Outcome:
+    """What a front-end answered: nothing set = success; ``fail(exc)`` when it rendered an error itself."""
+
+    def __init__(self) -> None:
+        self.error: BaseException | None = None
+
+    def fail(self, exc: BaseException) -> None:
+        self.error = exc
+
+
+@contextlib.contextmanager
+def accounted(protocol: str) -> Iterator[Outcome]:
+    """The accounting every front-end wraps each request in: in-flight gauge, end-to-end latency, the answer counted
+    by protocol and status, refusals by error type. An exception that escapes counts as what it will be answered as."""
+    outcome = Outcome()
+    IN_FLIGHT.inc()
+    t0 = time.perf_counter()
+    try:
+        yield outcome
+    except BaseException as e:
+        outcome.error = outcome.error or e
+        raise
+    finally:
+        IN_FLIGHT.dec()
+        record_outcome(protocol, outcome.error, time.perf_counter() - t0)
+
+
 class PrometheusBatcherHooks(BatcherHooks):
     def __init__(self, engine_name: str):
         self._inference = INFERENCE_SECONDS.labels(engine=engine_name)
         self._batch = BATCH_SIZE.labels(engine=engine_name)
+        self._padding = PADDING.labels(engine=engine_name)
 
     def queue_depth(self, depth: int) -> None:
         QUEUE_DEPTH.set(depth)
@@ -78,3 +135,8 @@ class PrometheusBatcherHooks(BatcherHooks):
     def batch(self, size: int, padded_to: int, seconds: float) -> None:
         self._batch.observe(size)
         self._inference.observe(seconds)
+        if padded_to > size:
+            self._padding.inc(padded_to - size)
+
+    def expired(self, count: int) -> None:
+        EXPIRED.inc(count)

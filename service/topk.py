@@ -1,8 +1,17 @@
-"""logits → calibrated probabilities → top-k predictions with labels."""
+"""logits → calibrated probabilities → top-k predictions with labels: typed, for every front-end to render."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    index: int  # logit index of the label
+    score: float  # calibrated softmax probability
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -21,12 +30,14 @@ def topk_indices(scores: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-scores, axis=-1, kind="stable")[:, :k]
 
 
-def predictions(logits: np.ndarray, labels: list[str], *, temperature: float, k: int) -> list[dict]:
-    """One dict per image: {"top1": {...}, "top5": [...]} where top5 holds the ``k`` best (k defaults to 5)."""
-    probs = softmax(logits, temperature)
-    idx = topk_indices(probs, k)
-    out = []
-    for row, ids in zip(probs, idx):
-        ranked = [{"label": labels[i], "index": int(i), "score": float(row[i])} for i in ids]
-        out.append({"top1": ranked[0], "top5": ranked})
-    return out
+def rank(probabilities: np.ndarray, labels: list[str], k: int) -> list[list[Prediction]]:
+    """(B, L) probabilities → per image, the ``k`` best predictions, best first."""
+    return [
+        [Prediction(labels[i], int(i), float(row[i])) for i in ids]
+        for row, ids in zip(probabilities, topk_indices(probabilities, k))
+    ]
+
+
+def predictions(logits: np.ndarray, labels: list[str], *, temperature: float, k: int) -> list[list[Prediction]]:
+    """Logits → the ``k`` best calibrated predictions per image."""
+    return rank(softmax(logits, temperature), labels, k)

@@ -28,12 +28,13 @@ def test_the_two_setup_commands_exist_and_ci_runs_the_test_one():
 
 
 def test_error_table_matches_the_error_map():
-    from service.errors import STATUS_BY_TYPE
+    from service.errors import ERROR_TABLE
 
-    for cls, status in STATUS_BY_TYPE.items():
+    for cls, (status, code) in ERROR_TABLE.items():
         row = next((l for l in README.splitlines() if f"`{cls.type}`" in l and l.startswith("|")), None)
         assert row is not None, f"{cls.type} missing from the README's error table"
-        assert row.startswith(f"| {status}") or f"/ {status}" in row, (cls.type, status, row)
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert str(status) in cells[0].split(" / ") and code in cells[1].split(" / "), (cls.type, status, code, row)
 
 
 def test_metric_table_lists_every_exported_metric():

@@ -55,12 +55,13 @@ async def apost(client: httpx.AsyncClient, url: str, images: list[tuple[str, byt
 
 
 def direct_predictions(artifact, images: list[bytes]) -> list[dict]:
-    """The same artifact through the engine directly, no server: what the service must answer."""
+    """The same artifact through the engine directly, no server: what the service must answer (in its JSON shape)."""
     art = load_artifact(artifact)
     engine = load_engine(art, "auto")
     pre = Preprocessor(art.manifest.preprocessing)
     x = np.stack([pre.from_bytes(b, max_pixels=10**8) for b in images])
-    return predictions(engine.run(x), art.manifest.labels, temperature=art.manifest.temperature, k=5)
+    top = predictions(engine.run(x), art.manifest.labels, temperature=art.manifest.temperature, k=5)
+    return [{"top5": [{"label": p.label, "index": p.index, "score": p.score} for p in row]} for row in top]
 
 
 def assert_same_prediction(got: dict, want: dict) -> None:

@@ -19,13 +19,13 @@ def test_ties_break_to_lower_index():
 
 def test_predictions_have_labels_and_sorted_scores():
     labels = ["a", "b", "c", "d", "e", "f"]
-    out = predictions(np.array([[0.0, 3.0, 1.0, 2.0, -1.0, 0.5]]), labels, temperature=1.0, k=5)
-    assert out[0]["top1"]["label"] == "b" and out[0]["top1"]["index"] == 1
-    scores = [p["score"] for p in out[0]["top5"]]
-    assert [p["label"] for p in out[0]["top5"]] == ["b", "d", "c", "f", "a"]
-    assert scores == sorted(scores, reverse=True)
+    (out,) = predictions(np.array([[0.0, 3.0, 1.0, 2.0, -1.0, 0.5]]), labels, temperature=1.0, k=5)
+    assert out[0].label == "b" and out[0].index == 1
+    scores = [p.score for p in out]
+    assert [p.label for p in out] == ["b", "d", "c", "f", "a"]
+    assert scores == sorted(scores, reverse=True) and abs(sum(scores) - 1) < 0.05
 
 
 def test_k_larger_than_classes():
     out = predictions(np.array([[1.0, 2.0]]), ["x", "y"], temperature=1.0, k=5)
-    assert len(out[0]["top5"]) == 2
+    assert len(out[0]) == 2
