@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: serve test install data demo-model demo-artifact bench bento clean
+.PHONY: serve test install data clients protos demo-model demo-artifact bench bento clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,23 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 install: $(BIN)/.installed
+
+# The clients teams already own, in their own environment: tritonclient pins protobuf<7, vitserve's gRPC stack needs
+# protobuf 7, so they cannot share one (tests/test_grpc.py runs them from here, unmodified).
+CLIENT_VENV ?= .venv-clients
+$(CLIENT_VENV)/bin/.installed:
+	$(PYTHON) -m venv $(CLIENT_VENV)
+	$(CLIENT_VENV)/bin/python -m pip install -q --upgrade pip
+	$(CLIENT_VENV)/bin/python -m pip install -q 'tritonclient[grpc,http]==2.73.0'
+	touch $@
+
+clients: $(CLIENT_VENV)/bin/.installed
+
+# The committed gRPC stubs, regenerated from service/protos/*.proto (tests/test_grpc.py checks they match).
+protos: install
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. \
+	  service/protos/model_config.proto service/protos/grpc_service.proto
+	rm -f service/protos/model_config_pb2_grpc.py
 
 # Debian packages the tests use: real data for the fine-tune tests and the demo model (dataset-fashion-mnist, MIT
 # licensed), and qemu-user, whose qemu-x86_64 runs the INT8 engines on an emulated AVX2 CPU (tests/test_int8.py).
@@ -30,7 +47,7 @@ data:
 serve: install
 	BENTOML_DO_NOT_TRACK=True $(BIN)/vitserve serve
 
-test: install data
+test: install data clients
 	BENTOML_DO_NOT_TRACK=True $(BIN)/python -m pytest
 
 # Rebuild the embedded demo model from Fashion-MNIST: the exact recipe (README "The demo model"), ~12 min on
@@ -60,4 +77,4 @@ bento: install
 	BENTOML_DO_NOT_TRACK=True $(BIN)/bentoml build
 
 clean:
-	rm -rf $(VENV) .pytest_cache build dist *.egg-info
+	rm -rf $(VENV) $(CLIENT_VENV) .pytest_cache build dist *.egg-info

@@ -53,10 +53,12 @@ def _current_classifier():
 
 
 def _make_http_app():
-    from service.http_api import BodyLimit, create_app
+    from service.http_api import BodyLimit, create_app, protocol_of
+    from service.v2_http_api import create_router
 
     app = create_app(_current_classifier)
-    app.add_middleware(BodyLimit, max_bytes=lambda: _settings.max_body_bytes)
+    app.include_router(create_router(_current_classifier))  # KServe v2 REST beside our JSON API, same port
+    app.add_middleware(BodyLimit, max_bytes=lambda: _settings.max_body_bytes, protocol_of=protocol_of)
     return app
 
 
@@ -93,6 +95,16 @@ class VitServe:
     @bentoml.on_startup
     async def start_batcher(self) -> None:
         self.classifier.start()
+        self.grpc = None
+        if self.settings.grpc_port:  # on this worker's loop: gRPC requests join the same batches as HTTP ones
+            from service.auth import ApiKeys
+            from service.grpc_api import GrpcFrontEnd
+
+            try:
+                self.grpc = GrpcFrontEnd(self.classifier, self.settings, ApiKeys(self.settings.keys))
+                await self.grpc.start()
+            except (RuntimeError, OSError) as e:
+                _refuse_to_serve(f"gRPC front-end: {e}")
         # On SIGTERM, drain *before* uvicorn hears of it: uvicorn stops accepting connections at once, so
         # handing it the signal first would leave new clients hanging instead of getting our 503. Order:
         # readiness → 503 and new requests → 503; wait until every accepted request is answered (or the
@@ -106,6 +118,8 @@ class VitServe:
             clf = self.classifier
             log.info("SIGTERM: draining %d queued images, %d requests in flight", clf.batcher.depth, clf.in_flight)
             clf.begin_drain()
+            if self.grpc is not None:
+                await self.grpc.begin_drain()  # health NOT_SERVING; new calls get UNAVAILABLE from the classifier
             deadline = loop.time() + grace
             # Answer what was accepted, and keep answering newcomers 503 (with Connection: close) until they
             # stop coming: closing idle keep-alive connections under a client's feet is a dropped request.
@@ -123,8 +137,22 @@ class VitServe:
 
     @bentoml.on_shutdown
     async def drain(self) -> None:
+        if getattr(self, "grpc", None) is not None:
+            await self.grpc.stop(grace_s=1.0)  # already drained: only closes connections
         await self.classifier.stop(self.settings.drain_s)
         log.info("drained and stopped")
 
     def __is_ready__(self) -> bool:
         return self.classifier.ready
+
+
+def _add_access_control() -> None:
+    """API keys for every HTTP route BentoML serves (ours and its /metrics), checked before any body is read."""
+    from service.auth import ApiKeys, HttpAuth
+
+    keys = ApiKeys(_settings.keys)
+    if keys.enabled:
+        VitServe.add_asgi_middleware(HttpAuth, keys=keys, metrics_open=_settings.metrics_public)
+
+
+_add_access_control()

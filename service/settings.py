@@ -38,8 +38,15 @@ class Settings(BaseSettings):
     drain_quiet_s: float = Field(
         1.0, ge=0, description="on SIGTERM, stop once no request has arrived for this long (within the grace period)"
     )
-    host: str = Field("0.0.0.0", description="address `vitserve serve` binds")
-    port: int = Field(3000, ge=1, le=65535, description="port `vitserve serve` binds")
+    host: str = Field("0.0.0.0", description="address `vitserve serve` binds (HTTP and gRPC)")
+    port: int = Field(3000, ge=1, le=65535, description="HTTP port: our JSON API, KServe v2 REST, /metrics, probes")
+    grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port (KServe v2, health, reflection); 8001 as Triton's; 0 = off")
+    grpc_tls_cert: Path | None = Field(None, description="PEM certificate for TLS on the gRPC port (with grpc_tls_key)")
+    grpc_tls_key: Path | None = Field(None, description="PEM private key for TLS on the gRPC port")
+    api_keys: str = Field(
+        "", description="API keys every front-end requires: 'k1,k2' or '@file' (one per line); empty = no checks"
+    )
+    metrics_open: bool | None = Field(None, description="serve /metrics without a key; default: open unless keys are set")
 
     @property
     def server_shutdown_s(self) -> int:
@@ -51,10 +58,23 @@ class Settings(BaseSettings):
         """Our share: answering queued and in-flight requests. Together the two fit in grace_period_s."""
         return max(0.0, self.grace_period_s - self.server_shutdown_s)
 
+    @property
+    def keys(self) -> list[str]:
+        from service.auth import load_keys
+
+        return load_keys(self.api_keys)
+
+    @property
+    def metrics_public(self) -> bool:
+        return self.metrics_open if self.metrics_open is not None else not self.api_keys
+
     @model_validator(mode="after")
     def _check(self) -> "Settings":
         if any(b < 1 for b in self.batch_buckets):
             raise ValueError("batch_buckets must be positive sizes")
+        if (self.grpc_tls_cert is None) != (self.grpc_tls_key is None):
+            raise ValueError("grpc_tls_cert and grpc_tls_key go together")
+        self.keys  # noqa: B018 - an unreadable key file is a startup error, not a per-request one
         # BentoML runs hooks and workers from different directories: a relative artifact path means the
         # current directory if it exists there, else the project (Bento src/) root.
         if not self.artifact.is_absolute():

@@ -18,9 +18,11 @@ def metric_value(text: str, name: str, **labels: str) -> float:
 
 
 @contextmanager
-def running_server(artifact: Path, tmp: Path, **settings):
-    """Our service as users start it, configured by VITSERVE_* settings; the server has .url, .proc, .metrics()."""
+def running_server(artifact: Path, tmp: Path, *args: str, **settings):
+    """Our service as users start it, configured by VITSERVE_* settings (and `vitserve serve` ``args``); the server
+    has .url, .grpc_address, .proc, .metrics()."""
     settings.setdefault("decode_threads", 2)
-    with running_vitserve(artifact, tmp, **settings) as server:
-        server.metrics = lambda: httpx.get(f"{server.url}/metrics", timeout=10).text
+    headers = {"authorization": f"Bearer {settings['api_keys'].split(',')[0]}"} if settings.get("api_keys") else {}
+    with running_vitserve(artifact, tmp, *args, **settings) as server:
+        server.metrics = lambda: httpx.get(f"{server.url}/metrics", headers=headers, timeout=10).text
         yield server

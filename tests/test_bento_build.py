@@ -33,9 +33,9 @@ def test_bentoml_build_then_serve_the_bento(tmp_path, tiny_artifact):
     assert (bento_src / "service" / "app.py").is_file()
     assert (bento_src / "artifacts" / "tiny" / "manifest.json").is_file()
 
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", tag, "--port", str(port), "--host", "127.0.0.1"],
-                            env={**env, "VITSERVE_ARTIFACT": "artifacts/tiny"}, stdout=subprocess.PIPE,
+                            env={**env, "VITSERVE_ARTIFACT": "artifacts/tiny", "VITSERVE_GRPC_PORT": str(grpc_port)}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
     try:
         deadline = time.monotonic() + 120
@@ -49,5 +49,12 @@ def test_bentoml_build_then_serve_the_bento(tmp_path, tiny_artifact):
             time.sleep(0.5)
         info = httpx.get(f"http://127.0.0.1:{port}/info", timeout=10).json()
         assert info["model"]["name"] == read_manifest(tiny_artifact).model.name
+        import grpc
+
+        from service.protos import grpc_service_pb2 as pb
+        from service.protos import grpc_service_pb2_grpc as pb_grpc
+
+        ready = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(f"127.0.0.1:{grpc_port}")).ServerReady(pb.ServerReadyRequest(), timeout=10)
+        assert ready.ready  # the Bento's packages carry the gRPC front-end too
     finally:
         stop(proc)
