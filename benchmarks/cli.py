@@ -1,7 +1,8 @@
 """`vitserve bench`: engine sweep, service load, and the peer comparison. Each subcommand owns its own options.
 
     vitserve bench engines --config vit-small          # every engine here × batch sizes (GPU: fraction of matmul)
-    vitserve bench load --url http://127.0.0.1:3000     # load a running service (closed and open loop)
+    vitserve bench load --url http://127.0.0.1:3000     # load a running service (closed and open loop; --protocol grpc)
+    vitserve bench protocols --images DIR               # the three protocols on every image of a labelled folder
     vitserve bench compare --config vit-small          # ours vs raw engine vs BentoML-idiomatic vs naive peer
     vitserve bench int8 --config vit-small             # INT8 schemes: img/s by batch and parity, old against new
     vitserve bench flops --config vit-large             # FLOPs per image of a config or checkpoint
@@ -20,6 +21,7 @@ SUBCOMMANDS = {
     "engines": ("benchmarks.engine_sweep", "every engine on this machine × a batch-size grid"),
     "load": ("benchmarks.service_load", "closed- and open-loop load against a running service URL"),
     "compare": ("benchmarks.compare", "our service vs the raw engine and two BentoML peers, one run"),
+    "protocols": ("benchmarks.protocol_agreement", "every image of a labelled folder over /classify, KServe v2 HTTP and gRPC: same answers?"),
     "int8": ("benchmarks.int8_schemes", "old vs saturation-free INT8 schemes: speed by batch and parity (optionally on emulated AVX2)"),
     "flops": ("benchmarks.cli", "FLOPs per image of a ViT config or checkpoint"),
 }

@@ -1,6 +1,7 @@
-"""Load a running classification service over HTTP and report what clients saw and what the server's stages did.
+"""Load a running classification service over HTTP or gRPC and report what clients saw and what its stages did.
 
     vitserve bench load --url http://127.0.0.1:3000 [--concurrency 1,4,16] [--rates 5,10] [--duration 10]
+    vitserve bench load --url http://127.0.0.1:3000 --protocol grpc [--grpc 127.0.0.1:8001]   # KServe v2 ModelInfer
 
 Two ways to offer load, both with real JPEG/PNG photographs (benchmarks/photos.py), one image per request:
 
@@ -43,7 +44,7 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 # ---- requests ----------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Body:
-    content: bytes
+    content: bytes  # HTTP: the multipart body; gRPC: a serialised ModelInferRequest
     headers: dict[str, str]
     images: int
 
@@ -58,6 +59,71 @@ def multipart_bodies(photos: list[Photo], images_per_request: int = 1, field: st
         req.read()
         bodies.append(Body(req.content, {"content-type": req.headers["content-type"]}, images_per_request))
     return bodies
+
+
+def grpc_bodies(photos: list[Photo], model: str, images_per_request: int = 1) -> list[Body]:
+    """Pre-serialised KServe v2 ModelInferRequests (input "image", BYTES, raw_input_contents), one per photo."""
+    import struct
+
+    from service.protos import grpc_service_pb2 as pb
+
+    bodies = []
+    n = len(photos)
+    for i in range(n):
+        images = [photos[(i + j) % n].data for j in range(images_per_request)]
+        req = pb.ModelInferRequest(model_name=model)
+        req.inputs.add(name="image", datatype="BYTES", shape=[len(images)])
+        req.raw_input_contents.append(b"".join(struct.pack("<I", len(x)) + x for x in images))
+        bodies.append(Body(req.SerializeToString(), {}, images_per_request))
+    return bodies
+
+
+class HttpSender:
+    """POST each body to ``url`` over HTTP/1.1, one kept-alive connection per concurrent request."""
+
+    def __init__(self, url: str, pool: int, timeout_s: float):
+        self.url, self.client = url, _client(pool, timeout_s)
+
+    async def __aenter__(self):
+        await self.client.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.client.__aexit__(*exc)
+
+    async def send(self, body: Body, rec: Record) -> None:
+        await _send(self.client, self.url, body, rec)
+
+
+class GrpcSender:
+    """ModelInfer on one HTTP/2 channel (gRPC multiplexes concurrent calls): bytes in, bytes out, so the client spends
+    no CPU on protobuf in the run. Status: "200" for OK, else the gRPC code's name."""
+
+    def __init__(self, target: str, pool: int, timeout_s: float):
+        import grpc
+
+        self.grpc, self.timeout_s = grpc, timeout_s
+        self.channel = grpc.aio.insecure_channel(target, options=[("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)])
+        self.call = self.channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.channel.close()
+
+    async def send(self, body: Body, rec: Record) -> None:
+        rec.sent = time.perf_counter()
+        try:
+            await self.call(body.content, timeout=self.timeout_s)
+            rec.status = "200"
+        except self.grpc.aio.AioRpcError as e:
+            rec.status = e.code().name if e.code() != self.grpc.StatusCode.DEADLINE_EXCEEDED else "timeout"
+        rec.done = time.perf_counter()
+
+
+def sender(protocol: str, url: str, grpc_target: str | None, pool: int, timeout_s: float):
+    return GrpcSender(grpc_target, pool, timeout_s) if protocol == "grpc" else HttpSender(url, pool, timeout_s)
 
 
 @dataclass
@@ -209,11 +275,11 @@ def summarize(records: list[Record], window: tuple[float, float], *, latency_fro
 # ---- closed loop -------------------------------------------------------------------------------------------------
 async def closed_loop(
     base: str, bodies: list[Body], *, concurrency: int, warmup_s: float, duration_s: float,
-    timeout_s: float = 30, path: str = "/classify",
+    timeout_s: float = 30, path: str = "/classify", protocol: str = "http", grpc_target: str | None = None,
 ) -> dict:
     url = f"{base}{path}"
     records: list[Record] = []
-    async with _client(concurrency, timeout_s) as client, httpx.AsyncClient() as meta:
+    async with sender(protocol, url, grpc_target, concurrency, timeout_s) as client, httpx.AsyncClient() as meta:
         t0 = time.perf_counter()
         w_start, w_end = t0 + warmup_s, t0 + warmup_s + duration_s
         snapshots: dict[str, list | None] = {}
@@ -224,7 +290,7 @@ async def closed_loop(
                 now = time.perf_counter()
                 rec = Record(scheduled=now, sent=now, images=bodies[k % len(bodies)].images)
                 records.append(rec)
-                await _send(client, url, bodies[k % len(bodies)], rec)
+                await client.send(bodies[k % len(bodies)], rec)
                 k += concurrency
 
         async def scraper() -> None:
@@ -234,7 +300,7 @@ async def closed_loop(
             snapshots["after"], snapshots["cpu_after"] = await scrape(meta, base), cpu_snapshot()
 
         await asyncio.gather(scraper(), *(worker(i) for i in range(concurrency)))
-    out = {"mode": "closed", "concurrency": concurrency, **summarize(records, (w_start, w_end), latency_from="sent")}
+    out = {"mode": "closed", "protocol": protocol, "concurrency": concurrency, **summarize(records, (w_start, w_end), latency_from="sent")}
     # Cross-check: with every client always waiting on one request, Little's law gives throughput = clients ÷ mean
     # latency. It does not depend on how completions bunch up at the window's edges (a batch of 16 finishing just
     # inside or just outside a 15 s window moves the counted figure by ~10% at ~12 img/s).
@@ -259,14 +325,14 @@ def poisson_schedule(rate: float, duration_s: float, seed: int = 0) -> list[floa
 
 async def open_loop(
     base: str, bodies: list[Body], *, rate: float, warmup_s: float, duration_s: float, max_outstanding: int = 64,
-    timeout_s: float = 30, seed: int = 0, path: str = "/classify",
+    timeout_s: float = 30, seed: int = 0, path: str = "/classify", protocol: str = "http", grpc_target: str | None = None,
 ) -> dict:
     url = f"{base}{path}"
     schedule = [t for t in poisson_schedule(rate, warmup_s, seed)] + [warmup_s + t for t in poisson_schedule(rate, duration_s, seed + 1)]
     records: list[Record] = []
     tasks: list[asyncio.Task] = []
     outstanding = 0
-    async with _client(max_outstanding, timeout_s) as client, httpx.AsyncClient() as meta:
+    async with sender(protocol, url, grpc_target, max_outstanding, timeout_s) as client, httpx.AsyncClient() as meta:
         t0 = time.perf_counter() + 0.05
         w_start, w_end = t0 + warmup_s, t0 + warmup_s + duration_s
         snapshots: dict[str, list | None] = {}
@@ -274,7 +340,7 @@ async def open_loop(
         async def one(body: Body, rec: Record) -> None:
             nonlocal outstanding
             try:
-                await _send(client, url, body, rec)
+                await client.send(body, rec)
             finally:
                 outstanding -= 1
 
@@ -305,7 +371,7 @@ async def open_loop(
     # generator that fell behind its schedule would send fewer inside the window.
     sent_in_window = [r for r in records if w_start <= r.sent < w_end]
     out = {
-        "mode": "open", "target_rate_rps": rate, "max_outstanding": max_outstanding,
+        "mode": "open", "protocol": protocol, "target_rate_rps": rate, "max_outstanding": max_outstanding,
         "achieved_arrival_rps": round(len(sent_in_window) / duration_s, 3),
         **summarize(records, (w_start, w_end), latency_from="scheduled"),
     }
@@ -331,9 +397,18 @@ def _list_ok(body, n: int) -> bool:
 RESPONSE_CHECKS: dict[str, Callable] = {"vitserve": _vitserve_ok, "bentoml-batching": _list_ok, "naive-pipeline": _list_ok}
 
 
-async def check_answers(base: str, bodies: list[Body], kind: str, count: int = 4, path: str = "/classify") -> dict:
+async def check_answers(base: str, bodies: list[Body], kind: str, count: int = 4, path: str = "/classify",
+                        protocol: str = "http", grpc_target: str | None = None) -> dict:
     """A few sequential requests before measuring: the service answers this request shape with real predictions
     (and is warm)."""
+    if protocol == "grpc":
+        async with GrpcSender(grpc_target, 1, 120) as client:
+            for i in range(count):
+                rec = Record(scheduled=0.0, sent=0.0)
+                await client.send(bodies[i % len(bodies)], rec)
+                if rec.status != "200":
+                    raise RuntimeError(f"gRPC ModelInfer at {grpc_target} answered {rec.status}")
+        return {"checked_requests": count, "shape": "kserve-v2-grpc"}
     checker = RESPONSE_CHECKS.get(kind, lambda body, n: True)
     async with _client(1, 120) as client:
         for i in range(count):
@@ -348,25 +423,27 @@ async def check_answers(base: str, bodies: list[Body], kind: str, count: int = 4
 async def run_load(
     base: str, bodies: list[Body], *, kind: str = "vitserve", concurrency: list[int], rates: list[float],
     warmup_s: float, duration_s: float, max_outstanding: int, timeout_s: float, seed: int = 0,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = print, protocol: str = "http", grpc_target: str | None = None,
 ) -> dict:
-    check = await check_answers(base, bodies, kind)
+    check = await check_answers(base, bodies, kind, protocol=protocol, grpc_target=grpc_target)
     closed = []
     for c in concurrency:
-        r = await closed_loop(base, bodies, concurrency=c, warmup_s=warmup_s, duration_s=duration_s, timeout_s=timeout_s)
+        r = await closed_loop(base, bodies, concurrency=c, warmup_s=warmup_s, duration_s=duration_s, timeout_s=timeout_s,
+                              protocol=protocol, grpc_target=grpc_target)
         log(f"  {kind} closed c={c:<3d} {r['throughput_images_per_s']:7.2f} img/s  p50 {r['latency']['p50_ms']} ms  "
             f"p99 {r['latency']['p99_ms']} ms  errors {r['errors'] or '-'}")
         closed.append(r)
     opened = []
     for rate in rates:
         r = await open_loop(base, bodies, rate=rate, warmup_s=warmup_s, duration_s=duration_s,
-                            max_outstanding=max_outstanding, timeout_s=timeout_s, seed=seed)
+                            max_outstanding=max_outstanding, timeout_s=timeout_s, seed=seed, protocol=protocol, grpc_target=grpc_target)
         log(f"  {kind} open {rate:6.2f}/s  arrivals {r['achieved_arrival_rps']:6.2f}/s  {r['throughput_images_per_s']:7.2f} img/s  "
             f"p50 {r['latency']['p50_ms']} ms  p99 {r['latency']['p99_ms']} ms  errors {r['errors'] or '-'}")
         opened.append(r)
     best = max(closed, key=lambda r: r["throughput_images_per_s"]) if closed else None
     return {
-        "url": base, "kind": kind, "answer_check": check, "closed_loop": closed, "open_loop": opened,
+        "url": base, "kind": kind, "protocol": protocol, "grpc_target": grpc_target, "answer_check": check,
+        "closed_loop": closed, "open_loop": opened,
         "saturation": None if best is None else {
             "images_per_s": best["throughput_images_per_s"], "concurrency": best["concurrency"], "latency": best["latency"],
         },
@@ -385,6 +462,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--url", required=True, help="base URL of a running service, e.g. http://127.0.0.1:3000")
     p.add_argument("--kind", default="vitserve", choices=sorted(RESPONSE_CHECKS), help="answer shape to check before loading")
+    p.add_argument("--protocol", default="http", choices=("http", "grpc"),
+                   help="http: multipart POST /classify; grpc: KServe v2 ModelInfer (image BYTES), /metrics still via --url")
+    p.add_argument("--grpc", default=None, metavar="HOST:PORT", help="gRPC address (default: --url's host, port 8001)")
+    p.add_argument("--model", default=None, help="model name for gRPC (default: from GET /info)")
     p.add_argument("--concurrency", default="1,4,16", help="closed-loop client counts (empty: none)")
     p.add_argument("--rates", default="", help="open-loop arrival rates, requests/s (empty: none)")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds before each measured window")
@@ -403,12 +484,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     base = check_url(args.url, args.allow_remote)
     photos = realistic_photos()
-    bodies = multipart_bodies(photos, args.images_per_request)
+    grpc_target = None
+    if args.protocol == "grpc":
+        grpc_target = args.grpc or f"{urlparse(base).hostname}:8001"
+        check_url(f"http://{grpc_target}", args.allow_remote)
+        model = args.model or httpx.get(f"{base}/info", timeout=10).json()["model"]["name"]
+        bodies = grpc_bodies(photos, model, args.images_per_request)
+    else:
+        bodies = multipart_bodies(photos, args.images_per_request)
     load_before = load_average()
     result = asyncio.run(run_load(
         base, bodies, kind=args.kind, concurrency=[int(c) for c in _floats(args.concurrency)], rates=_floats(args.rates),
         warmup_s=args.warmup, duration_s=args.duration, max_outstanding=args.max_outstanding, timeout_s=args.timeout,
-        seed=args.seed,
+        seed=args.seed, protocol=args.protocol, grpc_target=grpc_target,
     ))
     payload = {
         "benchmark": "service_load", "command": "vitserve bench load " + " ".join(argv if argv is not None else sys.argv[1:]),
