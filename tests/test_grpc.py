@@ -378,6 +378,21 @@ def test_api_keys_on_every_protocol(tiny_artifact, tmp_path, model_name, photo_b
             assert "error" in without["grpc"] and "error" in without["v2-http"], without
 
 
+@pytest.mark.skipif(not __import__("shutil").which("openssl"), reason="needs openssl to make a test certificate")
+def test_grpc_over_tls(tiny_artifact, tmp_path, model_name, photo_bytes):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    with running_server(tiny_artifact, tmp_path, "--grpc-tls-cert", str(cert), "--grpc-tls-key", str(key)) as s:
+        secure = grpc.secure_channel(s.grpc_address, grpc.ssl_channel_credentials(root_certificates=cert.read_bytes()))
+        response = pb_grpc.GRPCInferenceServiceStub(secure).ModelInfer(image_request(model_name, [photo_bytes[0][1]]), timeout=30)
+        assert probabilities(response).shape == (1, 10)
+        code, _ = grpc_code(stub(s.grpc_address).ServerReady, pb.ServerReadyRequest())  # plaintext is not served
+        assert code == grpc.StatusCode.UNAVAILABLE
+        assert httpx.get(f"{s.url}/info", timeout=10).json()["protocols"]["grpc"]["tls"] is True
+
+
 # ---- the stubs ---------------------------------------------------------------------------------------------------------------
 def test_committed_stubs_are_what_the_protos_generate(tmp_path):
     from grpc_tools import protoc
