@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "load": ("benchmarks.service_load", "closed- and open-loop load against a running service URL"),
     "compare": ("benchmarks.compare", "our service vs the raw engine and two BentoML peers, one run"),
     "protocols": ("benchmarks.protocol_agreement", "every image of a labelled folder over /classify, KServe v2 HTTP and gRPC: same answers?"),
+    "decode": ("benchmarks.decode", "JPEG draft margins: decode ms/image at 640x480 to 4000x3000 against parity"),
     "int8": ("benchmarks.int8_schemes", "old vs saturation-free INT8 schemes: speed by batch and parity (optionally on emulated AVX2)"),
     "flops": ("benchmarks.cli", "FLOPs per image of a ViT config or checkpoint"),
 }

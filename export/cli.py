@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-images", type=int, default=128, help="images that calibrate static INT8 (never gated on)")
     p.add_argument("--int8-calibration", choices=("percentile", "minmax"), default="percentile", help="static INT8 activation range rule")
     p.add_argument("--golden-images", type=int, default=32, help="golden-set images the service re-checks at startup")
+    p.add_argument("--jpeg-draft-margin", type=float, default=1.0,
+                   help="decode JPEGs at the smallest DCT scale keeping this × the input size (0: full size); in the manifest")
     p.add_argument("--cpu-candidates", default="fp32,int8-dynamic,int8-static",
                    help="CPU engines to build, gate and time by batch size; the fastest passing one ships (int8 = both schemes)")
     p.add_argument("--speed-seconds", type=float, default=0.5, help="time each candidate at least this long per batch size")
@@ -83,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                 calibration_images=args.calibration_images,
                 int8_calibration=args.int8_calibration,
                 golden_images=args.golden_images,
+                jpeg_draft_margin=args.jpeg_draft_margin,
                 cpu_candidates=tuple(c.strip() for c in args.cpu_candidates.split(",") if c.strip()),
                 speed_seconds=args.speed_seconds,
                 thresholds=thresholds,

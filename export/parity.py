@@ -129,7 +129,7 @@ def decode_images(images: list[tuple[str, bytes]], pre: Preprocessor, max_pixels
     """The serving path up to normalisation: decode + resize/crop. Returns (N, H, W, 3) uint8 (what the golden set
     stores)."""
     return np.stack(
-        [pre.to_uint8(decode_image(b, max_pixels=max_pixels, target_size=pre.input_size, index=i)) for i, (_, b) in enumerate(images)]
+        [pre.to_uint8(pre.decode(b, max_pixels=max_pixels, index=i)) for i, (_, b) in enumerate(images)]
     )
 
 

@@ -6,7 +6,9 @@ One asyncio task assembles batches; the engine call runs in one worker thread, s
 flight per engine while the next one is assembled on the event loop. Rules:
 
 - bounded queue (in images): a request that does not fit is rejected whole with ``Overloaded`` (429);
-- a batch closes when it is full, or when its oldest image has waited ``max_wait_s`` and the engine is free;
+- a batch closes when it is full, or when its oldest image has waited ``max_wait_s`` and the engine is free and no
+  admitted image is still being decoded (``expect``): those would otherwise miss this batch by a few milliseconds
+  and wait a whole batch for the next. The wait for them is bounded by ``DECODE_HOLD_S``;
 - an image whose deadline passed while queued fails with ``DeadlineExceeded`` and is never computed;
 - an image whose caller went away (future cancelled) is dropped before computing;
 - batches are padded up to the next configured bucket for fixed-shape engines; padding rows are discarded;
@@ -43,6 +45,10 @@ class _Item:
     deadline: float  # time.monotonic() after which it must not be computed
     enqueued: float
     future: asyncio.Future = field(repr=False)
+
+
+# How long a batch may wait, beyond max_wait, for images still being decoded: a few decodes of a large photo.
+DECODE_HOLD_S = 0.05
 
 
 class BatcherHooks:
@@ -85,6 +91,7 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vitserve-engine")
         self._batch_seconds_ewma: float | None = None
         self._batches_run = 0
+        self._expected = 0  # images admitted upstream and still decoding
 
     # ---- public interface -------------------------------------------------------------------------
     def start(self) -> None:
@@ -98,6 +105,12 @@ class Batcher:
     @property
     def idle(self) -> bool:
         return not self._pending and not self._busy
+
+    def expect(self, images: int) -> None:
+        """Upstream is decoding ``images`` more (negative: they arrived or failed). Called on the loop's thread."""
+        self._expected += images
+        if images < 0:
+            self._wake.set()
 
     def retry_after_s(self) -> float:
         """A client-facing estimate of how long the current queue takes to clear."""
@@ -161,9 +174,11 @@ class Batcher:
             # until the oldest image has waited max_wait_s.
             oldest = self._pending[0].enqueued
             full = len(self._pending) >= self.max_batch_size
-            waited = time.monotonic() - oldest >= self.max_wait_s
-            if self._busy or not (full or waited):
-                timeout = None if self._busy else max(0.0, oldest + self.max_wait_s - time.monotonic())
+            waited = time.monotonic() - oldest
+            due = waited >= self.max_wait_s and (self._expected <= 0 or waited >= self.max_wait_s + DECODE_HOLD_S)
+            if self._busy or not (full or due):
+                limit = self.max_wait_s + (DECODE_HOLD_S if self._expected > 0 else 0.0)
+                timeout = None if self._busy else max(0.0, oldest + limit - time.monotonic())
                 await self._wait(timeout)
                 continue
             batch = self._take()

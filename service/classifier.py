@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
-from service import metrics
-from service.artifact import load_artifact
+from service import cpu_budget, hardware, metrics
+from service.artifact import SpeedCurve, load_artifact
 from service.batcher import Batcher, BatchStats
-from service.engines import select_engine
+from service.engines import cuda_available, select_engine, speed_curve
 from service.errors import EmptyRequest, InvalidParameter, NotReady, ShuttingDown, TooManyImages
 from service.preprocess import Preprocessor
 from service.settings import Settings
@@ -50,20 +49,26 @@ class Classifier:
         t0 = time.perf_counter()
         self.artifact = load_artifact(settings.artifact, verify=False)  # engine files are verified as loaded
         self.manifest = self.artifact.manifest
+        # One CPU budget (service/cpu_budget.py): how many cores, the engine's and decode's shares, whether they
+        # take turns. Planned for the engine `auto` will most likely pick, re-planned if it picked the other kind.
+        self.threads = self._plan(cpu_engine=settings.engine.endswith("-cpu") or (settings.engine == "auto" and not cuda_available()))
         # Checksum, load, and re-check the golden set on this machine (auto skips an engine that fails it).
         self.selection = select_engine(
-            self.artifact, settings.engine, intra_op_threads=settings.intra_op_threads, check=settings.startup_check
-        )
+            self.artifact, settings.engine, intra_op_threads=self.threads.engine_threads,
+            spinning=self.threads.spinning, check=settings.startup_check,
+        )  # fmt: skip
         self.engine = self.selection.engine
+        if (self.engine.device == "cpu") != bool(self.threads.engine_threads):
+            self.threads = self._plan(cpu_engine=self.engine.device == "cpu")
         metrics.record_engine_selection(self.selection.attempts)
+        self.gate = cpu_budget.CpuGate(self.threads.gate)
         self.preprocessor = Preprocessor(self.manifest.preprocessing)
-        self.max_batch_size = min(settings.max_batch_size, self.engine.max_batch_size)
+        self.max_batch_size, self.max_batch_reason, self.speed = self._max_batch()
         buckets = settings.batch_buckets or list(self.engine.batch_buckets)
         self.warmup_sizes = sorted({b for b in buckets if b <= self.max_batch_size} | {1, self.max_batch_size})
         self.engine.warmup(self.warmup_sizes)  # every bucket once, before readiness
         self.buckets = buckets
-        threads = settings.decode_threads or min(4, os.cpu_count() or 1)
-        self._decode_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="vitserve-decode")
+        self._decode_pool = ThreadPoolExecutor(max_workers=self.threads.decode_threads, thread_name_prefix="vitserve-decode")
         self.batcher: Batcher | None = None
         self.draining = False
         self.in_flight = 0  # requests between check and answer: the drain waits for this to reach 0
@@ -74,15 +79,40 @@ class Classifier:
             model=self.manifest.model.name, version=self.manifest.model.version,
         ).set(1)
         log.info(
-            "ready to start: model %s v%s, engine %s, max batch %d, warmed %s in %.1fs",
+            "ready to start: model %s v%s, engine %s, max batch %d (%s), %s, warmed %s in %.1fs",
             self.manifest.model.name, self.manifest.model.version, self.engine.name, self.max_batch_size,
-            self.warmup_sizes, time.perf_counter() - t0,
+            self.max_batch_reason, self.threads, self.warmup_sizes, time.perf_counter() - t0,
         )
+
+    def _plan(self, *, cpu_engine: bool) -> cpu_budget.ThreadPlan:
+        s = self.settings
+        return cpu_budget.plan(cpu_engine=cpu_engine, cores=s.cpu_cores, decode_threads=s.decode_threads,
+                               engine_threads=s.intra_op_threads, gate=s.cpu_gate)
+
+    def _max_batch(self) -> tuple[int, str, SpeedCurve | None]:
+        """The batcher's limit: the setting if given; on a CPU engine, the batch it is fastest at on this CPU
+        (export's curve when export timed it on this CPU model and instruction set, else a curve measured now, a few
+        seconds); on a GPU, 32 (larger batches keep a GPU busier). Never above the engine's own limit."""
+        limit = self.engine.max_batch_size
+        if self.settings.max_batch_size is not None:
+            return min(self.settings.max_batch_size, limit), "VITSERVE_MAX_BATCH_SIZE", None
+        if self.engine.device != "cpu":
+            return min(32, limit), "GPU engine: 32, the default for a device that batching keeps busy", None
+        here = hardware.describe("cpu")
+        curve = self.engine.entry.speed
+        same_cpu = curve is not None and all(curve.measured_on.get(k) == here.get(k) for k in ("cpu", "isa"))
+        if not same_cpu:
+            golden = self.artifact.golden_set()
+            pixels = self.preprocessor.normalize(golden[0]) if golden is not None else np.zeros((1, 3, *self.input_size), np.float32)
+            curve = speed_curve(self.engine, pixels, limit, min_seconds=0.2, max_call_s=1.0)
+        where = "export's speed curve, timed on this CPU" if same_cpu else "a speed curve measured at startup on this CPU"
+        rates = ", ".join(f"b{b} {r:.1f}" for b, r in curve.images_per_s.items())
+        return min(curve.best_batch, limit), f"the engine's fastest batch ({where}: img/s {rates})", curve
 
     def start(self) -> None:
         """Start the batcher on the running event loop; the service is ready after this."""
         self.batcher = Batcher(
-            self.engine.run,
+            self._run_batch,
             max_batch_size=self.max_batch_size,
             max_wait_s=self.settings.max_wait_ms / 1000,
             queue_capacity=self.settings.queue_capacity,
@@ -117,9 +147,14 @@ class Classifier:
         self._decode_pool.shutdown(wait=False)
 
     def _decode(self, data: bytes, index: int) -> tuple[np.ndarray, float]:
-        t = time.perf_counter()
-        x = self.preprocessor.from_bytes(data, max_pixels=self.settings.max_image_pixels, index=index)
-        return x, time.perf_counter() - t
+        with self.gate.decode():  # not while a CPU engine batch runs: they would only slow each other down
+            t = time.perf_counter()
+            x = self.preprocessor.from_bytes(data, max_pixels=self.settings.max_image_pixels, index=index)
+            return x, time.perf_counter() - t
+
+    def _run_batch(self, pixels: np.ndarray) -> np.ndarray:
+        with self.gate.engine():
+            return self.engine.run(pixels)
 
     def check_accepting(self) -> None:
         """Refuse at once (before reading a body) while loading or draining."""
@@ -148,10 +183,14 @@ class Classifier:
         try:
             t0 = time.perf_counter()
             loop = asyncio.get_running_loop()
-            decoded = await asyncio.gather(
-                *(loop.run_in_executor(self._decode_pool, self._decode, b, i) for i, b in enumerate(images)),
-                return_exceptions=True,
-            )
+            self.batcher.expect(len(images))  # a batch about to close waits (briefly) for these
+            try:
+                decoded = await asyncio.gather(
+                    *(loop.run_in_executor(self._decode_pool, self._decode, b, i) for i, b in enumerate(images)),
+                    return_exceptions=True,
+                )
+            finally:
+                self.batcher.expect(-len(images))  # no await between this and submit(): the batch cannot close in between
             for d in decoded:  # report the lowest-index bad image; the others' work is simply dropped
                 if isinstance(d, BaseException):
                     raise d

@@ -212,8 +212,10 @@ def create_app(get_classifier: Callable[[], Classifier]) -> FastAPI:
                 "grpc": {"port": s.grpc_port or None, "service": "inference.GRPCInferenceService", "tls": s.grpc_tls_cert is not None},
                 "api_keys": bool(s.api_keys),
             },
+            "cpu_budget": clf.threads.describe(),
             "limits": {
                 "max_batch_size": clf.max_batch_size,
+                "max_batch_size_reason": clf.max_batch_reason,
                 "max_images_per_request": s.max_images_per_request,
                 "max_body_bytes": s.max_body_bytes,
                 "max_image_pixels": s.max_image_pixels,

@@ -8,6 +8,7 @@ CPU-bound: the service runs it in a thread pool, never on the event loop (Pillow
 from __future__ import annotations
 
 import io
+import math
 import warnings
 
 import numpy as np
@@ -26,13 +27,18 @@ _RESAMPLE = {
     "lanczos": Image.Resampling.LANCZOS,
 }
 
-# JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale in the DCT, far cheaper than a full decode. We ask for
-# at least this multiple of the model's input so the following antialiased resize still has detail to use.
-_DRAFT_MARGIN = 2
+# JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale in the DCT, far cheaper than a full decode; how much larger than
+# the model's input the draft must stay is the manifest's preprocessing.jpeg_draft_margin (benchmarks/decode.py
+# measures it against parity and decode time).
+DEFAULT_DRAFT_MARGIN = 1.0
 
 
-def decode_image(data: bytes, *, max_pixels: int, target_size: tuple[int, int] | None = None, index: int = 0) -> Image.Image:
-    """Decode untrusted bytes into an RGB image. Raises a ServiceError naming ``index`` on bad input."""
+def decode_image(
+    data: bytes, *, max_pixels: int, target_size: tuple[int, int] | None = None, index: int = 0,
+    draft_margin: float = DEFAULT_DRAFT_MARGIN,
+) -> Image.Image:
+    """Decode untrusted bytes into an RGB image (JPEGs at a DCT scale keeping ``draft_margin`` × ``target_size``).
+    Raises a ServiceError naming ``index`` on bad input."""
     if not data:
         raise UnsupportedImage(f"image {index} is empty", index=index)
     try:
@@ -58,9 +64,9 @@ def decode_image(data: bytes, *, max_pixels: int, target_size: tuple[int, int] |
         raise ImageTooLarge(
             f"image {index} is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}", index=index
         )
-    if img.format == "JPEG" and target_size is not None:
+    if img.format == "JPEG" and target_size is not None and draft_margin > 0:
         th, tw = target_size
-        img.draft("RGB", (tw * _DRAFT_MARGIN, th * _DRAFT_MARGIN))
+        img.draft("RGB", (math.ceil(tw * draft_margin), math.ceil(th * draft_margin)))
     try:
         img.load()
         img = ImageOps.exif_transpose(img)  # phones store rotation in EXIF, not in the pixels
@@ -149,7 +155,12 @@ class Preprocessor:
 
     def decode_uint8(self, data: bytes, *, max_pixels: int, index: int = 0) -> np.ndarray:
         """Bytes → (H, W, 3) uint8 exactly as served, before normalisation (training's data loader stops here)."""
-        return self.to_uint8(decode_image(data, max_pixels=max_pixels, target_size=self.input_size, index=index))
+        return self.to_uint8(self.decode(data, max_pixels=max_pixels, index=index))
+
+    def decode(self, data: bytes, *, max_pixels: int, index: int = 0) -> Image.Image:
+        """Bytes → RGB image, decoded at the size this model needs (the spec's JPEG draft margin)."""
+        return decode_image(data, max_pixels=max_pixels, target_size=self.input_size, index=index,
+                            draft_margin=self.spec.jpeg_draft_margin)
 
     def from_bytes(self, data: bytes, *, max_pixels: int, index: int = 0) -> np.ndarray:
         return self.normalize(self.decode_uint8(data, max_pixels=max_pixels, index=index))

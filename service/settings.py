@@ -21,7 +21,11 @@ class Settings(BaseSettings):
     startup_check: bool = Field(
         True, description="re-check the artifact's golden set through the engine on this machine before readiness"
     )
-    max_batch_size: int = Field(32, ge=1, description="largest batch the batcher forms (capped by the engine's)")
+    max_batch_size: int | None = Field(
+        None, ge=1,
+        description="largest batch the batcher forms (capped by the engine's); unset = the engine's fastest batch on "
+        "this CPU (export's speed curve, or one measured at startup), 32 on a GPU",
+    )
     max_wait_ms: float = Field(5.0, ge=0, description="how long the oldest queued image may wait for a fuller batch")
     queue_capacity: int = Field(256, ge=1, description="images that may wait in the queue; beyond it requests get 429")
     batch_buckets: list[int] = Field(
@@ -32,8 +36,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="larger request bodies → 413")
     max_image_pixels: int = Field(40_000_000, ge=1, description="larger images (width×height) → 422, before decoding")
     default_top_k: int = Field(5, ge=1, description="predictions per image when the request gives no top_k")
-    decode_threads: int = Field(0, ge=0, description="decode/preprocess threads; 0 = min(4, CPU count)")
-    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = one per physical core")
+    cpu_cores: int = Field(0, ge=0, description="cores this worker may use; 0 = its CPU affinity capped by the cgroup quota")
+    decode_threads: int = Field(0, ge=0, description="decode/preprocess threads; 0 = the CPU budget's rule (every core)")
+    intra_op_threads: int = Field(0, ge=0, description="CPU engine threads; 0 = the CPU budget's rule (every core)")
+    cpu_gate: bool | None = Field(
+        None, description="decode and the CPU engine take turns on the cores; unset = on for CPU engines, off for GPU ones"
+    )
     grace_period_s: float = Field(30.0, ge=0, description="on SIGTERM, at most this long to answer accepted requests")
     drain_quiet_s: float = Field(
         1.0, ge=0, description="on SIGTERM, stop once no request has arrived for this long (within the grace period)"

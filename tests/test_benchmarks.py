@@ -276,7 +276,7 @@ def test_compare_runs_every_peer_and_records_every_field(tiny_artifact, tmp_path
 
     monkeypatch.setattr(common, "RESULTS", tmp_path)
     assert main(["compare", "--artifact", str(tiny_artifact), "--concurrency", "2", "--rate-fractions", "0.5",
-                 "--warmup", "0.3", "--duration", "1", "--raw-seconds", "0.1", "--max-batch", "4",
+                 "--warmup", "0.3", "--duration", "1", "--open-duration", "1", "--raw-seconds", "0.1", "--max-batch", "4",
                  "--wait-quiet", "0", "--workdir", str(tmp_path / "work"), "--name", "compare-test"]) == 0
     out = capsys.readouterr().out
     payload = json.loads((tmp_path / f"compare-test_{common.env_tag(common.environment())}.json").read_text())

@@ -21,7 +21,7 @@ MIN_ACCURACY = 0.86
 def test_demo_artifact_is_intact_and_every_engine_passed_its_gate():
     art = load_artifact(DEMO_ARTIFACT)  # checksums verified, the golden set's included
     m = art.manifest
-    assert m.schema_version == 2 and m.labels == sorted(CLASS_NAMES)  # folder names, sorted: what `vitserve finetune` does
+    assert m.schema_version == 3 and m.labels == sorted(CLASS_NAMES)  # folder names, sorted: what `vitserve finetune` does
     for e in m.engines:
         assert e.parity is not None and e.parity.passed and e.parity.images >= 1000, (e.file, e.parity)
         assert e.parity.decided_on == "lower_bound"

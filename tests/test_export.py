@@ -29,7 +29,7 @@ def parity_inputs(tiny_checkpoint):
 
 def test_artifact_layout_and_manifest(tiny_artifact, tiny_checkpoint):
     m = read_manifest(tiny_artifact)
-    assert m.schema_version == 2
+    assert m.schema_version == 3 and m.preprocessing.jpeg_draft_margin == 1.0
     assert m.labels == [f"class_{i}" for i in range(10)]
     assert m.preprocessing.input_size == (32, 32) and m.preprocessing.mean == (0.5, 0.5, 0.5)
     assert m.temperature == 1.0
@@ -202,6 +202,14 @@ def test_checksum_tampering_is_detected(tiny_artifact, tmp_path):
         load_artifact(bad)
 
 
+def test_older_manifests_decode_jpegs_as_they_were_gated(tiny_artifact, tmp_path):
+    raw = json.loads((tiny_artifact / "manifest.json").read_text())
+    raw["schema_version"] = 2
+    del raw["preprocessing"]["jpeg_draft_margin"]
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    assert read_manifest(tmp_path).preprocessing.jpeg_draft_margin == 2.0  # the margin of their time, not today's
+
+
 def test_manifest_round_trips_and_rejects_unknown_fields(tiny_artifact, tmp_path):
     m = read_manifest(tiny_artifact)
     write_manifest(tmp_path, m)
@@ -212,11 +220,11 @@ def test_manifest_round_trips_and_rejects_unknown_fields(tiny_artifact, tmp_path
     with pytest.raises(ArtifactError, match="not a valid vitserve manifest"):
         read_manifest(tmp_path)
     raw.pop("surprise")
-    raw["schema_version"] = 3  # a newer schema than this reader knows
+    raw["schema_version"] = 4  # a newer schema than this reader knows
     (tmp_path / "manifest.json").write_text(json.dumps(raw))
     with pytest.raises(ArtifactError):
         read_manifest(tmp_path)
-    raw["schema_version"] = 2
+    raw["schema_version"] = 3
     raw["engines"][0]["file"] = "../escape.onnx"
     (tmp_path / "manifest.json").write_text(json.dumps(raw))
     with pytest.raises(ArtifactError):

@@ -62,12 +62,14 @@ def test_exif_orientation_is_applied():
     assert out.size == (32, 64)
 
 
-def test_jpeg_draft_mode_decodes_large_images_smaller_but_same_tensor_shape():
-    big = gradient(2048, 1536)
-    data = encode(big, "JPEG", quality=90)
-    decoded = decode_image(data, max_pixels=10**8, target_size=(32, 32))
-    assert decoded.size[0] < 2048 and decoded.size[0] >= 64  # reduced in the DCT, but not below 2× the input
-    x = Preprocessor(VIT)(decoded)
+def test_jpeg_draft_mode_decodes_at_the_manifests_margin():
+    data = encode(gradient(512, 384), "JPEG", quality=90)
+    # The DCT scales are 1/2, 1/4, 1/8: the smallest that keeps margin × 32 px is 1/4 for margin 2, 1/8 for 1.
+    for margin, size in ((2.0, (128, 96)), (1.0, (64, 48)), (0.0, (512, 384))):
+        assert decode_image(data, max_pixels=10**8, target_size=(32, 32), draft_margin=margin).size == size, margin
+    spec = VIT.model_copy(update={"jpeg_draft_margin": 2.0})
+    assert Preprocessor(spec).decode(data, max_pixels=10**8).size == (128, 96)  # the spec's margin is the one used
+    x = Preprocessor(VIT).from_bytes(data, max_pixels=10**8)
     assert x.shape == (3, 32, 32) and x.dtype == np.float32
 
 

@@ -223,8 +223,15 @@ def test_openapi_describes_the_api(server):
 
 def test_info_and_probes(server, tiny_artifact):
     info = httpx.get(f"{server.url}/info", timeout=10).json()
-    assert info["labels"] == load_artifact(tiny_artifact).manifest.labels
+    manifest = load_artifact(tiny_artifact).manifest
+    assert info["labels"] == manifest.labels
     assert info["engine"]["engine"].startswith("onnxruntime-cpu")
+    # Batches are capped at the CPU engine's fastest batch on this CPU: export timed it here, so its curve is used.
+    cpu = next(e for e in manifest.engines if e.file == info["engine"]["file"])
+    assert info["limits"]["max_batch_size"] == cpu.speed.best_batch
+    assert info["limits"]["max_batch_size_reason"].startswith("the engine's fastest batch (export's speed curve, timed on this CPU")
+    budget = info["cpu_budget"]
+    assert budget["gate"] and budget["engine_threads"] == budget["decode_threads"] == budget["cores"] >= 1
     assert httpx.get(f"{server.url}/livez", timeout=10).status_code == 200
     assert httpx.get(f"{server.url}/readyz", timeout=10).status_code == 200
 

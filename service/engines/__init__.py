@@ -14,12 +14,15 @@ figures); an explicitly chosen one refuses to start.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
+
 from service import hardware
-from service.artifact import Artifact, EngineFile, ParityReport
+from service.artifact import Artifact, EngineFile, ParityReport, SpeedCurve
 from service.engines.base import Engine
 
 log = logging.getLogger("vitserve.engines")
@@ -107,16 +110,19 @@ def build_engine(
     input_size: tuple[int, int],
     *,
     intra_op_threads: int = 0,
+    spinning: bool = True,
     trt_cache_dir: Path | None = None,
 ) -> Engine:
-    """Load one engine file as ``kind``. Plain arguments: export builds engines before any manifest exists."""
+    """Load one engine file as ``kind``. Plain arguments: export builds engines before any manifest exists.
+    ``intra_op_threads`` and ``spinning`` are the CPU budget's (service/cpu_budget.py); 0 = the runtime's default."""
     if kind.startswith("onnxruntime-"):
         from service.engines.onnxruntime_engine import OnnxRuntimeEngine
 
         provider = kind.removeprefix("onnxruntime-")
         return OnnxRuntimeEngine(
-            path, entry, input_size, provider=provider, intra_op_threads=intra_op_threads, trt_cache_dir=trt_cache_dir
-        )
+            path, entry, input_size, provider=provider, intra_op_threads=intra_op_threads, spinning=spinning,
+            trt_cache_dir=trt_cache_dir,
+        )  # fmt: skip
     if kind == "tensorrt":
         from service.engines.tensorrt_engine import TensorRTEngine
 
@@ -125,16 +131,43 @@ def build_engine(
         from service.engines.torch_engine import TorchEngine
 
         device = kind.removeprefix("pytorch-")
-        return TorchEngine(path, entry, input_size, device=device, precision="fp16" if device == "cuda" else "fp32")
+        return TorchEngine(path, entry, input_size, device=device, precision="fp16" if device == "cuda" else "fp32",
+                           threads=intra_op_threads)
     raise ValueError(f"unknown engine {kind!r}; choose one of {', '.join(ENGINE_CHOICES)}")
 
 
-def open_engine(kind: str, artifact: Artifact, entry: EngineFile, *, intra_op_threads: int = 0) -> Engine:
+def open_engine(kind: str, artifact: Artifact, entry: EngineFile, *, intra_op_threads: int = 0, spinning: bool = True) -> Engine:
     """:func:`build_engine` for a file of an artifact on disk."""
     return build_engine(
         kind, artifact.path(entry), entry, artifact.manifest.preprocessing.input_size,
-        intra_op_threads=intra_op_threads, trt_cache_dir=artifact.root / "trt_cache",
+        intra_op_threads=intra_op_threads, spinning=spinning, trt_cache_dir=artifact.root / "trt_cache",
     )  # fmt: skip
+
+
+SPEED_BATCHES = (1, 4, 8, 16, 32)
+
+
+def speed_curve(engine: Engine, pixels: np.ndarray, max_batch: int, min_seconds: float = 0.5,
+                max_call_s: float | None = None) -> SpeedCurve:
+    """Images/s by batch size through the engine exactly as the service calls it (real preprocessed images, cycled),
+    after one warm-up call per size: the median of at least 3 calls spanning ``min_seconds``. Export records it for
+    every CPU candidate; the service measures it again at startup when this machine is not the one export timed on,
+    then stopping before a batch size whose one call would take over ``max_call_s`` (ViT-L on a CPU: seconds)."""
+    rates: dict[int, float] = {}
+    for b in sorted({min(b, max_batch) for b in SPEED_BATCHES}):
+        if max_call_s is not None and rates and b / rates[max(rates)] > max_call_s:
+            break
+        x = pixels[np.arange(b) % len(pixels)]
+        engine.run(x)
+        times: list[float] = []
+        start = time.perf_counter()
+        while len(times) < 3 or time.perf_counter() - start < min_seconds:
+            t = time.perf_counter()
+            engine.run(x)
+            times.append(time.perf_counter() - t)
+        rates[b] = round(b / float(np.median(times)), 3)
+    best = max(rates, key=rates.get)
+    return SpeedCurve(images_per_s=rates, best_batch=best, measured_on=hardware.describe(engine.device))
 
 
 def startup_check(engine: Engine, artifact: Artifact) -> ParityReport | None:
@@ -199,7 +232,7 @@ def _figures(r: ParityReport) -> str:
 
 
 def select_engine(
-    artifact: Artifact, choice: str = "auto", *, intra_op_threads: int = 0, check: bool = True
+    artifact: Artifact, choice: str = "auto", *, intra_op_threads: int = 0, spinning: bool = True, check: bool = True
 ) -> Selection:
     """Verify, load and (``check``) re-check on this machine; ``auto`` falls through to the next candidate."""
     if choice not in ENGINE_CHOICES:
@@ -211,7 +244,7 @@ def select_engine(
     for kind, entry in options:
         artifact.verify([entry])  # a checksum failure is fatal, never a reason to fall through
         try:
-            engine = open_engine(kind, artifact, entry, intra_op_threads=intra_op_threads)
+            engine = open_engine(kind, artifact, entry, intra_op_threads=intra_op_threads, spinning=spinning)
         except Exception as e:  # noqa: BLE001 - try the next candidate, report all at the end
             if choice != "auto":
                 raise EngineRefused(f"engine {kind} ({entry.file}) could not be loaded: {e}") from e

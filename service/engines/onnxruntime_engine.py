@@ -31,6 +31,7 @@ class OnnxRuntimeEngine(Engine):
         *,
         provider: str = "cpu",
         intra_op_threads: int = 0,
+        spinning: bool = True,
         trt_cache_dir: Path | None = None,
     ):
         import onnxruntime as ort
@@ -44,6 +45,8 @@ class OnnxRuntimeEngine(Engine):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = intra_op_threads  # 0 = one per physical core
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # one batch at a time: intra-op parallelism only
+        if not spinning:  # the CPU budget gives these cores to decoding between batches (service/cpu_budget.py)
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers: list = list(PROVIDERS[provider])
         if provider == "tensorrt":
             trt_opts = {"trt_fp16_enable": True, "trt_engine_cache_enable": True}

@@ -13,13 +13,15 @@ _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 class TorchEngine(Engine):
-    def __init__(self, weights: Path, entry: EngineFile, input_size: tuple[int, int], *, device: str, precision: str):
+    def __init__(self, weights: Path, entry: EngineFile, input_size: tuple[int, int], *, device: str, precision: str, threads: int = 0):
         import torch
         from transformers import ViTForImageClassification
 
         if device == "cpu" and precision != "fp32":
             raise ValueError("the PyTorch engine runs FP32 on CPU (half precision on CPU is slower, not faster)")
         self._torch = torch
+        if device == "cpu" and threads:
+            torch.set_num_threads(threads)  # the CPU budget's share (service/cpu_budget.py)
         dtype = getattr(torch, _DTYPES[precision])
         model = ViTForImageClassification.from_pretrained(
             Path(weights).parent, use_safetensors=True, dtype=dtype, attn_implementation="sdpa"
