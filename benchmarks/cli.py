@@ -5,6 +5,7 @@
     vitserve bench protocols --images DIR               # the three protocols on every image of a labelled folder
     vitserve bench compare --config vit-small          # ours vs raw engine vs BentoML-idiomatic vs naive peer
     vitserve bench int8 --config vit-small             # INT8 schemes: img/s by batch and parity, old against new
+    vitserve bench autoscale                           # the shipped autoscaling rule, simulated on our measured curve
     vitserve bench flops --config vit-large             # FLOPs per image of a config or checkpoint
 """
 
@@ -24,6 +25,7 @@ SUBCOMMANDS = {
     "protocols": ("benchmarks.protocol_agreement", "every image of a labelled folder over /classify, KServe v2 HTTP and gRPC: same answers?"),
     "decode": ("benchmarks.decode", "JPEG draft margins: decode ms/image at 640x480 to 4000x3000 against parity"),
     "int8": ("benchmarks.int8_schemes", "old vs saturation-free INT8 schemes: speed by batch and parity (optionally on emulated AVX2)"),
+    "autoscale": ("benchmarks.autoscale", "simulated replicas under the shipped KEDA rule vs a CPU rule: time over the SLO, replica-hours"),
     "flops": ("benchmarks.cli", "FLOPs per image of a ViT config or checkpoint"),
 }
 
