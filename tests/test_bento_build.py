@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
 
+from pathlib import Path
+
 import httpx
 import pytest
+import yaml
 
 from service.artifact import read_manifest
 from tests.server import ROOT, free_port, stop
@@ -17,12 +21,43 @@ from tests.server import ROOT, free_port, stop
 pytestmark = pytest.mark.timeout(400)
 
 
+def check_image_recipe(bento: Path, *, gpu: bool) -> None:
+    """The Dockerfile `bentoml build` generated, as `bentoml containerize` will build it: the non-root user the
+    hardened pods run as (k8s/base), both ports, and only the packages this image's engine needs."""
+    dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
+    pod = yaml.safe_load((ROOT / "k8s" / "base" / "deployment.yaml").read_text())["spec"]["template"]["spec"]
+    uid = pod["securityContext"]["runAsUser"]
+    assert f"ARG BENTO_USER_UID={uid}" in dockerfile and f"ARG BENTO_USER_GID={uid}" in dockerfile
+    assert re.search(r"^USER bentoml$", dockerfile, re.M)
+    assert {int(p) for p in re.findall(r"^EXPOSE (\d+)$", dockerfile, re.M)} >= {3000, 8001}
+    assert ("FROM nvidia/cuda" in dockerfile) == gpu
+    requirements = {re.split(r"[<>=~!\[ ]", line)[0].lower() for line in
+                    (bento / "env" / "python" / "requirements.txt").read_text().splitlines() if line and not line.startswith("#")}
+    if gpu:
+        assert {"onnxruntime-gpu", "tensorrt", "torch"} <= requirements and "onnxruntime" not in requirements
+    else:  # the CPU image serves ONNX: no torch, transformers or CUDA runtime
+        assert "onnxruntime" in requirements and not requirements & {"torch", "transformers", "onnxruntime-gpu", "tensorrt"}
+
+
+def test_gpu_bento_builds_with_the_gpu_packages_only(tmp_path):
+    home = tmp_path / "bentoml_home"
+    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
+    src = tmp_path / "project"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv*", ".git", "__pycache__", "runs", "data", "*.egg-info"))
+    build = subprocess.run([sys.executable, "-m", "bentoml", "build", "-f", "bentofile.gpu.yaml", "--output", "tag"], cwd=src,
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stdout + build.stderr
+    tag = build.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    assert tag.startswith("vitserve-gpu:")
+    check_image_recipe(home / "bentos" / "vitserve-gpu" / tag.split(":")[1], gpu=True)
+
+
 def test_bentoml_build_then_serve_the_bento(tmp_path, tiny_artifact):
     home = tmp_path / "bentoml_home"
     env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
     # Build from a copy of the project with a test artifact under artifacts/, as a user would ship one.
     src = tmp_path / "project"
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", ".git", "__pycache__", "runs", "data", "*.egg-info"))
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv*", ".git", "__pycache__", "runs", "data", "*.egg-info"))
     shutil.copytree(tiny_artifact, src / "artifacts" / "tiny")
     build = subprocess.run([sys.executable, "-m", "bentoml", "build", "--output", "tag"], cwd=src, env=env,
                            capture_output=True, text=True, timeout=300)
@@ -32,6 +67,7 @@ def test_bentoml_build_then_serve_the_bento(tmp_path, tiny_artifact):
     bento_src = home / "bentos" / "vitserve" / tag.split(":")[1] / "src"
     assert (bento_src / "service" / "app.py").is_file()
     assert (bento_src / "artifacts" / "tiny" / "manifest.json").is_file()
+    check_image_recipe(bento_src.parent, gpu=False)
 
     port, grpc_port = free_port(), free_port()
     proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", tag, "--port", str(port), "--host", "127.0.0.1"],

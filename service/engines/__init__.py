@@ -91,9 +91,9 @@ def candidates(artifact: Artifact, choice: str, cuda: bool | None = None) -> lis
         "tensorrt": lambda: _importable("tensorrt"),
         "onnxruntime-tensorrt": lambda: ort_has("TensorrtExecutionProvider"),
         "onnxruntime-cuda": lambda: ort_has("CUDAExecutionProvider"),
-        "pytorch-cuda": lambda: True,
+        "pytorch-cuda": lambda: True,  # cuda_available() already imported torch
         "onnxruntime-cpu": lambda: True,
-        "pytorch-cpu": lambda: True,
+        "pytorch-cpu": lambda: _importable("torch") and _importable("transformers"),  # absent from the CPU image
     }
     # A file that failed its parity gate is never chosen automatically: it answers differently from the model.
     return [(k, table[k]) for k in order if table[k] is not None and _passed(table[k]) and usable[k]()]
