@@ -90,7 +90,8 @@ def pytest_collection_modifyitems(config, items):
     cuda = cuda_available()
     have_trt = importlib.util.find_spec("tensorrt") is not None and cuda
     for item in items:
-        if "gpu" in item.keywords and not cuda:
+        # Markers, not keywords: a parameter id such as "gpu" is a keyword too.
+        if item.get_closest_marker("gpu") and not cuda:
             item.add_marker(no_gpu)
-        if "tensorrt" in item.keywords and not have_trt:
+        if item.get_closest_marker("tensorrt") and not have_trt:
             item.add_marker(no_trt)

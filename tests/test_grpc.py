@@ -175,24 +175,25 @@ def test_v2_http_metadata_health_and_errors(server, model_name):
 
 
 # ---- the same batcher -------------------------------------------------------------------------------------------------------
-def test_http_and_grpc_clients_share_batches(server, model_name, photo_bytes):
-    async def burst():
+def test_http_and_grpc_clients_share_batches(tiny_artifact, tmp_path, model_name, photo_bytes):
+    # A batch that waits up to 5 s for 16 images (the artifact's largest batch) and closes when full: the 8 gRPC and
+    # 8 HTTP requests below are one batch whatever order the scheduler delivers them in, unless they are sent over
+    # more than 5 s. (With the shared server's 30 ms wait, one protocol's whole burst could fill a batch alone.)
+    async def burst(server):
         channel = grpc.aio.insecure_channel(server.grpc_address)
         s = pb_grpc.GRPCInferenceServiceStub(channel)
         async with httpx.AsyncClient() as client:
-            grpc_calls = [s.ModelInfer(image_request(model_name, [photo_bytes[i % 8][1]]), timeout=60) for i in range(12)]
-            http_calls = [client.post(f"{server.url}/classify", files=[("images", photo_bytes[i % 8])], timeout=60) for i in range(12)]
+            grpc_calls = [s.ModelInfer(image_request(model_name, [photo_bytes[i][1]]), timeout=60) for i in range(8)]
+            http_calls = [client.post(f"{server.url}/classify", files=[("images", photo_bytes[i])], timeout=60) for i in range(8)]
             results = await asyncio.gather(*grpc_calls, *http_calls)
         await channel.close()
-        return results[:12], results[12:]
+        return results[:8], results[8:]
 
-    for _ in range(3):  # arrival order is the scheduler's: a few bursts make sharing certain, not lucky
-        g, h = asyncio.run(burst())
-        grpc_batches = {int(b) for r in g for b in r.parameters["vitserve_batch_ids"].string_param.split(",")}
-        http_batches = {int(b) for r in h for b in r.headers["x-vitserve-batch-id"].split(",")}
-        assert all(r.status_code == 200 for r in h)
-        if grpc_batches & http_batches:
-            break
+    with running_server(tiny_artifact, tmp_path, max_wait_ms=5000, max_batch_size=16) as server:
+        g, h = asyncio.run(burst(server))
+    grpc_batches = {int(b) for r in g for b in r.parameters["vitserve_batch_ids"].string_param.split(",")}
+    http_batches = {int(b) for r in h for b in r.headers["x-vitserve-batch-id"].split(",")}
+    assert all(r.status_code == 200 for r in h)
     shared = grpc_batches & http_batches
     assert shared, (grpc_batches, http_batches)
     assert max(int(r.headers["x-vitserve-batch-size"]) for r in h) > 1
