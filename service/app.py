@@ -53,13 +53,9 @@ def _current_classifier():
 
 
 def _make_http_app():
-    from service.http_api import BodyLimit, create_app, protocol_of
-    from service.v2_http_api import create_router
+    from service.http_api import make_http_app
 
-    app = create_app(_current_classifier)
-    app.include_router(create_router(_current_classifier))  # KServe v2 REST beside our JSON API, same port
-    app.add_middleware(BodyLimit, max_bytes=lambda: _settings.max_body_bytes, protocol_of=protocol_of)
-    return app
+    return make_http_app(_current_classifier, _settings.max_body_bytes)
 
 
 @bentoml.service(

@@ -58,6 +58,7 @@ class BatcherHooks:
     def queue_wait(self, seconds: float) -> None: ...
     def batch(self, size: int, padded_to: int, seconds: float) -> None: ...
     def expired(self, count: int) -> None: ...
+    def running(self, images: int) -> None: ...
 
 
 class Batcher:
@@ -217,6 +218,7 @@ class Batcher:
         padded = self._bucket(n)
         self._batches_run += 1
         batch_id = self._batches_run
+        self.hooks.running(n)
         try:
             x = np.stack([it.pixels for it in batch])  # (n, 3, H, W)
             if padded > n:
@@ -235,5 +237,6 @@ class Batcher:
                 if not item.future.done():
                     item.future.set_exception(EngineFailure(f"inference failed: {type(e).__name__}"))
         finally:
+            self.hooks.running(0)
             self._busy = False
             self._wake.set()

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from service import cpu_budget, hardware, metrics
+from service.admission import Admission, Ticket
 from service.artifact import SpeedCurve, load_artifact
 from service.batcher import Batcher, BatchStats
 from service.engines import cuda_available, select_engine, speed_curve
@@ -69,6 +70,11 @@ class Classifier:
         self.engine.warmup(self.warmup_sizes)  # every bucket once, before readiness
         self.buckets = buckets
         self._decode_pool = ThreadPoolExecutor(max_workers=self.threads.decode_threads, thread_name_prefix="vitserve-decode")
+        self.decoding = 0  # images in the decode pool now (a stage of the work admission counts)
+        self.admission = Admission(
+            **self._warm_and_time(), max_batch=self.max_batch_size, request_timeout_s=settings.request_timeout_s,
+            max_latency_s=None if settings.max_latency_ms is None else settings.max_latency_ms / 1000,
+        )  # fmt: skip
         self.batcher: Batcher | None = None
         self.draining = False
         self.in_flight = 0  # requests between check and answer: the drain waits for this to reach 0
@@ -109,10 +115,37 @@ class Classifier:
         rates = ", ".join(f"b{b} {r:.1f}" for b, r in curve.images_per_s.items())
         return min(curve.best_batch, limit), f"the engine's fastest batch ({where}: img/s {rates})", curve
 
+    def _warm_and_time(self) -> dict[str, float]:
+        """Admission's starting estimates, measured here before readiness: decode one photo-like JPEG and PNG (which
+        also warms the codecs' cold paths: a first decode took ~240 ms against 1-5 ms later) and run a batch of one
+        and a full batch. Requests answered with nothing ahead of them replace the unloaded estimate at once."""
+        import io
+
+        from PIL import Image
+
+        golden = self.artifact.golden_set()
+        rng = np.random.default_rng(0)
+        picture = golden[0][0] if golden is not None else rng.integers(0, 256, (*self.input_size, 3), dtype=np.uint8)
+        picture = Image.fromarray(np.ascontiguousarray(picture)).resize((640, 480))
+        decode_s = []
+        for fmt in ("JPEG", "PNG", "JPEG", "PNG"):
+            buf = io.BytesIO()
+            picture.save(buf, format=fmt)
+            decode_s.append(self.decode(buf.getvalue(), 0)[1])
+        x = np.zeros((self.max_batch_size, 3, *self.input_size), np.float32)
+        t = time.perf_counter()
+        self.run_batch(x[:1])
+        one = time.perf_counter() - t
+        t = time.perf_counter()
+        self.run_batch(x)
+        full = time.perf_counter() - t
+        # + 1 ms for the event loop's share (HTTP parsing, softmax, JSON): the first unloaded requests correct it.
+        return {"unloaded_s": float(np.mean(decode_s[2:])) + one + 0.001, "full_batch_s": full}
+
     def start(self) -> None:
         """Start the batcher on the running event loop; the service is ready after this."""
         self.batcher = Batcher(
-            self._run_batch,
+            self.run_batch,
             max_batch_size=self.max_batch_size,
             max_wait_s=self.settings.max_wait_ms / 1000,
             queue_capacity=self.settings.queue_capacity,
@@ -146,13 +179,15 @@ class Classifier:
             await self.batcher.close(timeout_s)
         self._decode_pool.shutdown(wait=False)
 
-    def _decode(self, data: bytes, index: int) -> tuple[np.ndarray, float]:
+    def decode(self, data: bytes, index: int = 0) -> tuple[np.ndarray, float]:
+        """One image's bytes → (3, H, W) float32 and the seconds it took, taking turns with a CPU engine."""
         with self.gate.decode():  # not while a CPU engine batch runs: they would only slow each other down
             t = time.perf_counter()
             x = self.preprocessor.from_bytes(data, max_pixels=self.settings.max_image_pixels, index=index)
             return x, time.perf_counter() - t
 
-    def _run_batch(self, pixels: np.ndarray) -> np.ndarray:
+    def run_batch(self, pixels: np.ndarray) -> np.ndarray:
+        """(B, 3, H, W) → (B, L) logits on the engine, taking turns with decoding on a CPU."""
         with self.gate.engine():
             return self.engine.run(pixels)
 
@@ -164,8 +199,11 @@ class Classifier:
         if self.batcher is None:
             raise NotReady("the model is still loading")
 
-    def check_request(self, count: int, top_k: int | None) -> int:
-        """Validate what can be validated before reading image bytes; returns the effective top_k."""
+    def check_request(self, count: int, top_k: int | None, ticket: Ticket | None = None) -> int:
+        """Validate what can be validated before reading image bytes; returns the effective top_k. The request's
+        admission ticket learns how many images it really has."""
+        if ticket is not None:
+            self.admission.settle(ticket, count)
         self.check_accepting()
         if count == 0:
             raise EmptyRequest("no images in the request")
@@ -176,20 +214,23 @@ class Classifier:
             raise InvalidParameter(f"top_k must be between 1 and {len(self.manifest.labels)} (the number of labels), got {k}")
         return k
 
-    async def classify(self, images: list[bytes], top_k: int | None = None, protocol: str = "http") -> Classification:
-        """Encoded images (JPEG, PNG, ...) → their classification."""
-        k = self.check_request(len(images), top_k)
+    async def classify(self, images: list[bytes], top_k: int | None = None, protocol: str = "http",
+                       ticket: Ticket | None = None) -> Classification:
+        """Encoded images (JPEG, PNG, ...) → their classification. ``ticket``: the request's admission at the door."""
+        k = self.check_request(len(images), top_k, ticket)
         self.in_flight += 1
         try:
             t0 = time.perf_counter()
             loop = asyncio.get_running_loop()
             self.batcher.expect(len(images))  # a batch about to close waits (briefly) for these
+            self._decoding(len(images))
             try:
                 decoded = await asyncio.gather(
-                    *(loop.run_in_executor(self._decode_pool, self._decode, b, i) for i, b in enumerate(images)),
+                    *(loop.run_in_executor(self._decode_pool, self.decode, b, i) for i, b in enumerate(images)),
                     return_exceptions=True,
                 )
             finally:
+                self._decoding(-len(images))
                 self.batcher.expect(-len(images))  # no await between this and submit(): the batch cannot close in between
             for d in decoded:  # report the lowest-index bad image; the others' work is simply dropped
                 if isinstance(d, BaseException):
@@ -197,13 +238,18 @@ class Classifier:
             for _, secs in decoded:
                 metrics.DECODE_SECONDS.observe(secs)
             pixels = np.stack([x for x, _ in decoded])  # (N, 3, H, W)
-            return await self._infer(pixels, k, protocol, decode_s=time.perf_counter() - t0)
+            return await self._infer(pixels, k, protocol, decode_s=time.perf_counter() - t0, ticket=ticket)
         finally:
             self.in_flight -= 1
 
-    async def classify_pixels(self, pixels: np.ndarray, top_k: int | None = None, protocol: str = "v2-http") -> Classification:
+    def _decoding(self, images: int) -> None:
+        self.decoding += images
+        metrics.WORK_IN_FLIGHT.labels(stage="decoding").set(self.decoding)
+
+    async def classify_pixels(self, pixels: np.ndarray, top_k: int | None = None, protocol: str = "v2-http",
+                              ticket: Ticket | None = None) -> Classification:
         """Already-preprocessed (N, 3, H, W) float32 pixels (a client that preprocesses itself) → their classification."""
-        k = self.check_request(len(pixels), top_k)
+        k = self.check_request(len(pixels), top_k, ticket)
         h, w = self.input_size
         if pixels.ndim != 4 or pixels.shape[1:] != (3, h, w) or pixels.dtype != np.float32:
             raise InvalidParameter(f"pixels must be float32 [N, 3, {h}, {w}], got {pixels.dtype} {list(pixels.shape)}")
@@ -211,13 +257,13 @@ class Classifier:
             raise InvalidParameter("pixels contain NaN or infinity")
         self.in_flight += 1
         try:
-            return await self._infer(np.ascontiguousarray(pixels), k, protocol, decode_s=0.0)
+            return await self._infer(np.ascontiguousarray(pixels), k, protocol, decode_s=0.0, ticket=ticket)
         finally:
             self.in_flight -= 1
 
-    async def _infer(self, pixels: np.ndarray, k: int, protocol: str, *, decode_s: float) -> Classification:
+    async def _infer(self, pixels: np.ndarray, k: int, protocol: str, *, decode_s: float, ticket: Ticket | None) -> Classification:
         assert self.batcher is not None
-        deadline = time.monotonic() + self.settings.request_timeout_s
+        deadline = ticket.deadline if ticket is not None else time.monotonic() + self.settings.request_timeout_s
         logits, stats = await self.batcher.submit(pixels, deadline)
         t_inferred = time.perf_counter()
         probs = softmax(logits, self.manifest.temperature)

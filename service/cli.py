@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-wait-ms", type=float, default=s.max_wait_ms, help="how long the oldest queued image waits for a fuller batch")
     p.add_argument("--queue-capacity", type=int, default=s.queue_capacity, help="images that may wait; beyond: 429")
     p.add_argument("--grace-period-s", type=float, default=s.grace_period_s, help="on SIGTERM, time to answer accepted requests")
+    p.add_argument("--max-latency-ms", type=float, default=s.max_latency_ms,
+                   help="refuse (429) at the door requests predicted to take longer; unset: max(2 x unloaded, unloaded + 2 full batches)")
+    p.add_argument("--keep-alive-s", type=int, default=s.keep_alive_s,
+                   help="idle HTTP keep-alive timeout; keep it above your load balancer's and clients' idle timeouts")
     p.add_argument("--no-startup-check", dest="startup_check", action="store_false",
                    help="skip re-checking the golden set through the engine on this machine before readiness")
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",
@@ -65,10 +69,13 @@ def main(argv: list[str] | None = None) -> int:
         "VITSERVE_MAX_WAIT_MS": str(args.max_wait_ms),
         "VITSERVE_QUEUE_CAPACITY": str(args.queue_capacity),
         "VITSERVE_GRACE_PERIOD_S": str(args.grace_period_s),
+        "VITSERVE_KEEP_ALIVE_S": str(args.keep_alive_s),
         "BENTOML_DO_NOT_TRACK": os.environ.get("BENTOML_DO_NOT_TRACK", "True"),
     }
     if args.max_batch_size is not None:
         env["VITSERVE_MAX_BATCH_SIZE"] = str(args.max_batch_size)
+    if args.max_latency_ms is not None:
+        env["VITSERVE_MAX_LATENCY_MS"] = str(args.max_latency_ms)
     if not args.startup_check:
         env["VITSERVE_STARTUP_CHECK"] = "false"
     if args.api_key:
@@ -87,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.executable, "-m", "bentoml", "serve", "service.app:VitServe",
         "--working-dir", str(ROOT), "--host", args.host, "--port", str(args.port),
         "--timeout-graceful-shutdown", str(settings.server_shutdown_s),  # after our drain (see service/app.py)
+        # Idle keep-alive connections outlive every client's and balancer's idle timeout, so they close first: a
+        # server closing one just as a client reuses it leaves that request without an answer (a reset).
+        "--timeout-keep-alive", str(settings.keep_alive_s), "--backlog", str(settings.backlog),
     ]
     if args.ssl_certfile or args.ssl_keyfile:
         if not (args.ssl_certfile and args.ssl_keyfile):

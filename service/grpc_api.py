@@ -125,15 +125,28 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelConfigResponse(config=config)
 
     async def ModelInfer(self, request, context):
-        with metrics.accounted(PROTOCOL) as outcome:
-            try:
-                self.model.check(request.model_name, request.model_version)
-                inputs, outputs = parse_request(request)
-                tensors, result = await v2.infer(self.model, inputs, outputs, PROTOCOL)
-            except ServiceError as exc:
-                outcome.fail(exc)
-                await abort(context, exc)
-            return render_response(self.model, request.id, tensors, v2.response_parameters(result))
+        # The door (service/admission.py) before the tensors are parsed or decoded; the client's gRPC deadline is
+        # its own timeout. (gRPC has read the message by now: its size is bounded by the receive limit.)
+        try:
+            self.clf.check_accepting()
+            ticket = self.clf.admission.admit(PROTOCOL, client_timeout_s=context.time_remaining())
+        except ServiceError as exc:
+            metrics.record_outcome(PROTOCOL, exc, 0.0)
+            await abort(context, exc)
+        answered = False
+        try:
+            with metrics.accounted(PROTOCOL) as outcome:
+                try:
+                    self.model.check(request.model_name, request.model_version)
+                    inputs, outputs = parse_request(request)
+                    tensors, result = await v2.infer(self.model, inputs, outputs, PROTOCOL, ticket=ticket)
+                except ServiceError as exc:
+                    outcome.fail(exc)
+                    await abort(context, exc)
+                answered = True
+                return render_response(self.model, request.id, tensors, v2.response_parameters(result))
+        finally:
+            self.clf.admission.release(ticket, answered=answered)
 
 
 class _ApiKeyCheck(grpc.aio.ServerInterceptor):

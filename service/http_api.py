@@ -34,6 +34,7 @@ from service.errors import (
     error_headers,
     from_framework,
     http_status,
+    v2_error_body,
 )
 from service.topk import Prediction
 
@@ -119,6 +120,70 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
+TIMEOUT_HEADERS = (b"x-vitserve-timeout-ms", b"x-envoy-expected-rq-timeout-ms")  # ours, and what Envoy/Istio send upstream
+TICKET = "vitserve_admission"  # where the door leaves a request's admission ticket (scope["state"], i.e. request.state)
+
+
+def client_timeout_s(headers: list[tuple[bytes, bytes]]) -> float | None:
+    """The client's own deadline, in seconds from now, from the first timeout header it sent."""
+    found = dict(headers)
+    for name in TIMEOUT_HEADERS:
+        value = found.get(name)
+        if value is not None:
+            try:
+                ms = float(value)
+            except ValueError:
+                raise InvalidParameter(f"{name.decode()} must be a number of milliseconds, got {value.decode(errors='replace')!r}") from None
+            if not ms > 0:
+                raise InvalidParameter(f"{name.decode()} must be positive, got {ms:g}")
+            return ms / 1000
+    return None
+
+
+class Door:
+    """Admission for every HTTP inference route, before a byte of the body is read (service/admission.py): refused
+    requests get 429 + Retry-After (503 while loading or draining) at once; admitted ones carry their ticket to the
+    handler and give their work back when the answer has been sent."""
+
+    def __init__(self, app: ASGIApp, get_classifier: Callable[[], Classifier], protocol_of: Callable[[str], str]):
+        self.app, self.get_classifier, self.protocol_of = app, get_classifier, protocol_of
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or not is_inference_path(scope["path"]):
+            return await self.app(scope, receive, send)
+        protocol = self.protocol_of(scope["path"])
+        clf = self.get_classifier()
+        try:
+            clf.check_accepting()
+            ticket = clf.admission.admit(protocol, client_timeout_s=client_timeout_s(scope["headers"]))
+        except ServiceError as exc:
+            metrics.record_outcome(protocol, exc, 0.0)
+            response = error_response(exc, v2_error_body if protocol == "v2-http" else error_body)
+            if response.headers.get("connection") == "close":
+                # Closing a socket with unread bytes in it resets the connection, and the client may never see the
+                # answer: read (and drop) the body first. Only a draining replica closes; a 429 keeps the connection.
+                while (await receive()).get("more_body"):
+                    pass
+            return await response(scope, receive, send)
+        scope.setdefault("state", {})[TICKET] = ticket
+        status = 0
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            clf.admission.release(ticket, answered=status == 200)
+
+
+def is_inference_path(path: str) -> bool:
+    return path in ("/classify", "/classify/base64") or (path.startswith("/v2/models/") and path.endswith("/infer"))
+
+
 def render(p: Prediction) -> dict:
     return {"label": p.label, "index": p.index, "score": p.score}
 
@@ -140,13 +205,14 @@ def create_app(get_classifier: Callable[[], Classifier]) -> FastAPI:
         redoc_url=None,
     )
 
-    async def respond(images_source, top_k: int | None) -> JSONResponse:
+    async def respond(request: Request, images_source, top_k: int | None) -> JSONResponse:
         start = time.perf_counter()
         clf = get_classifier()
+        ticket = getattr(request.state, TICKET, None)
         with metrics.accounted(PROTOCOL) as outcome:
             try:
-                images = await images_source(clf)
-                result = await clf.classify(images, top_k, protocol=PROTOCOL)
+                images = await images_source(clf, ticket)
+                result = await clf.classify(images, top_k, protocol=PROTOCOL, ticket=ticket)
             except ServiceError as exc:
                 outcome.fail(exc)
                 return error_response(exc)
@@ -165,15 +231,16 @@ def create_app(get_classifier: Callable[[], Classifier]) -> FastAPI:
         summary="Classify images sent as multipart parts named `images`",
     )
     async def classify_multipart(
+        request: Request,
         images: Annotated[list[UploadFile], File(description="one or more image files")] = [],  # noqa: B006
         top_k: Annotated[int | None, Query(description="predictions per image (default 5)")] = None,
         top_k_form: Annotated[int | None, Form(alias="top_k", description="top_k as a form field instead")] = None,
     ) -> JSONResponse:
-        async def read(clf: Classifier) -> list[bytes]:
-            clf.check_request(len(images), top_k if top_k is not None else top_k_form)
+        async def read(clf: Classifier, ticket) -> list[bytes]:
+            clf.check_request(len(images), top_k if top_k is not None else top_k_form, ticket)
             return [await f.read() for f in images]
 
-        return await respond(read, top_k if top_k is not None else top_k_form)
+        return await respond(request, read, top_k if top_k is not None else top_k_form)
 
     @app.post(
         "/classify/base64",
@@ -181,18 +248,18 @@ def create_app(get_classifier: Callable[[], Classifier]) -> FastAPI:
         responses=_ERROR_RESPONSES,
         summary="Classify base64-encoded images sent as JSON",
     )
-    async def classify_base64(request: Base64Request) -> JSONResponse:
-        async def decode(clf: Classifier) -> list[bytes]:
-            clf.check_request(len(request.images), request.top_k)
+    async def classify_base64(request: Request, body: Base64Request) -> JSONResponse:
+        async def decode(clf: Classifier, ticket) -> list[bytes]:
+            clf.check_request(len(body.images), body.top_k, ticket)
             out = []
-            for i, s in enumerate(request.images):
+            for i, s in enumerate(body.images):
                 try:
                     out.append(base64.b64decode(s, validate=True))
                 except (binascii.Error, ValueError):
                     raise UnsupportedImage(f"image {i} is not valid base64", index=i) from None
             return out
 
-        return await respond(decode, request.top_k)
+        return await respond(request, decode, body.top_k)
 
     @app.get("/info", summary="The model, its labels, preprocessing, engine and limits")
     async def info() -> dict:
@@ -213,6 +280,7 @@ def create_app(get_classifier: Callable[[], Classifier]) -> FastAPI:
                 "api_keys": bool(s.api_keys),
             },
             "cpu_budget": clf.threads.describe(),
+            "admission": clf.admission.describe(),
             "limits": {
                 "max_batch_size": clf.max_batch_size,
                 "max_batch_size_reason": clf.max_batch_reason,
@@ -248,6 +316,19 @@ def create_app(get_classifier: Callable[[], Classifier]) -> FastAPI:
     return app
 
 
+def make_http_app(get_classifier: Callable[[], Classifier], max_body_bytes: int) -> FastAPI:
+    """The whole HTTP side, without BentoML: our JSON API and KServe v2 REST on one app, behind the body limit and the
+    door. BentoML mounts it (service/app.py); the GPU check serves it under plain uvicorn where BentoML is absent."""
+    from service.v2_http_api import create_router
+
+    app = create_app(get_classifier)
+    app.include_router(create_router(get_classifier))  # KServe v2 REST beside our JSON API, same port
+    # Outermost last: a body declared too large is refused first (no admission spent), then the door admits or refuses.
+    app.add_middleware(Door, get_classifier=get_classifier, protocol_of=protocol_of)
+    app.add_middleware(BodyLimit, max_bytes=lambda: max_body_bytes, protocol_of=protocol_of)
+    return app
+
+
 def protocol_of(path: str) -> str:
     """Which protocol an HTTP path belongs to, for the metrics' protocol label."""
     return "v2-http" if path == "/v2" or path.startswith("/v2/") else PROTOCOL
@@ -255,8 +336,6 @@ def protocol_of(path: str) -> str:
 
 def framework_answer(request: Request, exc: ServiceError) -> JSONResponse:
     """An error the framework raised before a handler ran, counted and rendered in the shape of the path's protocol."""
-    from service.errors import v2_error_body
-
     protocol = protocol_of(request.url.path)
     metrics.record_outcome(protocol, exc, 0.0)
     return error_response(exc, v2_error_body if protocol == "v2-http" else error_body)

@@ -49,6 +49,29 @@ REJECTIONS = Counter("vitserve_rejections", "Requests refused, by reason (the er
 EXPIRED = Counter("vitserve_deadline_expired_images", "Images whose deadline passed while queued (never computed)")
 PADDING = Counter("vitserve_batch_padding_images", "Rows of zeros added to reach a batch bucket", ["engine"])
 QUEUE_DEPTH = Gauge("vitserve_queue_depth", "Images waiting in the batch queue", multiprocess_mode="livesum")
+# The door (service/admission.py): what it decided, what it predicted, how good the predictions were, what it knows.
+ADMISSIONS = Counter("vitserve_admissions", "Admission decisions at the door, before a body is read", ["protocol", "decision"])
+ADMISSION_PREDICTED_SECONDS = Histogram(
+    "vitserve_admission_predicted_seconds", "Predicted time to answer of each admitted request", buckets=LATENCY_BUCKETS
+)
+ADMISSION_PREDICTION_RATIO = Histogram(
+    "vitserve_admission_prediction_ratio", "Actual ÷ predicted time to answer of each admitted request (1 = exact)",
+    buckets=(0.25, 0.5, 0.75, 0.9, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0),
+)
+WORK_IN_FLIGHT = Gauge(
+    "vitserve_work_in_flight_images", "Images in the building by stage: reading (estimated), decoding, queued, inference",
+    ["stage"], multiprocess_mode="livesum",
+)
+ADMISSION_THROUGHPUT = Gauge(
+    "vitserve_admission_throughput_images_per_second", "The answer rate admission predicts with (measured while busy)",
+    multiprocess_mode="livesum",
+)
+ADMISSION_LIMIT = Gauge(
+    "vitserve_admission_limit_images", "Images admitted into the building at most (learned from latency)", multiprocess_mode="livesum"
+)
+ADMISSION_BOUND_SECONDS = Gauge(
+    "vitserve_admission_latency_bound_seconds", "Predicted time to answer above which requests are refused", multiprocess_mode="max"
+)
 IN_FLIGHT = Gauge("vitserve_requests_in_flight", "Requests being processed", multiprocess_mode="livesum")
 ENGINE_INFO = Gauge(
     "vitserve_engine_info", "The engine serving requests (value 1)",
@@ -128,6 +151,10 @@ class PrometheusBatcherHooks(BatcherHooks):
 
     def queue_depth(self, depth: int) -> None:
         QUEUE_DEPTH.set(depth)
+        WORK_IN_FLIGHT.labels(stage="queued").set(depth)
+
+    def running(self, images: int) -> None:
+        WORK_IN_FLIGHT.labels(stage="inference").set(images)
 
     def queue_wait(self, seconds: float) -> None:
         QUEUE_WAIT_SECONDS.observe(seconds)

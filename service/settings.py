@@ -31,7 +31,14 @@ class Settings(BaseSettings):
     batch_buckets: list[int] = Field(
         default_factory=list, description="pad batches up to these sizes (fixed-shape engines); empty = no padding"
     )
-    request_timeout_s: float = Field(10.0, gt=0, description="per-request deadline; expired in the queue → 504")
+    request_timeout_s: float = Field(
+        10.0, gt=0, description="per-request deadline (a client's X-Vitserve-Timeout-Ms or gRPC deadline may shorten it)"
+    )
+    max_latency_ms: float | None = Field(
+        None, gt=0,
+        description="refuse (429) at the door a request predicted to take longer than this to answer; unset = "
+        "max(2 × the measured unloaded latency, unloaded + 2 full batches)",
+    )
     max_images_per_request: int = Field(32, ge=1, description="more images in one request → 413")
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="larger request bodies → 413")
     max_image_pixels: int = Field(40_000_000, ge=1, description="larger images (width×height) → 422, before decoding")
@@ -46,6 +53,11 @@ class Settings(BaseSettings):
     drain_quiet_s: float = Field(
         1.0, ge=0, description="on SIGTERM, stop once no request has arrived for this long (within the grace period)"
     )
+    keep_alive_s: int = Field(
+        75, ge=1, description="close idle HTTP keep-alive connections after this long; keep it above the idle timeout "
+        "of every client and load balancer in front (they must close first, or a request races the close)",
+    )
+    backlog: int = Field(2048, ge=1, description="the HTTP listen backlog: connections the kernel queues before accept")
     host: str = Field("0.0.0.0", description="address `vitserve serve` binds (HTTP and gRPC)")
     port: int = Field(3000, ge=1, le=65535, description="HTTP port: our JSON API, KServe v2 REST, /metrics, probes")
     grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port (KServe v2, health, reflection); 8001 as Triton's; 0 = off")

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from service.admission import Ticket
 from service.classifier import Classification, Classifier
 from service.errors import EmptyRequest, InvalidParameter, NotFound
 from service.topk import rank
@@ -180,9 +181,10 @@ def _count(t: Tensor, input_size: tuple[int, int]) -> int:
     return t.shape[0]
 
 
-async def infer(model: Model, inputs: list[Tensor], outputs: list[RequestedOutput], protocol: str) -> tuple[list[Tensor], Classification]:
-    """Validate a v2 request, classify through the shared Classifier (so every protocol shares its batches, limits and
-    metrics), and build the requested output tensors."""
+async def infer(model: Model, inputs: list[Tensor], outputs: list[RequestedOutput], protocol: str,
+                ticket: Ticket | None = None) -> tuple[list[Tensor], Classification]:
+    """Validate a v2 request, classify through the shared Classifier (so every protocol shares its batches, limits,
+    admission and metrics), and build the requested output tensors. ``ticket``: the request's admission."""
     if not inputs:
         raise EmptyRequest("no input tensor in the request")
     if len(inputs) > 1:
@@ -198,9 +200,9 @@ async def infer(model: Model, inputs: list[Tensor], outputs: list[RequestedOutpu
         raise EmptyRequest(f"input '{t.name}' has no elements")
     k = max((o.classification or 1 for o in outputs), default=1)  # the classifier checks 1 <= k <= labels
     if t.name == IMAGE_INPUT:
-        result = await model.clf.classify(t.data, top_k=k, protocol=protocol)
+        result = await model.clf.classify(t.data, top_k=k, protocol=protocol, ticket=ticket)
     else:
-        result = await model.clf.classify_pixels(t.data.reshape(t.shape), top_k=k, protocol=protocol)
+        result = await model.clf.classify_pixels(t.data.reshape(t.shape), top_k=k, protocol=protocol, ticket=ticket)
     rendered = []
     for o in outputs or [RequestedOutput(PROBABILITIES_OUTPUT)]:
         if o.classification:

@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse
 from service import metrics, v2
 from service.classifier import Classifier
 from service.errors import InvalidParameter, MalformedRequest, ServiceError, v2_error_body
-from service.http_api import error_response
+from service.http_api import TICKET, error_response
 
 PROTOCOL = "v2-http"
 HEADER_LENGTH = "inference-header-content-length"
@@ -173,7 +173,7 @@ def create_router(get_classifier: Callable[[], Classifier]) -> APIRouter:
                 m.check(model_name, model_version)
                 m.clf.check_accepting()  # loading or draining: refuse before reading the body
                 inputs, outputs, binary_default, request_id = parse_request(await request.body(), request.headers.get(HEADER_LENGTH))
-                tensors, result = await v2.infer(m, inputs, outputs, PROTOCOL)
+                tensors, result = await v2.infer(m, inputs, outputs, PROTOCOL, ticket=getattr(request.state, TICKET, None))
             except ServiceError as exc:
                 outcome.fail(exc)
                 return v2_error(exc)

@@ -31,6 +31,10 @@ def check_image_recipe(bento: Path, *, gpu: bool) -> None:
     assert re.search(r"^USER bentoml$", dockerfile, re.M)
     assert {int(p) for p in re.findall(r"^EXPOSE (\d+)$", dockerfile, re.M)} >= {3000, 8001}
     assert ("FROM nvidia/cuda" in dockerfile) == gpu
+    from service.settings import Settings
+
+    s = Settings()  # the container runs `bentoml serve` with what `vitserve serve` would pass
+    assert f'CMD ["--timeout-keep-alive", "{s.keep_alive_s}", "--backlog", "{s.backlog}"]' in dockerfile
     requirements = {re.split(r"[<>=~!\[ ]", line)[0].lower() for line in
                     (bento / "env" / "python" / "requirements.txt").read_text().splitlines() if line and not line.startswith("#")}
     if gpu:
