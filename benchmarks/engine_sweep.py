@@ -203,18 +203,11 @@ class _Builds:
 
         model, dtype = self._torch_cuda_model(precision)
 
+        from service.engines.torch_engine import capture_cuda_graph
+
         def for_batch(b: int):
             static_x = torch.randn(b, 3, self.h, self.w, device="cuda", dtype=dtype)
-            with torch.no_grad():
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    for _ in range(3):
-                        model(pixel_values=static_x)
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    static_logits = model(pixel_values=static_x).logits
+            graph, static_logits = capture_cuda_graph(model, static_x)
             return lambda: (graph.replay(), static_logits)[1]  # the output tensor stays referenced
 
         return for_batch

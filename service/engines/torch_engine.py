@@ -40,3 +40,23 @@ class TorchEngine(Engine):
 
     def describe(self) -> dict[str, str]:
         return {**super().describe(), "precision": self._precision}  # the file is FP32; it computes in this
+
+
+def capture_cuda_graph(model, static_x):
+    """One CUDA graph of ``model(pixel_values=static_x).logits``, by the torch.cuda.graph docs' recipe: warm up on a
+    side stream (lazy initialisation must not happen inside the capture), then capture. Replaying it re-runs the model
+    on whatever ``static_x`` holds; returns (graph, the logits tensor it writes). The GPU check and the engine sweep both
+    capture with it."""
+    import torch
+
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                model(pixel_values=static_x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_logits = model(pixel_values=static_x).logits
+    return graph, static_logits
