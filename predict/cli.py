@@ -1,0 +1,182 @@
+"""`vitserve predict IMAGES_DIR --output preds.csv`: score every file of a folder (recursively) offline, with the
+artifact's engine and the service's own decoding, batching rule, calibration and top-k.
+
+Exit codes: 0 every file scored; 1 some files could not be (each has a row with the service's error); 2 bad usage
+(missing folder or artifact, an engine that may not run here, an output that exists without --resume/--force);
+130 interrupted (the rows written so far stay: continue with --resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+from finetune.config import UsageError
+from predict import summary
+from predict.folder import list_files
+from predict.output import FORMATS, RowWriter, drop_partial_line, read_rows
+from predict.run import open_classifier, score, settings_for
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults beside the options that take a value; a flag's "(default: False)" or a required option's "None"
+    says nothing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if action.nargs == 0 or action.required else super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from service.engines import ENGINE_CHOICES
+    from service.settings import Settings
+
+    s = Settings()
+    p = argparse.ArgumentParser(
+        prog="vitserve predict",
+        description="Score every file under IMAGES_DIR (recursively; hidden files skipped) with an artifact's engine "
+        "exactly as `vitserve serve` would answer it: one row per file with its top-k labels and calibrated scores, or "
+        "the service's error. When every file lies under a folder named after one of the artifact's labels, also "
+        "writes accuracy, per-class figures and a confusion matrix next to the output. Exit codes: 0 all scored, "
+        "1 some files failed, 2 bad usage, 130 interrupted.",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("images_dir", type=Path, metavar="IMAGES_DIR", help="folder of images, searched recursively")
+    p.add_argument("--output", type=Path, required=True,
+                   help=f"rows file, format by suffix ({', '.join(FORMATS)}); reports go beside it (NAME.summary.json, ...)")
+    p.add_argument("--artifact", type=Path, default=s.artifact, help="artifact directory")
+    p.add_argument("--top-k", type=int, default=s.default_top_k, help="labels and scores per file")
+    p.add_argument("--engine", default=s.engine, choices=ENGINE_CHOICES, help="engine to run; auto picks the best for this machine")
+    p.add_argument("--batch-size", type=int, default=s.max_batch_size,
+                   help="images per engine call (capped by the engine's); unset: as the service, the engine's fastest batch "
+                   "on this CPU, 32 on a GPU")
+    p.add_argument("--max-image-pixels", type=int, default=s.max_image_pixels,
+                   help="larger images get an image_too_large row, as in the service")
+    p.add_argument("--no-startup-check", dest="startup_check", action="store_false",
+                   help="skip re-checking the golden set through the engine on this machine")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="skip files already in --output (after an interruption) and append the rest")
+    again.add_argument("--force", action="store_true", help="overwrite an existing --output")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar or startup lines (the bar is off anyway when stderr is not a terminal)")
+    return p
+
+
+def check_usage(args) -> tuple[object, list[str]]:
+    """Everything that can be refused before loading an engine: the service's Settings and the artifact's labels."""
+    from service.artifact import ArtifactError, read_manifest
+
+    if not args.images_dir.is_dir():
+        raise UsageError(f"{args.images_dir}: no such folder")
+    if args.output.suffix not in FORMATS:
+        raise UsageError(f"--output {args.output}: the suffix chooses the format, one of {', '.join(FORMATS)}")
+    if args.output.is_dir():
+        raise UsageError(f"--output {args.output} is a folder; give a file name ending in {' or '.join(FORMATS)}")
+    if args.output.exists() and not (args.resume or args.force):
+        raise UsageError(f"{args.output} exists: --resume to continue it, --force to overwrite it")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    settings = settings_for(args.artifact, args.engine, batch_size=args.batch_size, startup_check=args.startup_check,
+                            max_image_pixels=args.max_image_pixels)  # fmt: skip
+    try:
+        labels = read_manifest(settings.artifact).labels
+    except ArtifactError as e:
+        raise UsageError(str(e)) from None
+    if not 1 <= args.top_k <= len(labels):
+        raise UsageError(f"--top-k must be between 1 and {len(labels)} (the artifact's labels), got {args.top_k}")
+    return settings, labels
+
+
+def previous_rows(args, labels: list[str], log) -> list:
+    """With --resume, the rows already in the output (a half-written last line cut off); otherwise a fresh file."""
+    if not args.output.exists():
+        return []
+    if not args.resume:  # --force
+        args.output.unlink()
+        return []
+    rows = read_rows(args.output, labels, args.top_k)  # refuses a file that is not ours before it is touched
+    dropped = drop_partial_line(args.output)
+    partial = f", a half-written line of {dropped} bytes dropped" if dropped else ""
+    log(f"resuming {args.output}: {len(rows)} rows already written{partial}")
+    return rows
+
+
+def score_into(args, clf, todo: list[str]) -> float:
+    """Rows for ``todo`` appended to the output a batch at a time, under a progress bar; returns the seconds taken."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the finetune extra brings it; without it, no bar
+        tqdm = None
+    start = time.perf_counter()
+    show = tqdm is not None and not args.quiet and sys.stderr.isatty()
+    bar = tqdm(total=len(todo), unit="img", desc="predict", smoothing=0.05) if show else contextlib.nullcontext()
+    with RowWriter(args.output, args.top_k) as writer, bar:
+        for rows in score(clf, args.images_dir, todo, args.top_k):
+            writer.write(rows)
+            if show:
+                bar.update(len(rows))
+    return time.perf_counter() - start
+
+
+def summarize(args, clf, files: list[str], timing: dict) -> dict:
+    """The summary of every row now in the output, written to NAME.summary.json (with the class reports)."""
+    m, paths = clf.manifest, summary.report_paths(args.output)
+    listed = set(files)
+    written = read_rows(args.output, m.labels, args.top_k)
+    rows = [r for r in written if r.file in listed]
+    out = {
+        "images_dir": str(args.images_dir.resolve()), "output": str(args.output.resolve()), "artifact": str(clf.settings.artifact),
+        "model": f"{m.model.name} v{m.model.version}", "engine": clf.engine.name, "batch_size": clf.max_batch_size,
+        "batch_size_reason": clf.max_batch_reason, "decode_threads": clf.threads.decode_threads, "top_k": args.top_k,
+        "temperature": m.temperature, "counts": summary.counts(rows), "rows_for_other_files": len(written) - len(rows),
+        "run": timing, "engine_selection": [a.summary() for a in clf.selection.attempts],
+        **summary.class_figures(rows, files, m.labels, args.top_k, paths),
+    }  # fmt: skip
+    paths["summary.json"].write_text(json.dumps(out, indent=2) + "\n")
+    out["written"] = [str(args.output)] + [str(p) for p in paths.values() if p.exists()]
+    return out
+
+
+def run(args, log) -> int:
+    settings, labels = check_usage(args)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    files = list_files(args.images_dir, exclude=[args.output, *summary.report_paths(args.output).values()])
+    if not files:
+        raise UsageError(f"{args.images_dir}: no files to score (hidden files and folders are skipped)")
+    done = {r.file for r in previous_rows(args, labels, log)}
+    start = time.perf_counter()
+    clf = open_classifier(settings)
+    startup_s = time.perf_counter() - start
+    if args.batch_size is not None:  # the service names its own setting
+        clf.max_batch_reason = "--batch-size (or VITSERVE_MAX_BATCH_SIZE), capped by the engine's limit"
+    todo = [f for f in files if f not in done]
+    log(f"engine {clf.engine.name} ({clf.selection.attempts[-1].reason}); batch {clf.max_batch_size}: {clf.max_batch_reason}")
+    log(f"{len(todo)} of {len(files)} files to score → {args.output}")
+    try:
+        scoring_s = score_into(args, clf, todo)
+    except KeyboardInterrupt:
+        written = len(read_rows(args.output, labels, args.top_k))
+        print(f"\ninterrupted: {written} rows are in {args.output}; run again with --resume to continue", file=sys.stderr)
+        return 130
+    timing = {"rows_written": len(todo), "resumed_rows": len(files) - len(todo), "startup_s": round(startup_s, 2),
+           "scoring_s": round(scoring_s, 3), "images_per_s": round(len(todo) / scoring_s, 1) if todo else 0.0}  # fmt: skip
+    out = summarize(args, clf, files, timing)
+    print("\n".join(summary.describe(out) + ["wrote " + ", ".join(out["written"])]))
+    return 1 if out["counts"]["failed"] else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    log = (lambda *_: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    try:
+        return run(args, log)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
