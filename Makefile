@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: serve test install data clients protos demo-model demo-artifact bench bento clean
+.PHONY: serve test install data clients protos demo-model demo-artifact bench overload bento gpu-check gpu-wheels clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -72,6 +72,21 @@ demo-artifact: install data
 # pipeline() service, same model (ViT-S/16, random weights), same machine, one run (~6 min on 2 quiet cores).
 bench: install
 	BENTOML_DO_NOT_TRACK=True $(BIN)/vitserve bench compare --config vit-small
+
+# Overload on the demo model: 1x, 2x and 5x its saturation for 60 s each (README "Overload"), ~4 min.
+overload: install
+	BENTOML_DO_NOT_TRACK=True $(BIN)/vitserve bench overload
+
+# The GPU path proven in one prepared run (README "GPU check"): <= 9 min on one H100/H200, every result into one folder.
+# Needs no .venv: a GPU machine keeps its own torch stack (run `make gpu-wheels` here first and carry .whl/ along).
+# DRY_RUN=1 rehearses the same script on CPU with a tiny ViT (< 2 min on 2 cores; tests/test_gpu_check.py runs it too).
+CHECK_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+GPU_CHECK_OUT ?=
+gpu-check:
+	BENTOML_DO_NOT_TRACK=True $(CHECK_PYTHON) -m benchmarks.gpu_check $(if $(filter 1,$(DRY_RUN)),--dry-run) $(if $(GPU_CHECK_OUT),--out $(GPU_CHECK_OUT))
+
+gpu-wheels: install
+	bash benchmarks/gpu_wheels.sh
 
 bento: install
 	BENTOML_DO_NOT_TRACK=True $(BIN)/bentoml build

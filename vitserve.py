@@ -9,6 +9,9 @@ SUBCOMMANDS = {
     "export": ("export.cli", "checkpoint → validated FP16 ONNX / TensorRT / CPU artifact with a parity gate"),
     "serve": ("service.cli", "serve an artifact over HTTP with dynamic batching and Prometheus metrics"),
     "finetune": ("finetune.cli", "folder of class subfolders → fine-tuned ViT checkpoint with an evaluation report"),
+    "predict": ("predict.cli", "score a folder of images offline with an artifact's engine → CSV/JSONL (+ accuracy)"),
+    "plan": ("finetune.plan", "will it fit, how fast, which model: training/serving memory and speed estimates"),
+    "explain": ("finetune.attention", "attention diagnostics: per-head entropy, collapsed heads, rollout maps"),
     "bench": ("benchmarks.cli", "engine sweep and service load benchmarks"),
 }
 

@@ -5,6 +5,9 @@
     vitserve bench protocols --images DIR               # the three protocols on every image of a labelled folder
     vitserve bench compare --config vit-small          # ours vs raw engine vs BentoML-idiomatic vs naive peer
     vitserve bench int8 --config vit-small             # INT8 schemes: img/s by batch and parity, old against new
+    vitserve bench overload                            # 1x/2x/5x saturation on the demo: goodput, p99, refusals
+    vitserve bench gpu-check [--dry-run]               # the whole GPU proof in one run (README "GPU check")
+    vitserve bench predict --images DIR                 # vitserve predict vs the raw engine on a folder
     vitserve bench autoscale                           # the shipped autoscaling rule, simulated on our measured curve
     vitserve bench flops --config vit-large             # FLOPs per image of a config or checkpoint
 """
@@ -25,6 +28,9 @@ SUBCOMMANDS = {
     "protocols": ("benchmarks.protocol_agreement", "every image of a labelled folder over /classify, KServe v2 HTTP and gRPC: same answers?"),
     "decode": ("benchmarks.decode", "JPEG draft margins: decode ms/image at 640x480 to 4000x3000 against parity"),
     "int8": ("benchmarks.int8_schemes", "old vs saturation-free INT8 schemes: speed by batch and parity (optionally on emulated AVX2)"),
+    "overload": ("benchmarks.overload", "1x, 2x, 5x saturation: goodput, accepted p99, refusals, unanswered requests, RSS"),
+    "gpu-check": ("benchmarks.gpu_check", "the GPU path proven in one prepared run (<= 9 min): engines, GPU tests, memory, decode, service; --dry-run on CPU"),
+    "predict": ("benchmarks.predict_throughput", "vitserve predict against the raw engine on one folder: img/s of each"),
     "autoscale": ("benchmarks.autoscale", "simulated replicas under the shipped KEDA rule vs a CPU rule: time over the SLO, replica-hours"),
     "flops": ("benchmarks.cli", "FLOPs per image of a ViT config or checkpoint"),
 }
