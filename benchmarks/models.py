@@ -14,21 +14,9 @@ FLOPs count a multiply-add as 2 and cover the matmuls only (softmax, LayerNorm, 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
-
-@dataclass(frozen=True)
-class VitShape:
-    image_size: int
-    patch_size: int
-    hidden: int
-    layers: int
-    heads: int
-    mlp: int
-    channels: int = 3
-    labels: int = 1000
-
+from finetune.plan import VitShape, shape_from_hf, vit_flops  # noqa: F401 - one shape and FLOP model, shared with `vitserve plan`
 
 CONFIGS: dict[str, VitShape] = {
     "tiny": VitShape(image_size=32, patch_size=8, hidden=64, layers=2, heads=4, mlp=128, labels=10),
@@ -36,28 +24,6 @@ CONFIGS: dict[str, VitShape] = {
     "vit-base": VitShape(image_size=224, patch_size=16, hidden=768, layers=12, heads=12, mlp=3072),
     "vit-large": VitShape(image_size=224, patch_size=16, hidden=1024, layers=24, heads=16, mlp=4096),
 }
-
-
-def shape_from_hf(cfg: dict) -> VitShape:
-    """An HF ViT config.json (as a dict) → VitShape."""
-    return VitShape(
-        image_size=cfg.get("image_size", 224), patch_size=cfg.get("patch_size", 16), hidden=cfg["hidden_size"],
-        layers=cfg["num_hidden_layers"], heads=cfg["num_attention_heads"], mlp=cfg["intermediate_size"],
-        channels=cfg.get("num_channels", 3), labels=len(cfg.get("id2label") or {}) or 2,
-    )
-
-
-def vit_flops(s: VitShape) -> dict[str, float]:
-    """FLOPs per image: per-layer QKV, attention scores + weighted sum, output projection and MLP, times layers,
-    plus the patch embedding and the classifier head. ViT-L/16@224 (T = 197 tokens) gives ≈123.1 GFLOP."""
-    patches = (s.image_size // s.patch_size) ** 2
-    t, d, m = patches + 1, s.hidden, s.mlp  # tokens include [CLS]
-    per_layer = 2 * (t * d * 3 * d + t * t * d * 2 + t * d * d + 2 * t * d * m)
-    patch_embed = 2 * patches * (s.channels * s.patch_size**2) * d
-    head = 2 * d * s.labels
-    encoder = per_layer * s.layers
-    return {"encoder": float(encoder), "patch_embed": float(patch_embed), "head": float(head),
-            "total": float(encoder + patch_embed + head), "tokens": t}
 
 
 def make_checkpoint(name: str, path: Path, *, seed: int = 0) -> Path:

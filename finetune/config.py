@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
+
+from finetune.plan import DEFAULT_BASE
 
 # The base model card (google/vit-large-patch16-224-in21k, as documented for this project) recommends these ranges.
 RECOMMENDED_BATCH = (2, 16)
@@ -43,13 +46,12 @@ class TrainConfig:
     )
     # The ViT paper fine-tunes with crop + flip only; heavier presets pay off on small data or long runs.
     augment: str = arg("light", "augmentation preset (see finetune/augment.py)", "data", choices=AUGMENT_PRESETS)
-    # Enough to keep one GPU busy with ViT-L at 224 px; 0 decodes images in the training process.
-    num_workers: int = arg(4, "data loader worker processes", "data")
+    # 4 keeps one GPU busy with ViT-L at 224 px; never more than the cores this process may use (DataLoader warns,
+    # and the workers would only take turns); 0 decodes images in the training process.
+    num_workers: int = arg(min(4, len(os.sched_getaffinity(0))), "data loader worker processes", "data")
 
     # --- model ------------------------------------------------------------------------------------------------
-    base: str = arg(
-        "google/vit-large-patch16-224-in21k", "local HF ViT checkpoint folder or hub id (safetensors only)", "model"
-    )
+    base: str = arg(DEFAULT_BASE, "local HF/timm ViT folder or hub id (safetensors only)", "model")
     # The ViT paper fine-tunes without dropout; 0.1 is worth trying on small datasets.
     dropout: float = arg(0.0, "hidden dropout (config.hidden_dropout_prob)", "model")
     attention_dropout: float = arg(0.0, "attention-probability dropout", "model")

@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from finetune.config import UsageError
+from finetune.plan import DEFAULT_BASE, dataset_advice
 from service.artifact import Preprocessing
 from service.errors import ServiceError
 from service.preprocess import Preprocessor, decode_image
@@ -126,8 +127,11 @@ def stratified_split(samples: list[tuple[str, int]], fraction: float, seed: int)
     return sorted(train), sorted(val)
 
 
-def describe(train: Scan, train_samples: list, val_samples: list, val_sha: dict[str, str], info, warn) -> None:
-    """Report corrupt files, small and imbalanced classes, train/val duplicates and the dataset-size advice."""
+def describe(
+    train: Scan, train_samples: list, val_samples: list, val_sha: dict[str, str], info, warn, base: str = DEFAULT_BASE
+) -> None:
+    """Report corrupt files, small and imbalanced classes, train/val duplicates and the model card's dataset-size
+    advice for `base`, the model being fine-tuned (finetune.plan.dataset_advice)."""
     for rel, reason in train.corrupt:
         warn(f"skipping unreadable file {train.root / rel} ({reason})")
     if train.ignored:
@@ -161,17 +165,10 @@ def describe(train: Scan, train_samples: list, val_samples: list, val_sha: dict[
             + examples
         )
 
-    n = len(train_samples)
-    if n < 5000:
-        advice = (
-            "under 5,000 images: ViT-Large will likely overfit; consider ViT-Base (google/vit-base-patch16-224-in21k)"
-        )
-    elif n <= 10000:
-        advice = "5,000-10,000 images: marginal for ViT-Large; watch the validation curve"
-    else:
-        advice = "over 10,000 images: enough for ViT-Large"
-    message = f"dataset: {n} training images in {len(train.classes)} classes; model card advice: {advice}"
-    (warn if n < 5000 else info)(message)
+    is_warning, advice = dataset_advice(len(train_samples), base)
+    (warn if is_warning else info)(
+        f"dataset: {len(train_samples)} training images in {len(train.classes)} classes; model card advice: {advice}"
+    )
 
 
 def preprocessing(processor, image_size: int) -> Preprocessing:

@@ -1,5 +1,6 @@
-"""The model side of fine-tuning: load a ViT with a new head, change its resolution, add stochastic depth, freeze
-layers or add LoRA adapters, and save a plain Hugging Face checkpoint the export stage takes unchanged.
+"""The model side of fine-tuning: load a ViT (Hugging Face, or timm's layout mapped onto it) with a new head, change
+its resolution, add stochastic depth, freeze layers or add LoRA adapters, and save a plain Hugging Face checkpoint
+the export stage takes unchanged.
 
 Weights are only ever read from safetensors (`use_safetensors=True`): never unpickled.
 """
@@ -20,20 +21,35 @@ from finetune.config import UsageError, freeze_spec
 DEFAULT_MEAN = DEFAULT_STD = (0.5, 0.5, 0.5)  # ViTImageProcessor's defaults, used by the in21k ViT checkpoints
 
 
+def timm_base(base: str) -> tuple[Path, dict] | None:
+    """(folder, timm config.json) when `base` is a timm ViT (a local folder or a hub id), else None."""
+    from export.checkpoint import is_timm_config, local_folder
+
+    return local_folder(base, is_timm_config)
+
+
 def load(
     base: str, labels: list[str], dropout: float = 0.0, attention_dropout: float = 0.0
 ) -> ViTForImageClassification:
-    """The base ViT with a freshly initialised head for `labels` (the head is resized when the count differs)."""
+    """The base ViT (an HF checkpoint, or a timm one mapped onto HF's layout) with a freshly initialised head for
+    `labels` (the head is resized when the count differs)."""
+    changes = dict(
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=attention_dropout,
+    )
     try:
+        if timm := timm_base(base):
+            from export.checkpoint import load_timm_vit_model
+
+            return load_timm_vit_model(*timm, attn_implementation="sdpa", **changes)  # transformers' training default
         return ViTForImageClassification.from_pretrained(
             base,
-            num_labels=len(labels),
-            id2label=dict(enumerate(labels)),
-            label2id={name: i for i, name in enumerate(labels)},
             ignore_mismatched_sizes=True,  # the base's head (or none) does not match our classes
             use_safetensors=True,
-            hidden_dropout_prob=dropout,
-            attention_probs_dropout_prob=attention_dropout,
+            **changes,
         )
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot load base model {base!r} as a safetensors ViT checkpoint: {e}") from e
@@ -53,14 +69,22 @@ def image_processor_class():
 
 def load_processor(base: str, image_size: int):
     """A ViTImageProcessor with the base's mean/std at our image size: resize to exactly S x S (PIL bilinear),
-    x / 255, normalize. Only mean/std are taken from the base, so no other processor's options (crops, ...) leak in."""
+    x / 255, normalize. Only mean/std are taken from the base (a timm base's from its pretrained_cfg), so no other
+    processor's options (crops, ...) leak in."""
     cls = image_processor_class()
     mean, std = list(DEFAULT_MEAN), list(DEFAULT_STD)
     try:
-        from transformers import AutoImageProcessor
+        if timm := timm_base(base):  # timm's pretrained_cfg (its default is ImageNet's statistics)
+            from export.checkpoint import TIMM_DEFAULT_MEAN, TIMM_DEFAULT_STD
 
-        base_processor = AutoImageProcessor.from_pretrained(base)
-        mean, std = list(base_processor.image_mean), list(base_processor.image_std)
+            pretrained = timm[1]["pretrained_cfg"]
+            mean = list(pretrained.get("mean") or TIMM_DEFAULT_MEAN)
+            std = list(pretrained.get("std") or TIMM_DEFAULT_STD)
+        else:
+            from transformers import AutoImageProcessor
+
+            base_processor = AutoImageProcessor.from_pretrained(base)
+            mean, std = list(base_processor.image_mean), list(base_processor.image_std)
     except (OSError, ValueError, AttributeError, TypeError):  # no preprocessor_config.json: ViT's defaults
         pass
     return cls(

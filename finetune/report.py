@@ -1,4 +1,5 @@
-"""RUN_DIR/report/: training curves, confusion matrix, reliability diagram and per-class scores (PNG, CSV, JSON)."""
+"""RUN_DIR/report/: training curves, confusion matrix, reliability diagram, per-class scores and attention diagnostics
+(PNG, CSV, JSON)."""
 
 from __future__ import annotations
 
@@ -81,3 +82,40 @@ def per_class_files(rows: list[dict], stem: Path) -> None:
         writer.writerows(rows)
     with open(stem.with_suffix(".json"), "w") as f:
         json.dump(rows, f, indent=2)
+
+
+def attention_entropy(summary: dict, path: Path) -> None:
+    """Blocks × heads, each head's mean attention entropy as a fraction of uniform attention's ln N; flagged heads
+    (finetune.attention: collapsed or duplicate) are marked."""
+    layers = summary["layers"]
+    grid = torch.tensor([[h["entropy_fraction_of_uniform"] for h in layer["heads"]] for layer in layers])
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * grid.shape[1] + 2), max(3.0, 0.35 * grid.shape[0] + 1.5)))
+    image = ax.imshow(grid.numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    for f in summary["flagged"]:
+        ax.text(f["head"], f["layer"], "C" if "collapsed" in f["why"] else "D", ha="center", va="center", color="red")
+    ax.set(xlabel="head", ylabel="block",
+           title=f"attention entropy / ln N\n{summary['images']} images; C collapsed, D duplicate")  # fmt: skip
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def rollout_overlays(examples: list, captions: list[str], path: Path) -> None:
+    """Each served image beside itself overlaid with its attention-rollout map (the class token's row, upsampled)."""
+    fig, axes = plt.subplots(len(examples), 2, figsize=(5, 2.5 * len(examples)), squeeze=False)
+    for (image, rollout_map), caption, (left, right) in zip(examples, captions, axes):
+        h, w = image.shape[:2]
+        heat = rollout_map / max(float(rollout_map.max()), 1e-12)
+        left.imshow(image)
+        right.imshow(image)
+        right.imshow(heat, cmap="jet", alpha=0.5, extent=(-0.5, w - 0.5, h - 0.5, -0.5), interpolation="bilinear")
+        left.set_title(caption, fontsize=8)
+        right.set_title("attention rollout", fontsize=8)
+        for ax in (left, right):
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
