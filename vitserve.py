@@ -18,7 +18,7 @@ SUBCOMMANDS = {
 
 def _usage() -> str:
     width = max(map(len, SUBCOMMANDS))
-    lines = ["usage: vitserve <command> [options]   (vitserve <command> --help for its options)", "", "commands:"]
+    lines = ["usage: vitserve <command> [options]   (vitserve <command> --help for its options; vitserve --version)", "", "commands:"]
     lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in SUBCOMMANDS.items()]
     return "\n".join(lines)
 
@@ -28,6 +28,16 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2
+    if argv[0] == "--version":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"vitserve {version('vitserve')}")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            from service import __version__
+
+            print(f"vitserve {__version__}")
+        return 0
     command, rest = argv[0], argv[1:]
     if command not in SUBCOMMANDS:
         print(f"vitserve: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)

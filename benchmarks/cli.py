@@ -36,8 +36,7 @@ SUBCOMMANDS = {
 }
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown beside every option; module docstrings (commands, examples) keep their line breaks."""
+from service.cli import HelpFormatter  # noqa: E402,F401 - the one help format of every `vitserve` command
 
 
 def quiet_libraries() -> None:

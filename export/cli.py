@@ -8,6 +8,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from service.cli import HelpFormatter
 from service.parity import DEFAULT_THRESHOLDS
 
 
@@ -17,11 +18,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export a ViT checkpoint to an artifact: FP16 ONNX (GPU), the fastest of FP32 / INT8 ONNX that "
         "passes the gate (CPU), optional TensorRT plan and PyTorch weights, each checked against FP32 PyTorch, plus a "
         "golden set the service re-checks on the machine that serves.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("checkpoint", help="HF ViTForImageClassification directory (safetensors) or hub id")
+    p.add_argument("checkpoint", help="HF ViTForImageClassification directory (safetensors), a timm ViT folder, or hub id")
     p.add_argument("--output", "-o", type=Path, required=True, help="artifact directory to write")
-    p.add_argument("--name", default=None, help="model name in the manifest (default: from the checkpoint)")
+    p.add_argument("--name", default=None, help="model name in the manifest (default: the checkpoint folder's name, or its run folder's for runs/NAME/checkpoint)")
     p.add_argument("--version", default="1", help="model version in the manifest")
     p.add_argument("--max-batch", type=int, default=64, help="largest batch every engine accepts")
     p.add_argument("--opt-batch", type=int, default=16, help="batch size TensorRT optimises for")

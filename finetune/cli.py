@@ -17,13 +17,14 @@ import types
 import typing
 
 from finetune.config import TrainConfig, UsageError, check
+from service.cli import HelpFormatter
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vitserve finetune",
         description="Fine-tune a Hugging Face ViT on a folder of images (one subfolder per class).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         epilog="Exit codes: 0 done, 1 training failed, 2 bad options or data, 143 stopped by SIGTERM (use --resume).",
     )
     groups: dict[str, argparse._ArgumentGroup] = {}

@@ -2,7 +2,7 @@
 
     scan data -> split -> model (resolution, drop path, freeze / LoRA) -> loaders -> optimizer + schedule
     -> [resume] -> epochs (steps, training-state saves, evaluation, best checkpoint)
-    -> calibration on validation -> test -> report
+    -> calibration on validation -> test -> report (+ attention diagnostics)
 
 Smallest real run (3,000 Fashion-MNIST images, a 0.35M-parameter ViT from scratch; measured on the shared 2-core
 dev machine: 2.4 min, 68 % test top-1):
@@ -21,9 +21,11 @@ args.json, metrics.json, report/.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import math
+import shutil
 import signal
 import sys
 import time
@@ -34,7 +36,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from finetune import calibration, checkpoint, data, evaluate, optim, report, runtime
+from finetune import calibration, checkpoint, data, evaluate, optim, plan, report, runtime
 from finetune import model as model_lib
 from finetune.augment import BatchAugment
 from finetune.config import RESUME_SAFE, TrainConfig, UsageError, to_dict
@@ -64,21 +66,28 @@ class ResumableSampler(DistributedSampler):
 
 def run(cfg: TrainConfig) -> int:
     rt = runtime.setup(cfg.device)
+    run_dir = Path(cfg.output)
+    created = not run_dir.exists()
+    code = 1
     try:
-        return _run(cfg, rt)
+        code = _run(cfg, rt)
+        return code
     except torch.cuda.OutOfMemoryError:
-        rt.error(
-            f"CUDA out of memory (batch size {cfg.batch_size}, image size {cfg.image_size or 'base'}). Remedies: a "
-            "smaller --batch-size with --gradient-accumulation-steps to keep the effective batch (or --auto-batch), "
-            "--gradient-checkpointing, a lower --image-size, --precision bf16, or fewer trainable weights "
-            "(--lora, --freeze). The last training state, if any, is in the run folder: add --resume."
-        )
+        rt.error(out_of_memory_message(cfg, rt.device))
         return 1
     except FloatingPointError as e:
         rt.error(str(e))
         return 1
     finally:
         runtime.teardown(rt)
+        if code != 0 and created and rt.is_main:
+            _remove_if_empty(run_dir)  # a run that failed before writing anything leaves no folder behind
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """Remove ``folder`` and its empty subfolders if no file was written under it."""
+    if folder.is_dir() and not any(p.is_file() for p in folder.rglob("*")):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _run(cfg: TrainConfig, rt: runtime.Runtime) -> int:
@@ -134,7 +143,7 @@ def _run(cfg: TrainConfig, rt: runtime.Runtime) -> int:
     if not val_samples:
         raise UsageError("the validation set is empty")
     rt.info(f"classes ({len(classes)}): {', '.join(classes)}")
-    data.describe(train_scan, train_samples, val_samples, val_sha, rt.info, rt.warn)
+    data.describe(train_scan, train_samples, val_samples, val_sha, rt.info, rt.warn, base=cfg.base)
     split = {
         "classes": classes,
         "train_dir": str(train_scan.root),
@@ -185,13 +194,7 @@ def _run(cfg: TrainConfig, rt: runtime.Runtime) -> int:
     # --- batch size -------------------------------------------------------------------------------------------
     micro, accum = cfg.batch_size, cfg.gradient_accumulation_steps
     if cfg.auto_batch:
-        if device.type == "cuda":
-            effective = micro * accum
-            micro = rt.min(find_micro_batch(model, effective, image_size, device, autocast, cfg.optimizer))
-            accum = math.ceil(effective / micro)
-            rt.info(f"--auto-batch: micro-batch {micro} x {accum} accumulation steps = {micro * accum} per step")
-        else:
-            rt.info(f"--auto-batch: nothing to search on {device.type}; keeping batch size {micro}")
+        micro, accum = auto_batch(cfg, model, micro * accum, image_size, device, autocast, rt)
 
     # --- loaders ----------------------------------------------------------------------------------------------
     train_set = data.ImageFolderDataset(train_scan.root, train_samples, spec)
@@ -444,15 +447,78 @@ def finish(run_dir: Path, classes, val_loader, test_loader, device, scale, offse
             f"test: top-1 {test['top1']:.4f} top-5 {test['top5']:.4f} macro-F1 {test['macro_f1']:.4f} "
             f"({test['num_samples']} images)"
         )
+    attention_report(model, val_loader, scale, offset, classes, out)
     checkpoint.write_json_atomically(
         run_dir / "metrics.json", {"history": history, "best": best, "final": final, "test": test, "train_log": log}
     )
     print(f"checkpoint: {ckpt}  report: {out}")
 
 
+def attention_report(model, val_loader, scale, offset, classes: list[str], out: Path) -> None:
+    """report/attention.json, attention_entropy.png, attention_rollout.png (finetune.attention) over up to
+    DIAGNOSTIC_IMAGES validation images spread evenly over the (class-sorted) validation set."""
+    from finetune import attention
+
+    dataset = val_loader.dataset
+    n = min(len(dataset), attention.DIAGNOSTIC_IMAGES)
+    picks = [round(i * (len(dataset) - 1) / max(n - 1, 1)) for i in range(n)]
+    loader = DataLoader(torch.utils.data.Subset(dataset, picks), val_loader.batch_size)
+    every = max(1, n // attention.ROLLOUT_IMAGES)
+    diagnostics = attention.diagnose(model, (images for images, _ in loader), scale, offset, n, every=every)
+    attention.write_report(diagnostics, out, classes, [dataset.samples[i][0] for i in picks])
+    flagged = attention.describe_flagged(diagnostics.summary)
+    print(f"attention ({n} validation images, report/attention.json):\n{flagged}")
+
+
+def auto_batch(cfg: TrainConfig, model, effective: int, image_size: int, device, autocast, rt) -> tuple[int, int]:
+    """--auto-batch: (micro-batch, accumulation steps) keeping `effective` images per step. On CUDA the memory
+    estimate (`vitserve plan`) picks the first micro-batch to try, and a trial forward/backward confirms it."""
+    shape = plan.shape_from_hf(model.config.to_dict())  # as trained: image size and head already set
+    if device.type != "cuda":
+        need = plan.training_memory(shape, plan.setup_from_config(cfg, device="cpu")).total
+        rt.info(f"--auto-batch: nothing to search on {device.type}; keeping batch size {cfg.batch_size} (estimated "
+                f"peak {plan.human_bytes(need)})")  # fmt: skip
+        return cfg.batch_size, cfg.gradient_accumulation_steps
+    free, _ = torch.cuda.mem_get_info(device)  # what other processes leave us, plus what we already hold
+    budget = free + torch.cuda.memory_reserved(device) + plan.CUDA_CONTEXT_BYTES
+    setup = plan.setup_from_config(cfg, batch=effective)
+    estimate = plan.largest_batch(shape, dataclasses.replace(setup, accumulation=1), budget)
+    if estimate < effective:  # accumulating micro-batches also holds the gradients through backward
+        estimate = plan.largest_batch(shape, dataclasses.replace(setup, accumulation=2), budget)
+    start = max(1, min(effective, estimate))
+    micro = rt.min(find_micro_batch(model, start, image_size, device, autocast, cfg.optimizer))
+    accum = math.ceil(effective / micro)
+    rt.info(
+        f"--auto-batch: the memory estimate (vitserve plan) allows a micro-batch of {estimate} in "
+        f"{budget / plan.GiB:.1f} GiB; a trial step fits {micro}: {micro} x {accum} accumulation steps = "
+        f"{micro * accum} per step"
+    )
+    return micro, accum
+
+
+def out_of_memory_message(cfg: TrainConfig, device: torch.device) -> str:
+    """The remedies for a CUDA out-of-memory error, each with `vitserve plan`'s estimate when the base can be sized
+    without the network."""
+    message = (
+        f"CUDA out of memory (batch size {cfg.batch_size}, image size {cfg.image_size or 'base'}). Remedies: a "
+        "smaller --batch-size with --gradient-accumulation-steps to keep the effective batch (or --auto-batch), "
+        "--gradient-checkpointing, a lower --image-size, --precision bf16, or fewer trainable weights "
+        "(--lora, --freeze). The last training state, if any, is in the run folder: add --resume."
+    )
+    try:
+        shape, _ = plan.resolve_shape(cfg.base)
+        shape = dataclasses.replace(shape, image_size=cfg.image_size or shape.image_size)
+        budget = torch.cuda.get_device_properties(device).total_memory
+    except (ValueError, OSError, RuntimeError, AssertionError):  # an unknown hub id, or no CUDA device to ask
+        return message
+    estimates = "\n".join(plan.fit_lines(shape, plan.setup_from_config(cfg), budget))
+    return f"{message}\nvitserve plan's estimates for this GPU ({budget / plan.GiB:.1f} GiB):\n{estimates}"
+
+
 def find_micro_batch(model, effective: int, image_size: int, device, autocast, optimizer_name: str) -> int:
     """Largest micro-batch (effective, effective/2, ...) whose forward/backward fits in CUDA memory next to the
-    optimizer's state (accumulation then makes up the rest of the effective batch)."""
+    optimizer's state (accumulation then makes up the rest of the effective batch). `effective` is where the trial
+    starts: the memory estimate's largest batch when that is smaller."""
     moments = {"adamw": 2, "lamb": 2, "sgd": 1, "lars": 1, "adafactor": 0}[optimizer_name]
     trainable = [p for p in model.parameters() if p.requires_grad]
     batch = effective

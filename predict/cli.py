@@ -20,14 +20,7 @@ from predict import summary
 from predict.folder import list_files
 from predict.output import FORMATS, RowWriter, drop_partial_line, read_rows
 from predict.run import open_classifier, score, settings_for
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults beside the options that take a value; a flag's "(default: False)" or a required option's "None"
-    says nothing."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        return action.help if action.nargs == 0 or action.required else super()._get_help_string(action)
+from service.cli import HelpFormatter
 
 
 def build_parser() -> argparse.ArgumentParser:

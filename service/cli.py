@@ -10,6 +10,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every `vitserve` command's help: a default beside each option that takes a value, once (not where the help
+    names its default itself, nor a flag's "False" or an unset "None", which say nothing), and descriptions keep
+    their line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.nargs == 0 or action.required or action.default is None or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from service.engines import ENGINE_CHOICES
     from service.settings import Settings
@@ -20,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve an artifact with dynamic batching and Prometheus metrics: our JSON API and KServe v2 REST "
         "on the HTTP port, KServe v2 gRPC (+ grpc.health.v1, reflection) on the gRPC port. Every option is also a "
         "VITSERVE_* environment variable (e.g. VITSERVE_MAX_BATCH_SIZE); options win.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--artifact", type=Path, default=s.artifact, help="artifact directory")
     p.add_argument("--engine", default=s.engine, choices=ENGINE_CHOICES, help="engine to run; auto picks the best for this machine")
@@ -33,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue-capacity", type=int, default=s.queue_capacity, help="images that may wait; beyond: 429")
     p.add_argument("--grace-period-s", type=float, default=s.grace_period_s, help="on SIGTERM, time to answer accepted requests")
     p.add_argument("--max-latency-ms", type=float, default=s.max_latency_ms,
-                   help="refuse (429) at the door requests predicted to take longer; unset: max(2 x unloaded, unloaded + 2 full batches)")
+                   help="refuse (429) at the door requests predicted to take longer; unset: max(3 x unloaded, unloaded + one full batch)")
     p.add_argument("--keep-alive-s", type=int, default=s.keep_alive_s,
                    help="idle HTTP keep-alive timeout; keep it above your load balancer's and clients' idle timeouts")
     p.add_argument("--no-startup-check", dest="startup_check", action="store_false",
