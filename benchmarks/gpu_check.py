@@ -944,13 +944,13 @@ def plain_asgi_app():
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     from service.classifier import Classifier
-    from service.http_api import make_http_app
+    from service.http_api import guard, make_http_app
     from service.settings import Settings
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     settings = Settings()
     classifier = Classifier(settings)  # verifies, loads, re-checks and warms the engine, as VitServe.__init__ does
-    app = make_http_app(lambda: classifier, settings.max_body_bytes)
+    app = make_http_app(lambda: classifier)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
@@ -962,7 +962,7 @@ def plain_asgi_app():
     app.add_api_route("/readyz", lambda: Response(status_code=200 if classifier.ready else 503), methods=["GET"])
     app.add_api_route("/livez", lambda: Response(status_code=200), methods=["GET"])
     app.add_api_route("/metrics", lambda: Response(generate_latest(), media_type=CONTENT_TYPE_LATEST), methods=["GET"])
-    return app
+    return guard(app, lambda: classifier, settings)  # API key, body size, admission: as in front of BentoML
 
 
 SERVERS = {"bentoml": "`vitserve serve` (BentoML)", "uvicorn": "our ASGI app under plain uvicorn (benchmarks.gpu_check.plain_asgi_app)"}

@@ -3,8 +3,8 @@
     vitserve bench overload                                     # the demo artifact, 60 s per multiplier
     vitserve bench overload --multipliers 2 --duration 60 --name overload-before
 
-It starts `vitserve serve` on the artifact (or loads ``--url``), measures the unloaded latency (one client, closed
-loop) and the saturation throughput (``--concurrency`` clients, closed loop), then offers Poisson arrivals at each
+It starts `vitserve serve` on the artifact (or loads ``--url``), measures the saturation throughput (the best closed
+loop of 4, 8 and 16 clients, on a server that refuses nothing) and the unloaded latency (one client), then offers Poisson arrivals at each
 multiple of saturation, one real 640×480 JPEG per request, sent at their scheduled times whatever the server does
 (open loop, no coordinated omission; no client-side cap on outstanding requests). For each phase it reports:
 
@@ -15,8 +15,9 @@ multiple of saturation, one real 640×480 JPEG per request, sent at their schedu
 - server RSS (the whole process tree) at the start, its maximum and at the end;
 - whether the server's own counters (``vitserve_requests_total`` by status) equal what the client saw.
 
-The client is aiohttp with its default keep-alive (15 s idle), as a load balancer or SDK would hold connections: a
-server that closes idle connections sooner races with the client's reuse of them.
+The client (``RawHttp``) costs a few tens of µs per request, so that at 5× on a 2-core machine it does not measure
+itself, and keeps idle connections 15 s (aiohttp's default), as a load balancer or SDK would: a server that closes
+idle connections sooner races with the client's reuse of them.
 """
 
 from __future__ import annotations
@@ -24,11 +25,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import re
 import sys
 import time
 from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
 
 from benchmarks.common import environment, latency_summary_ms, load_average, print_summary, write_result
 from benchmarks.service_load import multipart_bodies, parse_prometheus, poisson_schedule, total
@@ -70,23 +75,66 @@ class Sampler:
                 pass
 
 
-async def _post(session, url: str, body, rec: dict, timeout_s: float) -> None:
-    import aiohttp
+class RawHttp:
+    """POSTs of pre-encoded HTTP/1.1 requests over a pool of kept-alive connections, reading each answer's status.
 
-    try:
-        async with session.post(url, data=body.content, headers=body.headers, timeout=aiohttp.ClientTimeout(total=timeout_s)) as r:
-            await r.read()
-            rec["status"] = str(r.status)
-    except TimeoutError:
-        rec["status"] = "client_timeout"
-    except aiohttp.ClientError as e:  # no HTTP answer: reset, disconnect, refused
-        rec["status"] = type(e).__name__
-    rec["done"] = time.perf_counter()
+    Hand-written rather than aiohttp or httpx: the load generator shares the server's 2 cores, and aiohttp took a
+    third of a core at 320 requests/s, so at 5× it would have measured itself. This costs a few tens of µs per
+    request under uvloop. Idle connections are reused for 15 s (aiohttp's default keep-alive), as SDKs and
+    balancers hold them: a server that closes idle connections sooner races with their reuse."""
+
+    def __init__(self, base: str, idle_expiry_s: float = 15.0):
+        url = urlparse(base)
+        self.host, self.port, self.idle_expiry_s = url.hostname, url.port, idle_expiry_s
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []
+
+    def wire(self, body) -> bytes:
+        head = (f"POST /classify HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: {body.headers['content-type']}\r\n"
+                f"Content-Length: {len(body.content)}\r\n\r\n")
+        return head.encode() + body.content
+
+    async def _connection(self):
+        now = time.monotonic()
+        while self.idle:
+            reader, writer, used = self.idle.pop()
+            if now - used < self.idle_expiry_s and not writer.is_closing():
+                return reader, writer
+            writer.close()
+        return await asyncio.open_connection(self.host, self.port)
+
+    async def post(self, wire: bytes, rec: dict, timeout_s: float) -> None:
+        writer = None
+        try:
+            reader, writer = await self._connection()
+            writer.write(wire)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout_s)
+            await reader.readexactly(int(_CONTENT_LENGTH.search(head).group(1)))
+            rec["status"] = head[9:12].decode()
+            if b"retry-after" in head.lower():
+                rec["retry_after"] = True
+            if _CLOSE.search(head):
+                writer.close()
+            else:
+                self.idle.append((reader, writer, time.monotonic()))
+        except TimeoutError:
+            rec["status"] = "client_timeout"
+            writer and writer.close()
+        except (asyncio.IncompleteReadError, ConnectionError, OSError) as e:  # no HTTP answer: reset, disconnect
+            rec["status"] = type(e).__name__
+            writer and writer.close()
+        rec["done"] = time.perf_counter()
+
+    def close(self) -> None:
+        for _, writer, _ in self.idle:
+            writer.close()
 
 
-async def _counters(session, base: str) -> Counter:
-    async with session.get(f"{base}/metrics") as r:
-        samples = parse_prometheus(await r.text())
+_CONTENT_LENGTH = re.compile(rb"(?i)\r\ncontent-length: *(\d+)")
+_CLOSE = re.compile(rb"(?i)\r\nconnection: *close")
+
+
+def _counters(base: str) -> Counter:
+    samples = parse_prometheus(httpx.get(f"{base}/metrics", timeout=30).text)
     out = Counter()
     for name, labels, value in samples:
         if name == "vitserve_requests_total" and labels.get("protocol") == "http":
@@ -95,22 +143,22 @@ async def _counters(session, base: str) -> Counter:
 
 
 async def closed(base: str, bodies, *, concurrency: int, duration_s: float, warmup_s: float = 2.0) -> dict:
-    import aiohttp
-
+    client = RawHttp(base)
+    wires = [client.wire(b) for b in bodies]
     records = []
-    async with aiohttp.ClientSession() as session:
-        t0 = time.perf_counter()
-        start, end = t0 + warmup_s, t0 + warmup_s + duration_s
+    t0 = time.perf_counter()
+    start, end = t0 + warmup_s, t0 + warmup_s + duration_s
 
-        async def worker(i: int) -> None:
-            k = i
-            while time.perf_counter() < end:
-                rec = {"scheduled": time.perf_counter()}
-                await _post(session, f"{base}/classify", bodies[k % len(bodies)], rec, 30)
-                records.append(rec)
-                k += concurrency
+    async def worker(i: int) -> None:
+        k = i
+        while time.perf_counter() < end:
+            rec = {"scheduled": time.perf_counter()}
+            await client.post(wires[k % len(wires)], rec, 30)
+            records.append(rec)
+            k += concurrency
 
-        await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    client.close()
     ok = [r for r in records if r["status"] == "200" and start <= r["scheduled"] < end]
     done_in = [r for r in records if r["status"] == "200" and start <= r["done"] < end]
     return {"concurrency": concurrency, "images_per_s": round(len(done_in) / duration_s, 2),
@@ -120,30 +168,33 @@ async def closed(base: str, bodies, *, concurrency: int, duration_s: float, warm
 
 async def open_phase(base: str, bodies, *, rate: float, duration_s: float, saturation: float, unloaded_p99_ms: float,
                      sampler: Sampler, timeout_s: float, seed: int) -> dict:
-    import aiohttp
+    import psutil
 
+    client = RawHttp(base)
+    wires = [client.wire(b) for b in bodies]
     schedule = poisson_schedule(rate, duration_s, seed)
     records: list[dict] = []
-    # No cap on connections: every arrival is sent at its time; what the server cannot take, it must refuse.
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        before = await _counters(session, base)
-        stop = asyncio.Event()
-        sampling = asyncio.create_task(sampler.run(stop))
-        tasks = []
-        t0 = time.perf_counter() + 0.05
-        for i, offset in enumerate(schedule):
-            due = t0 + offset
-            if (delay := due - time.perf_counter()) > 0:
-                await asyncio.sleep(delay)
-            rec = {"scheduled": due, "sent": time.perf_counter()}
-            records.append(rec)
-            tasks.append(asyncio.create_task(_post(session, f"{base}/classify", bodies[i % len(bodies)], rec, timeout_s)))
-        await asyncio.wait(tasks, timeout=timeout_s + 10)
-        stop.set()
-        await sampling
-        await asyncio.sleep(0.5)  # the server counts a request just after answering it
-        after = await _counters(session, base)
+    before = await asyncio.to_thread(_counters, base)
+    me = psutil.Process()
+    cpu_before = sum(me.cpu_times()[:2])
+    stop = asyncio.Event()
+    sampling = asyncio.create_task(sampler.run(stop))
+    tasks = []
+    t0 = time.perf_counter() + 0.05
+    for i, offset in enumerate(schedule):  # every arrival is sent at its time: what the server cannot take, it refuses
+        due = t0 + offset
+        if (delay := due - time.perf_counter()) > 0:
+            await asyncio.sleep(delay)
+        rec = {"scheduled": due, "sent": time.perf_counter()}
+        records.append(rec)
+        tasks.append(asyncio.create_task(client.post(wires[i % len(wires)], rec, timeout_s)))
+    await asyncio.wait(tasks, timeout=timeout_s + 10)
+    client_cores = (sum(me.cpu_times()[:2]) - cpu_before) / (time.perf_counter() - t0)
+    stop.set()
+    await sampling
+    client.close()
+    await asyncio.sleep(0.5)  # the server counts a request just after answering it
+    after = await asyncio.to_thread(_counters, base)
     end = t0 + duration_s
     statuses = Counter(r.get("status", "never_finished") for r in records)
     ok = [r for r in records if r.get("status") == "200"]
@@ -154,11 +205,13 @@ async def open_phase(base: str, bodies, *, rate: float, duration_s: float, satur
     rss = sampler.samples
     return {
         "offered_rps": rate, "sent": len(records), "duration_s": duration_s,
-        "achieved_send_lag_p99_ms": latency_summary_ms([r["sent"] - r["scheduled"] for r in records])["p99_ms"],
+        "send_lag_p99_ms": latency_summary_ms([r["sent"] - r["scheduled"] for r in records])["p99_ms"],
+        "client_cores": round(client_cores, 3),
         "goodput_images_per_s": round(goodput, 2), "goodput_over_saturation": round(goodput / saturation, 3),
         "accepted_latency": lat,
         "p99_over_unloaded_p99": None if lat["p99_ms"] is None else round(lat["p99_ms"] / unloaded_p99_ms, 2),
         "statuses": dict(sorted(statuses.items())),
+        "refusals_with_retry_after": sum(1 for r in records if r.get("status") == "429" and r.get("retry_after")),
         "unanswered": {k: v for k, v in statuses.items() if not k.isdigit()},
         "server_counted": dict(sorted(server.items())),
         "counters_exact": dict(server) == http_answers,
@@ -188,9 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vitserve bench overload", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--artifact", type=Path, default=ROOT / "service" / "demo_artifact", help="artifact to serve")
     p.add_argument("--url", default=None, help="load a running service instead of starting one (no RSS then)")
+    p.add_argument("--project", type=Path, default=ROOT,
+                   help="the checkout whose `vitserve serve` to start (another commit's worktree: before/after comparisons)")
     p.add_argument("--multipliers", default="1,2,5", help="offered load as multiples of the measured saturation")
     p.add_argument("--duration", type=float, default=60.0, help="seconds per multiplier")
-    p.add_argument("--concurrency", type=int, default=16, help="closed-loop clients that measure saturation")
+    p.add_argument("--concurrency", type=int, default=16, help="saturation: the best of closed loops with this many clients, half and a quarter")
     p.add_argument("--saturation", type=float, default=None, help="skip measuring: saturation in img/s")
     p.add_argument("--timeout", type=float, default=30.0, help="client timeout per request, seconds")
     p.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE", help="VITSERVE_* settings for the server")
@@ -200,11 +255,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-async def measure(base: str, args, pid: int | None) -> dict:
-    bodies = multipart_bodies([p for p in _photos() if p.content_type == "image/jpeg"])
+def _bodies():
+    return multipart_bodies([p for p in _photos() if p.content_type == "image/jpeg"])
+
+
+async def saturation(base: str, concurrency: int) -> dict:
+    """The service's capacity: the best closed-loop throughput of a concurrency sweep up to ``concurrency``."""
+    bodies, best = _bodies(), None
+    for c in sorted({max(1, concurrency // 4), max(1, concurrency // 2), concurrency}):
+        r = await closed(base, bodies, concurrency=c, duration_s=10)
+        best = r if best is None or r["images_per_s"] > best["images_per_s"] else best
+    return best
+
+
+async def measure(base: str, args, pid: int | None, sat: dict) -> dict:
+    bodies = _bodies()
     unloaded = await closed(base, bodies, concurrency=1, duration_s=10)
-    sat = await closed(base, bodies, concurrency=args.concurrency, duration_s=10) if args.saturation is None else \
-        {"concurrency": None, "images_per_s": args.saturation, "latency": {}, "statuses": {}}
     print(f"unloaded p99 {unloaded['latency']['p99_ms']} ms; saturation {sat['images_per_s']} img/s", flush=True)
     phases = {}
     for i, m in enumerate(float(x) for x in args.multipliers.split(",")):
@@ -217,26 +283,57 @@ async def measure(base: str, args, pid: int | None) -> dict:
     return {"unloaded": unloaded, "saturation": sat, "phases": phases}
 
 
+def _git_sha(project: Path) -> str:
+    import subprocess
+
+    out = subprocess.run(["git", "-C", str(project), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return out.stdout.strip() or "unknown"
+
+
 def _photos():
     from benchmarks.photos import realistic_photos
 
     return realistic_photos()
 
 
+def _serve(project: Path, artifact: Path, settings: dict[str, str]):
+    """`vitserve serve` of ``project`` (this checkout or another commit's) on free ports, its own BentoML home."""
+    import os
+
+    from benchmarks.servers import free_port, running
+
+    workdir = Path("/tmp") / f"vitserve-overload-{time.time_ns()}"
+    port = free_port()
+    env = {**os.environ, "BENTOML_HOME": str(workdir / "bentoml_home"), "BENTOML_DO_NOT_TRACK": "True",
+           "VITSERVE_GRPC_PORT": str(free_port()), **settings}
+    cmd = [sys.executable, str(project / "vitserve.py"), "serve", "--artifact", str(artifact.resolve()), "--host", "127.0.0.1",
+           "--port", str(port)]
+    return running("vitserve", cmd, env, workdir, port)
+
+
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.servers import running_vitserve
 
     args = build_parser().parse_args(argv)
     random.seed(args.seed)
     settings = dict(kv.split("=", 1) for kv in args.serve_env)
     load_before = load_average()
-    with (nullcontext() if args.url else running_vitserve(args.artifact, Path("/tmp") / f"vitserve-overload-{time.time_ns()}",
-                                                          **{k.removeprefix("VITSERVE_").lower(): v for k, v in settings.items()})) as server:
+    import uvloop
+
+    if args.saturation is not None:
+        sat = {"concurrency": None, "images_per_s": args.saturation, "latency": {}, "statuses": {}, "measured": "given"}
+    elif args.url:
+        sat = {**uvloop.run(saturation(args.url.rstrip("/"), args.concurrency)), "measured": "on --url, as configured"}
+    else:
+        # Capacity with nothing refused (the latency bound at 60 s): closed-loop clients that got a 429 would only resend
+        # at once and measure the refusals, not what the service can answer.
+        with _serve(args.project, args.artifact, {**settings, "VITSERVE_MAX_LATENCY_MS": "60000"}) as server:
+            sat = {**uvloop.run(saturation(server.url, args.concurrency)), "measured": "with VITSERVE_MAX_LATENCY_MS=60000"}
+    with (nullcontext() if args.url else _serve(args.project, args.artifact, settings)) as server:
         base = (args.url or server.url).rstrip("/")
-        result = asyncio.run(measure(base, args, None if args.url else server.proc.pid))
+        result = uvloop.run(measure(base, args, None if args.url else server.proc.pid, sat))
     payload = {"benchmark": "overload", "command": "vitserve bench overload " + " ".join(argv if argv is not None else sys.argv[1:]),
                "environment": environment(), "load_average": {"before": load_before, "after": load_average()},
-               "artifact": str(args.artifact), "server_settings": settings, **result}
+               "artifact": str(args.artifact), "project_git": _git_sha(args.project), "server_settings": settings, **result}
     md = table(result)
     print(md)
     rows = [(f"{m}x", f"goodput {r['goodput_over_saturation']:.2f} of saturation, p99 {r['accepted_latency']['p99_ms']} ms "

@@ -153,6 +153,7 @@ class Classifier:
             hooks=metrics.PrometheusBatcherHooks(self.engine.name),
         )
         self.batcher.start()
+        self._loop_watch = asyncio.get_running_loop().create_task(self.admission.watch_loop(), name="vitserve-loop-lag")
         metrics.READY.set(1)
 
     @property
@@ -177,6 +178,7 @@ class Classifier:
         self.begin_drain()
         if self.batcher is not None:
             await self.batcher.close(timeout_s)
+            self._loop_watch.cancel()
         self._decode_pool.shutdown(wait=False)
 
     def decode(self, data: bytes, index: int = 0) -> tuple[np.ndarray, float]:

@@ -201,7 +201,9 @@ def create_app(get_classifier: Callable[[], Classifier]) -> FastAPI:
         title="vitserve",
         description="Image classification with a fine-tuned ViT: top-1/top-5 labels and calibrated probabilities.",
         version="1",
-        docs_url="/docs",
+        # Swagger UI and ReDoc load their scripts from a CDN: blank pages on an offline machine or a locked-down
+        # cluster. The OpenAPI document itself is served (/openapi.json); point any OpenAPI viewer at it.
+        docs_url=None,
         redoc_url=None,
     )
 
@@ -316,17 +318,26 @@ def create_app(get_classifier: Callable[[], Classifier]) -> FastAPI:
     return app
 
 
-def make_http_app(get_classifier: Callable[[], Classifier], max_body_bytes: int) -> FastAPI:
-    """The whole HTTP side, without BentoML: our JSON API and KServe v2 REST on one app, behind the body limit and the
-    door. BentoML mounts it (service/app.py); the GPU check serves it under plain uvicorn where BentoML is absent."""
+def make_http_app(get_classifier: Callable[[], Classifier]) -> FastAPI:
+    """Our JSON API and KServe v2 REST on one app, without BentoML. BentoML mounts it (service/app.py); the GPU check
+    serves it under plain uvicorn where BentoML is absent. Either way it runs behind :func:`guard`."""
     from service.v2_http_api import create_router
 
     app = create_app(get_classifier)
     app.include_router(create_router(get_classifier))  # KServe v2 REST beside our JSON API, same port
-    # Outermost last: a body declared too large is refused first (no admission spent), then the door admits or refuses.
-    app.add_middleware(Door, get_classifier=get_classifier, protocol_of=protocol_of)
-    app.add_middleware(BodyLimit, max_bytes=lambda: max_body_bytes, protocol_of=protocol_of)
     return app
+
+
+def guard(app: ASGIApp, get_classifier: Callable[[], Classifier], settings) -> ASGIApp:
+    """What every HTTP request meets first, cheapest refusals first: the API key (when keys are set), the declared
+    body size, then the door's admission. Wrapped around the *whole* server app (BentoML's middlewares included), so
+    a refused request costs a header parse and none of the stack behind it: under overload on a model whose HTTP
+    handling is the bottleneck, refusals are most of the traffic."""
+    from service.auth import ApiKeys, HttpAuth
+
+    inner = BodyLimit(Door(app, get_classifier, protocol_of), max_bytes=lambda: settings.max_body_bytes, protocol_of=protocol_of)
+    keys = ApiKeys(settings.keys)
+    return HttpAuth(inner, keys=keys, metrics_open=settings.metrics_public) if keys.enabled else inner
 
 
 def protocol_of(path: str) -> str:

@@ -69,6 +69,10 @@ ADMISSION_THROUGHPUT = Gauge(
 ADMISSION_LIMIT = Gauge(
     "vitserve_admission_limit_images", "Images admitted into the building at most (learned from latency)", multiprocess_mode="livesum"
 )
+EVENT_LOOP_LAG_SECONDS = Gauge(
+    "vitserve_event_loop_lag_seconds", "How late the event loop runs a ready callback (EWMA): the wait before the door",
+    multiprocess_mode="max",
+)
 ADMISSION_BOUND_SECONDS = Gauge(
     "vitserve_admission_latency_bound_seconds", "Predicted time to answer above which requests are refused", multiprocess_mode="max"
 )

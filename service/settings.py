@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     max_latency_ms: float | None = Field(
         None, gt=0,
         description="refuse (429) at the door a request predicted to take longer than this to answer; unset = "
-        "max(2 × the measured unloaded latency, unloaded + 2 full batches)",
+        "max(3 × the measured unloaded latency, unloaded + one full batch)",
     )
     max_images_per_request: int = Field(32, ge=1, description="more images in one request → 413")
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="larger request bodies → 413")
@@ -58,6 +58,8 @@ class Settings(BaseSettings):
         "of every client and load balancer in front (they must close first, or a request races the close)",
     )
     backlog: int = Field(2048, ge=1, description="the HTTP listen backlog: connections the kernel queues before accept")
+    access_log: bool = Field(False, description="BentoML's access log line per request (the vitserve_* metrics count them anyway)")
+    tracing: bool = Field(False, description="BentoML's OpenTelemetry middleware (configure its exporter in BentoML's config)")
     host: str = Field("0.0.0.0", description="address `vitserve serve` binds (HTTP and gRPC)")
     port: int = Field(3000, ge=1, le=65535, description="HTTP port: our JSON API, KServe v2 REST, /metrics, probes")
     grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port (KServe v2, health, reflection); 8001 as Triton's; 0 = off")

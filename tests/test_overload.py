@@ -40,7 +40,7 @@ def test_an_empty_service_always_admits_and_learns_unloaded_latency():
 
 
 def test_the_limit_refuses_with_retry_advice_and_learns_from_latency():
-    assert door().bound_s == pytest.approx(0.25)  # unset: max(2.5 × 0.1, 0.1 + 0.1)
+    assert door().bound_s == pytest.approx(0.3)  # unset: max(3 × 0.1, 0.1 + 0.1)
     a = door(max_latency_s=0.25)  # fixed, so that what the answers teach the unloaded estimate cannot move it
     a.limit = 4.0
     admitted = [a.admit("http") for _ in range(4)]
