@@ -26,6 +26,7 @@ from service.errors import (
     STATUS_BY_TYPE,
     EmptyRequest,
     InvalidParameter,
+    NotFound,
     PayloadTooLarge,
     ServiceError,
     ShuttingDown,
@@ -328,6 +329,36 @@ def make_http_app(get_classifier: Callable[[], Classifier]) -> FastAPI:
     return app
 
 
+class JsonNotFound:
+    """A path no app routes gets the error table's ``not_found`` in our JSON shape. BentoML answers such paths itself,
+    in plain text (it mounts our app "passively": only paths one of our routes matches reach it). Not counted in the
+    request metrics: a scanner's random paths would each become a series."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        held = False
+
+        async def sending(message: Message) -> None:
+            nonlocal held
+            if message["type"] == "http.response.start" and message["status"] == 404 and \
+                    dict(message.get("headers", [])).get(b"content-type", b"").startswith(b"text/plain"):
+                held = True  # the framework's plain "Not Found": replaced by ours below
+                return
+            if held:
+                if not message.get("more_body"):
+                    exc = NotFound(f"no route {scope['method']} {scope['path']}")
+                    body = v2_error_body if protocol_of(scope["path"]) == "v2-http" else error_body
+                    await error_response(exc, body)(scope, receive, send)
+                return
+            await send(message)
+
+        await self.app(scope, receive, sending)
+
+
 def guard(app: ASGIApp, get_classifier: Callable[[], Classifier], settings) -> ASGIApp:
     """What every HTTP request meets first, cheapest refusals first: the API key (when keys are set), the declared
     body size, then the door's admission. Wrapped around the *whole* server app (BentoML's middlewares included), so
@@ -335,7 +366,8 @@ def guard(app: ASGIApp, get_classifier: Callable[[], Classifier], settings) -> A
     handling is the bottleneck, refusals are most of the traffic."""
     from service.auth import ApiKeys, HttpAuth
 
-    inner = BodyLimit(Door(app, get_classifier, protocol_of), max_bytes=lambda: settings.max_body_bytes, protocol_of=protocol_of)
+    inner = BodyLimit(Door(JsonNotFound(app), get_classifier, protocol_of), max_bytes=lambda: settings.max_body_bytes,
+                      protocol_of=protocol_of)
     keys = ApiKeys(settings.keys)
     return HttpAuth(inner, keys=keys, metrics_open=settings.metrics_public) if keys.enabled else inner
 

@@ -63,6 +63,8 @@ def test_help_lists_every_option_with_its_default(capsys):
         if action.dest in ("help",):
             continue
         assert action.option_strings[0] in text
+        if action.nargs == 0:  # a flag: "(default: False)" says nothing (and "True" on a --no-X flag misleads)
+            continue
         if action.default is not None and action.default != "==SUPPRESS==":
             assert f"(default: {action.default})" in text, action.dest
     # the model card's defaults

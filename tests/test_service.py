@@ -200,6 +200,9 @@ def test_malformed_multipart_and_unknown_routes_use_the_error_format(server):
     assert r.status_code == 400 and r.json()["error"]["type"] in ("malformed_request", "empty_request")
     r = httpx.get(f"{server.url}/classify", timeout=10)
     assert r.status_code == 405 and r.json()["error"]["type"] == "method_not_allowed"
+    for path in ("/no-such-route", "/docs"):  # /docs too: Swagger UI needs a CDN, so it is not served
+        r = httpx.get(f"{server.url}{path}", timeout=10)
+        assert r.status_code == 404 and r.json()["error"]["type"] == "not_found", (path, r.text)
 
 
 def test_bad_image_in_concurrent_traffic_fails_alone(server, photo_bytes):
