@@ -16,19 +16,29 @@ SUBCOMMANDS = {
 }
 
 
-def _usage() -> str:
-    width = max(map(len, SUBCOMMANDS))
-    lines = ["usage: vitserve <command> [options]   (vitserve <command> --help for its options; vitserve --version)", "", "commands:"]
-    lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in SUBCOMMANDS.items()]
+def usage(prog: str, subcommands: dict[str, tuple[str, str]], hint: str) -> str:
+    width = max(map(len, subcommands))
+    lines = [f"usage: {prog} <command> [options]   ({hint})", "", "commands:"]
+    lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in subcommands.items()]
     return "\n".join(lines)
+
+
+def dispatch(prog: str, subcommands: dict[str, tuple[str, str]], argv: list[str], hint: str) -> int:
+    """Run ``argv[0]``'s module's ``main(argv[1:])``; usage on no command or -h, exit 2 on an unknown one. Shared by
+    `vitserve` and `vitserve bench`. Modules are imported lazily: `serve` never loads export or training code."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage(prog, subcommands, hint))
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in subcommands:
+        print(f"{prog}: unknown command {command!r}\n\n{usage(prog, subcommands, hint)}", file=sys.stderr)
+        return 2
+    return int(importlib.import_module(subcommands[command][0]).main(rest) or 0)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(_usage())
-        return 0 if argv else 2
-    if argv[0] == "--version":
+    if argv and argv[0] == "--version":
         from importlib.metadata import PackageNotFoundError, version
 
         try:
@@ -38,12 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(f"vitserve {__version__}")
         return 0
-    command, rest = argv[0], argv[1:]
-    if command not in SUBCOMMANDS:
-        print(f"vitserve: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
-        return 2
-    module = importlib.import_module(SUBCOMMANDS[command][0])  # imported lazily: `serve` never loads export code
-    return int(module.main(rest) or 0)
+    return dispatch("vitserve", SUBCOMMANDS, argv, "vitserve <command> --help for its options; vitserve --version")
 
 
 if __name__ == "__main__":

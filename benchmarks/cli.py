@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
@@ -73,25 +72,13 @@ def flops_main(argv: list[str]) -> int:
     return 0
 
 
-def _usage() -> str:
-    width = max(map(len, SUBCOMMANDS))
-    lines = ["usage: vitserve bench <command> [options]   (vitserve bench <command> --help)", "", "commands:"]
-    lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in SUBCOMMANDS.items()]
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
+    from vitserve import dispatch
+
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(_usage())
-        return 0 if argv else 2
-    command, rest = argv[0], argv[1:]
-    if command not in SUBCOMMANDS:
-        print(f"vitserve bench: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
-        return 2
-    if command == "flops":
-        return flops_main(rest)
-    return int(importlib.import_module(SUBCOMMANDS[command][0]).main(rest) or 0)
+    if argv and argv[0] == "flops":  # small enough to live here rather than in a module of its own
+        return flops_main(argv[1:])
+    return dispatch("vitserve bench", SUBCOMMANDS, argv, "vitserve bench <command> --help")
 
 
 if __name__ == "__main__":

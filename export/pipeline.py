@@ -251,9 +251,9 @@ class _Export:
         path = self.out / GOLDEN_NAME
         save_file({"pixels": np.ascontiguousarray(self.uint8[picks]), "reference_logits": np.ascontiguousarray(self.reference[picks])}, str(path))
         path.chmod(0o644)  # safetensors writes 0600; a service running as another user must read it
-        return GoldenSet(sha256=sha256_file(path), images=n, source=f"{n} evenly spaced parity images ({self._image_source()})")
+        return GoldenSet(sha256=sha256_file(path), images=n, source=f"{n} evenly spaced parity images ({self.image_source()})")
 
-    def _image_source(self) -> str:
+    def image_source(self) -> str:
         return str(self.opts.calibration_dir or "scikit-image photographs")
 
     def manifest(self, engines: list[EngineFile], golden: GoldenSet, report: dict) -> Manifest:
@@ -293,6 +293,7 @@ def _prepare_output(out: Path, force: bool) -> bool:
 
 
 def _export(opts: ExportOptions, out: Path) -> ExportResult:
+    """checkpoint → ONNX → gate each engine → choose the CPU engine → (TensorRT) → write the artifact."""
     x = _Export(opts, out)
     x.load()
     fp32, fp16 = x.to_onnx()
@@ -304,17 +305,23 @@ def _export(opts: ExportOptions, out: Path) -> ExportResult:
         engines.append(x.pytorch_weights())
     if opts.tensorrt:
         engines.append(x.tensorrt_plan(fp16))
+    return _write_artifact(x, engines, cpu_report)
+
+
+def _write_artifact(x: _Export, engines: list[EngineFile], cpu_report: dict) -> ExportResult:
+    """The golden set, the manifest and the parity report: written even when a gate failed, so the failure can be
+    read (the service refuses any engine whose gate failed)."""
     golden = x.golden_set()
     x.timings["total"] = time.perf_counter() - x.t0
     report = {
         "cpu_engine": cpu_report,
         "timings_s": {k: round(v, 3) for k, v in x.timings.items()},
-        "parity_images": {"count": len(x.images), "source": x._image_source(), "calibration": len(x.calibration)},
+        "parity_images": {"count": len(x.images), "source": x.image_source(), "calibration": len(x.calibration)},
     }
     manifest = x.manifest(engines, golden, report)
-    write_manifest(out, manifest)
+    write_manifest(x.out, manifest)
     passed = all(e.parity is None or e.parity.passed for e in engines)
-    report_path = out / "parity_report.json"
+    report_path = x.out / "parity_report.json"
     report_path.write_text(
         json.dumps({"passed": passed, "engines": {k: r.model_dump() for k, r in x.reports.items()}, **report}, indent=2) + "\n"
     )

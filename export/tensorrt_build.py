@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from service.engines import cuda_available
+
 INSTALL_HINT = (
     "TensorRT is not installed: on a CUDA machine run `pip install tensorrt` (or `pip install 'vitserve[gpu]'`); "
     "it cannot be installed on CPU-only machines"
@@ -25,9 +27,7 @@ def ensure_available() -> None:
 
     if importlib.util.find_spec("tensorrt") is None:
         raise TensorRTUnavailable(INSTALL_HINT)
-    import torch
-
-    if not torch.cuda.is_available():
+    if not cuda_available():
         raise TensorRTUnavailable("building a TensorRT engine needs a CUDA GPU; none is visible")
 
 
@@ -44,14 +44,9 @@ def build_plan(
     workspace_gib: float = 8.0,
 ) -> dict[str, str]:
     """Build an FP16 plan; returns the facts to record (TensorRT version, GPU name)."""
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise TensorRTUnavailable(INSTALL_HINT) from None
+    ensure_available()
+    import tensorrt as trt
     import torch
-
-    if not torch.cuda.is_available():
-        raise TensorRTUnavailable("building a TensorRT engine needs a CUDA GPU; none is visible")
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)

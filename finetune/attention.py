@@ -261,7 +261,7 @@ def load_model(checkpoint: str | None, artifact: str | None):
     loaded = load_checkpoint(checkpoint)
     model = loaded.model.model  # the HF model inside export's logits-only wrapper
     beside = Path(checkpoint).parent
-    if (beside / "manifest.json").is_file():
+    if (beside / MANIFEST_NAME).is_file():
         manifest = read_manifest(beside)
         return model, manifest.preprocessing, manifest.labels
     return model, loaded.preprocessing, loaded.labels

@@ -20,11 +20,10 @@ from predict import summary
 from predict.folder import list_files
 from predict.output import FORMATS, RowWriter, drop_partial_line, read_rows
 from predict.run import open_classifier, score, settings_for
-from service.cli import HelpFormatter
+from service.cli import HelpFormatter, add_engine_options
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from service.engines import ENGINE_CHOICES
     from service.settings import Settings
 
     s = Settings()
@@ -40,9 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images_dir", type=Path, metavar="IMAGES_DIR", help="folder of images, searched recursively")
     p.add_argument("--output", type=Path, required=True,
                    help=f"rows file, format by suffix ({', '.join(FORMATS)}); reports go beside it (NAME.summary.json, ...)")
-    p.add_argument("--artifact", type=Path, default=s.artifact, help="artifact directory")
+    add_engine_options(p, s)
     p.add_argument("--top-k", type=int, default=s.default_top_k, help="labels and scores per file")
-    p.add_argument("--engine", default=s.engine, choices=ENGINE_CHOICES, help="engine to run; auto picks the best for this machine")
     p.add_argument("--batch-size", type=int, default=s.max_batch_size,
                    help="images per engine call (capped by the engine's); unset: as the service, the engine's fastest batch "
                    "on this CPU, 32 on a GPU")

@@ -81,11 +81,10 @@ class HttpAuth:
             self.keys.check(header)
         except Unauthenticated as exc:
             from service.http_api import error_response, protocol_of
-            from service.errors import error_body, v2_error_body
 
             protocol = protocol_of(path)
             if scope.get("method") == "POST":  # a classification request refused: counted like any other answer
                 metrics.record_outcome(protocol, exc, 0.0)
-            response = error_response(exc, v2_error_body if protocol == "v2-http" else error_body)
+            response = error_response(exc, protocol)
             return await response(scope, receive, send)
         await self.app(scope, receive, send)

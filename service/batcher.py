@@ -1,7 +1,8 @@
 """The batcher: many concurrent requests' images → batches on one engine → each image's logits back to its caller.
 
 Protocol-independent on purpose: every front-end (our JSON API, KServe v2 over HTTP and gRPC) reaches it through
-:meth:`service.classifier.Classifier.classify`, which calls :meth:`Batcher.submit`; batches mix their requests.
+:meth:`service.classifier.Classifier.classify` (or ``classify_pixels``), the only caller of :meth:`Batcher.submit`;
+batches mix their requests.
 One asyncio task assembles batches; the engine call runs in one worker thread, so exactly one batch is in
 flight per engine while the next one is assembled on the event loop. Rules:
 

@@ -22,8 +22,15 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         return super()._get_help_string(action)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def add_engine_options(p: argparse.ArgumentParser, s) -> None:
+    """--artifact and --engine, as every command that runs an artifact's engine (serve, predict) spells them."""
     from service.engines import ENGINE_CHOICES
+
+    p.add_argument("--artifact", type=Path, default=s.artifact, help="artifact directory")
+    p.add_argument("--engine", default=s.engine, choices=ENGINE_CHOICES, help="engine to run; auto picks the best for this machine")
+
+
+def build_parser() -> argparse.ArgumentParser:
     from service.settings import Settings
 
     s = Settings()
@@ -34,8 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         "VITSERVE_* environment variable (e.g. VITSERVE_MAX_BATCH_SIZE); options win.",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--artifact", type=Path, default=s.artifact, help="artifact directory")
-    p.add_argument("--engine", default=s.engine, choices=ENGINE_CHOICES, help="engine to run; auto picks the best for this machine")
+    add_engine_options(p, s)
     p.add_argument("--host", default=s.host, help="address to bind (HTTP and gRPC)")
     p.add_argument("--port", type=int, default=s.port, help="HTTP port")
     p.add_argument("--grpc-port", type=int, default=s.grpc_port, help="gRPC port (0: no gRPC)")

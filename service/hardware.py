@@ -51,11 +51,10 @@ def describe(device: str = "cpu") -> dict[str, str]:
     except ImportError:
         pass
     if device == "cuda":
-        try:
+        from service.engines import cuda_available
+
+        if cuda_available():  # which imported torch
             import torch
 
-            if torch.cuda.is_available():
-                facts["gpu"] = torch.cuda.get_device_name(0)
-        except ImportError:
-            pass
+            facts["gpu"] = torch.cuda.get_device_name(0)
     return facts

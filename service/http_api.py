@@ -37,7 +37,7 @@ from service.errors import (
     http_status,
     v2_error_body,
 )
-from service.topk import Prediction
+from service import topk
 
 PROTOCOL = "http"
 
@@ -80,8 +80,10 @@ _ERROR_RESPONSES = {
 }
 
 
-def error_response(exc: BaseException, body=error_body) -> JSONResponse:
-    """The one way an HTTP front-end answers an error: status and headers from the error table."""
+def error_response(exc: BaseException, protocol: str = "http") -> JSONResponse:
+    """The one way an HTTP front-end answers an error: status and headers from the error table, the body in the
+    shape of the request's protocol (ours or KServe v2's)."""
+    body = v2_error_body if protocol == "v2-http" else error_body
     headers = error_headers(exc)
     if isinstance(exc, ShuttingDown):
         headers["Connection"] = "close"  # reconnect (to another replica), don't reuse this one
@@ -107,7 +109,7 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             exc = PayloadTooLarge(f"request body is {int(declared)} bytes; the limit is {limit}")
             metrics.record_outcome(self.protocol_of(scope["path"]), exc, 0.0)
-            return await error_response(exc)(scope, receive, send)
+            return await error_response(exc, self.protocol_of(scope["path"]))(scope, receive, send)
         seen = 0
 
         async def counted() -> Message:
@@ -159,7 +161,7 @@ class Door:
             ticket = clf.admission.admit(protocol, client_timeout_s=client_timeout_s(scope["headers"]))
         except ServiceError as exc:
             metrics.record_outcome(protocol, exc, 0.0)
-            response = error_response(exc, v2_error_body if protocol == "v2-http" else error_body)
+            response = error_response(exc, protocol)
             if response.headers.get("connection") == "close":
                 # Closing a socket with unread bytes in it resets the connection, and the client may never see the
                 # answer: read (and drop) the body first. Only a draining replica closes; a 429 keeps the connection.
@@ -185,7 +187,7 @@ def is_inference_path(path: str) -> bool:
     return path in ("/classify", "/classify/base64") or (path.startswith("/v2/models/") and path.endswith("/infer"))
 
 
-def render(p: Prediction) -> dict:
+def render(p: topk.Prediction) -> dict:
     return {"label": p.label, "index": p.index, "score": p.score}
 
 
@@ -207,6 +209,19 @@ def create_app(get_classifier: Callable[[], Classifier]) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
+
+    add_classify_routes(app, get_classifier)
+
+    @app.get("/info", summary="The model, its labels, preprocessing, engine and limits")
+    async def info() -> dict:
+        return describe(get_classifier())
+
+    add_error_handlers(app)
+    return app
+
+
+def add_classify_routes(app: FastAPI, get_classifier: Callable[[], Classifier]) -> None:
+    """`POST /classify` (multipart) and `/classify/base64` (JSON): two ways in, one `respond`."""
 
     async def respond(request: Request, images_source, top_k: int | None) -> JSONResponse:
         start = time.perf_counter()
@@ -264,35 +279,39 @@ def create_app(get_classifier: Callable[[], Classifier]) -> FastAPI:
 
         return await respond(request, decode, body.top_k)
 
-    @app.get("/info", summary="The model, its labels, preprocessing, engine and limits")
-    async def info() -> dict:
-        clf = get_classifier()
-        m = clf.manifest
-        s = clf.settings
-        return {
-            "model": m.model.model_dump(),
-            "labels": m.labels,
-            "temperature": m.temperature,
-            "preprocessing": m.preprocessing.model_dump(),
-            "engine": clf.engine.describe(),
-            # Every engine tried, in order, with its startup-check figures on this machine (skipped ones too).
-            "engine_selection": [a.summary() for a in clf.selection.attempts],
-            "protocols": {
-                "http": {"json": "/classify", "kserve_v2": "/v2"},
-                "grpc": {"port": s.grpc_port or None, "service": "inference.GRPCInferenceService", "tls": s.grpc_tls_cert is not None},
-                "api_keys": bool(s.api_keys),
-            },
-            "cpu_budget": clf.threads.describe(),
-            "admission": clf.admission.describe(),
-            "limits": {
-                "max_batch_size": clf.max_batch_size,
-                "max_batch_size_reason": clf.max_batch_reason,
-                "max_images_per_request": s.max_images_per_request,
-                "max_body_bytes": s.max_body_bytes,
-                "max_image_pixels": s.max_image_pixels,
-                "request_timeout_s": s.request_timeout_s,
-            },
-        }
+
+def describe(clf: Classifier) -> dict:
+    """`GET /info`: the model, its labels, preprocessing, engine and limits."""
+    m = clf.manifest
+    s = clf.settings
+    return {
+        "model": m.model.model_dump(),
+        "labels": m.labels,
+        "temperature": m.temperature,
+        "preprocessing": m.preprocessing.model_dump(),
+        "engine": clf.engine.describe(),
+        # Every engine tried, in order, with its startup-check figures on this machine (skipped ones too).
+        "engine_selection": [a.summary() for a in clf.selection.attempts],
+        "protocols": {
+            "http": {"json": "/classify", "kserve_v2": "/v2"},
+            "grpc": {"port": s.grpc_port or None, "service": "inference.GRPCInferenceService", "tls": s.grpc_tls_cert is not None},
+            "api_keys": bool(s.api_keys),
+        },
+        "cpu_budget": clf.threads.describe(),
+        "admission": clf.admission.describe(),
+        "limits": {
+            "max_batch_size": clf.max_batch_size,
+            "max_batch_size_reason": clf.max_batch_reason,
+            "max_images_per_request": s.max_images_per_request,
+            "max_body_bytes": s.max_body_bytes,
+            "max_image_pixels": s.max_image_pixels,
+            "request_timeout_s": s.request_timeout_s,
+        },
+    }
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Errors the framework raises before or around a handler, rendered from the same error table."""
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
@@ -315,8 +334,6 @@ def create_app(get_classifier: Callable[[], Classifier]) -> FastAPI:
         if where.startswith("images") and first.get("type") == "missing":
             err = EmptyRequest("no images in the request (multipart field 'images')")
         return framework_answer(request, err)
-
-    return app
 
 
 def make_http_app(get_classifier: Callable[[], Classifier]) -> FastAPI:
@@ -351,8 +368,7 @@ class JsonNotFound:
             if held:
                 if not message.get("more_body"):
                     exc = NotFound(f"no route {scope['method']} {scope['path']}")
-                    body = v2_error_body if protocol_of(scope["path"]) == "v2-http" else error_body
-                    await error_response(exc, body)(scope, receive, send)
+                    await error_response(exc, protocol_of(scope["path"]))(scope, receive, send)
                 return
             await send(message)
 
@@ -381,4 +397,4 @@ def framework_answer(request: Request, exc: ServiceError) -> JSONResponse:
     """An error the framework raised before a handler ran, counted and rendered in the shape of the path's protocol."""
     protocol = protocol_of(request.url.path)
     metrics.record_outcome(protocol, exc, 0.0)
-    return error_response(exc, v2_error_body if protocol == "v2-http" else error_body)
+    return error_response(exc, protocol)

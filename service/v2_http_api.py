@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse
 
 from service import metrics, v2
 from service.classifier import Classifier
-from service.errors import InvalidParameter, MalformedRequest, ServiceError, v2_error_body
+from service.errors import InvalidParameter, MalformedRequest, ServiceError
 from service.http_api import TICKET, error_response
 
 PROTOCOL = "v2-http"
@@ -133,7 +133,7 @@ def create_router(get_classifier: Callable[[], Classifier]) -> APIRouter:
         return models.setdefault(id(clf), v2.Model(clf))
 
     def v2_error(exc: ServiceError) -> JSONResponse:
-        return error_response(exc, v2_error_body)
+        return error_response(exc, PROTOCOL)
 
     @router.get("/v2", summary="Server metadata")
     async def server_metadata() -> dict:

@@ -36,9 +36,9 @@ class OnnxRuntimeEngine(Engine):
     ):
         import onnxruntime as ort
 
-        if PROVIDERS[provider][0] not in ort.get_available_providers():
+        if PROVIDERS[provider][0] not in available_providers():
             raise RuntimeError(
-                f"ONNX Runtime here has no {PROVIDERS[provider][0]} (available: {ort.get_available_providers()}); "
+                f"ONNX Runtime here has no {PROVIDERS[provider][0]} (available: {available_providers()}); "
                 "install onnxruntime-gpu in place of onnxruntime for CUDA/TensorRT"
             )
         opts = ort.SessionOptions()

@@ -19,7 +19,9 @@ class TensorRTEngine(Engine):
         import tensorrt as trt
         import torch
 
-        if not torch.cuda.is_available():
+        from service.engines import cuda_available
+
+        if not cuda_available():
             raise RuntimeError("the TensorRT engine needs a CUDA GPU")
         built_on = entry.build.get("gpu_name")
         here = torch.cuda.get_device_name(0)
