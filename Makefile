@@ -53,8 +53,8 @@ test: install data clients
 # Rebuild the embedded demo model from Fashion-MNIST: the exact recipe (README "The demo model"), ~12 min on
 # 2 CPU cores. torchrun runs two DDP processes on CPU here; on GPUs the same command uses one per GPU.
 demo-model: install data
-	$(BIN)/python -m finetune.fashion_mnist --out data/fashion-mnist
-	$(BIN)/python -m finetune.tiny_base --out data/demo-base --image-size 28 --patch-size 7 --hidden 128 --layers 4 --heads 4
+	$(BIN)/python -m demo.fashion_mnist --out data/fashion-mnist
+	$(BIN)/python -m demo.tiny_base --out data/demo-base --image-size 28 --patch-size 7 --hidden 128 --layers 4 --heads 4
 	$(BIN)/torchrun --nproc-per-node 2 -m finetune --train-dir data/fashion-mnist/train --test-dir data/fashion-mnist/test \
 	  --val-split 0.05 --base data/demo-base --output runs/demo --epochs 12 --batch-size 32 --lr 1.5e-3 --augment none --num-workers 0
 	$(BIN)/vitserve export runs/demo/checkpoint --output service/demo_artifact --force --name fashion-mnist-vit \
@@ -63,7 +63,7 @@ demo-model: install data
 # Re-export the committed demo model without retraining: its pytorch/ folder is a complete checkpoint (weights,
 # configs, vitserve_calibration.json), copied out first because --force empties the output folder.
 demo-artifact: install data
-	$(BIN)/python -m finetune.fashion_mnist --out data/fashion-mnist
+	$(BIN)/python -m demo.fashion_mnist --out data/fashion-mnist
 	rm -rf runs/demo-checkpoint && mkdir -p runs && cp -r service/demo_artifact/pytorch runs/demo-checkpoint
 	$(BIN)/vitserve export runs/demo-checkpoint --output service/demo_artifact --force --name fashion-mnist-vit \
 	  --calibration-dir data/fashion-mnist/test --max-images 1024 --max-batch 64

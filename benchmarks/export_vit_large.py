@@ -19,26 +19,10 @@ import time
 from pathlib import Path
 
 from benchmarks.common import environment, write_result
+from benchmarks.models import checkpoint_shape, make_checkpoint
+from finetune.plan import parameter_count
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def make_vit_large(path: Path, labels: int) -> int:
-    import torch
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil
-
-    torch.manual_seed(0)
-    cfg = ViTConfig(  # ViT-L/16 @ 224, as google/vit-large-patch16-224
-        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-        patch_size=16, image_size=224, num_labels=labels,
-        id2label={i: f"class_{i}" for i in range(labels)}, label2id={f"class_{i}": i for i in range(labels)},
-    )
-    model = ViTForImageClassification(cfg)
-    with torch.no_grad():  # a fresh head gives near-identical logits; spread them like a trained one
-        model.classifier.weight.normal_(0, 0.2)
-    model.save_pretrained(path)
-    ViTImageProcessorPil(size={"height": 224, "width": 224}).save_pretrained(path)
-    return sum(p.numel() for p in model.parameters())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="vitl-export-"))
     ckpt, out = work / "vit-large-random", work / "artifact"
-    n_params = make_vit_large(ckpt, args.labels)
+    make_checkpoint("vit-large", ckpt, labels=args.labels)  # ViT-L/16 @ 224, as google/vit-large-patch16-224
+    n_params = parameter_count(checkpoint_shape(ckpt))
     cmd = [sys.executable, str(ROOT / "vitserve.py"), "export", str(ckpt), "-o", str(out), "--force",
            "--max-images", str(args.max_images), "--speed-seconds", "0"]
     t0 = time.perf_counter()

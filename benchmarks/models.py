@@ -14,6 +14,7 @@ FLOPs count a multiply-add as 2 and cover the matmuls only (softmax, LayerNorm, 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from finetune.plan import VitShape, shape_from_hf, vit_flops  # noqa: F401 - one shape and FLOP model, shared with `vitserve plan`
@@ -26,25 +27,17 @@ CONFIGS: dict[str, VitShape] = {
 }
 
 
-def make_checkpoint(name: str, path: Path, *, seed: int = 0) -> Path:
-    """A random ViTForImageClassification of the named size, saved as `vitserve finetune` would save one."""
-    import torch
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil
+def make_checkpoint(name: str, path: Path, *, seed: int = 0, labels: int | None = None) -> Path:
+    """A random ViTForImageClassification of the named size (with `labels` classes instead of the size's own count),
+    saved as `vitserve finetune` would save one. Its head is spread like a trained one's (a fresh head gives
+    near-identical logits)."""
+    from finetune.model import shape_config, write_random_vit
 
     s = CONFIGS[name] if name in CONFIGS else _unknown(name)
-    torch.manual_seed(seed)
-    labels = [f"class_{i}" for i in range(s.labels)]
-    cfg = ViTConfig(
-        image_size=s.image_size, patch_size=s.patch_size, hidden_size=s.hidden, num_hidden_layers=s.layers,
-        num_attention_heads=s.heads, intermediate_size=s.mlp, num_labels=s.labels,
-        id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)},
-    )
-    model = ViTForImageClassification(cfg)
-    with torch.no_grad():  # a fresh head gives near-identical logits; spread them like a trained one
-        model.classifier.weight.normal_(0, 0.2)
-    model.save_pretrained(path)
-    ViTImageProcessorPil(size={"height": s.image_size, "width": s.image_size}).save_pretrained(path)
-    return path
+    if labels is not None:
+        s = replace(s, labels=labels)
+    class_names = [f"class_{i}" for i in range(s.labels)]
+    return write_random_vit(path, shape_config(s), seed=seed, labels=class_names, head_std=0.2)
 
 
 def checkpoint_shape(path: Path) -> VitShape:

@@ -249,7 +249,7 @@ def load_model(checkpoint: str | None, artifact: str | None):
     or from an artifact's checksum-verified pytorch/ weights. Beside a manifest (an artifact's pytorch/ folder) the
     manifest's preprocessing is used: the one the service applies."""
     from export.checkpoint import load_checkpoint
-    from service.artifact import load_artifact, read_manifest
+    from service.artifact import MANIFEST_NAME, load_artifact, read_manifest
 
     if artifact:
         manifest = read_manifest(Path(artifact))

@@ -112,6 +112,18 @@ def freeze_spec(spec: str) -> tuple[str, int]:
     raise UsageError(f"--freeze {spec!r}: expected none, patch-embed, blocks:N or linear-probe")
 
 
+def outside_recommended(
+    option: str, value: float, recommended: tuple, too_low: str, too_high: str, fmt: str = "", sep: str = "-"
+) -> list[str]:
+    """The warning (a list of one, or none) for a value outside the model card's `recommended` (lo, hi) range,
+    with the reason for the side it is on; `fmt` formats the numbers, `sep` joins lo and hi."""
+    lo, hi = recommended
+    if lo <= value <= hi:
+        return []
+    why = too_low if value < lo else too_high
+    return [f"{option} {value:{fmt}} is outside the model card's recommended {lo:{fmt}}{sep}{hi:{fmt}}: {why}"]
+
+
 def check(cfg: TrainConfig) -> list[str]:
     """Raise UsageError for values that cannot work; return warnings for values outside recommended ranges."""
 
@@ -142,33 +154,25 @@ def check(cfg: TrainConfig) -> list[str]:
     need(not (cfg.lora and kind != "none"), "--lora already freezes the base model; drop --freeze or --lora")
     need(not (cfg.sam and cfg.precision == "fp16"), "--sam with fp16 loss scaling is not supported; use bf16 or fp32")
 
-    warnings = []
-    lo, hi = RECOMMENDED_BATCH
-    if not lo <= cfg.batch_size <= hi:
-        why = (
-            "a batch of 1 gives very noisy gradients"
-            if cfg.batch_size < lo
-            else "larger batches need more memory and usually a larger learning rate (scale it with the batch)"
-        )
-        warnings.append(f"--batch-size {cfg.batch_size} is outside the model card's recommended {lo}-{hi}: {why}")
+    warnings = outside_recommended(
+        "--batch-size", cfg.batch_size, RECOMMENDED_BATCH,
+        too_low="a batch of 1 gives very noisy gradients",
+        too_high="larger batches need more memory and usually a larger learning rate (scale it with the batch)",
+    )  # fmt: skip
     lo, hi = RECOMMENDED_EPOCHS
     if cfg.epochs > hi:
         warnings.append(
             f"--epochs {cfg.epochs} is above the model card's recommended {lo}-{hi}: a pretrained ViT usually "
             "overfits by then; watch the validation curve (the best epoch is kept)"
         )
-    lo, hi = RECOMMENDED_LR
-    if not lo <= cfg.learning_rate <= hi:
-        why = (
-            "steps this small barely move the weights"
-            if cfg.learning_rate < lo
-            else "steps this large can wreck the pretrained features (fine when training from scratch)"
-        )
-        if cfg.optimizer in ("lamb", "lars", "sgd", "adafactor"):
-            why += f"; note the range is for AdamW, and {cfg.optimizer} usually wants a larger learning rate"
-        warnings.append(
-            f"--learning-rate {cfg.learning_rate:g} is outside the model card's recommended {lo:g}..{hi:g}: {why}"
-        )
+    note = ""
+    if cfg.optimizer in ("lamb", "lars", "sgd", "adafactor"):
+        note = f"; note the range is for AdamW, and {cfg.optimizer} usually wants a larger learning rate"
+    warnings += outside_recommended(
+        "--learning-rate", cfg.learning_rate, RECOMMENDED_LR, fmt="g", sep="..",
+        too_low="steps this small barely move the weights" + note,
+        too_high="steps this large can wreck the pretrained features (fine when training from scratch)" + note,
+    )  # fmt: skip
     if cfg.val_dir is not None and cfg.val_split != TrainConfig.val_split:
         warnings.append("--val-split is ignored because --val-dir is given")
     if cfg.optimizer == "sgd" and cfg.learning_rate < 1e-3:

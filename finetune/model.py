@@ -1,6 +1,7 @@
 """The model side of fine-tuning: load a ViT (Hugging Face, or timm's layout mapped onto it) with a new head, change
 its resolution, add stochastic depth, freeze layers or add LoRA adapters, and save a plain Hugging Face checkpoint
-the export stage takes unchanged.
+the export stage takes unchanged. A randomly initialised ViT is saved the same way (`write_random_vit`): the offline
+base of the demo, the tests and the benchmarks.
 
 Weights are only ever read from safetensors (`use_safetensors=True`): never unpickled.
 """
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from transformers import ViTConfig, ViTForImageClassification
 
 from finetune.config import UsageError, freeze_spec
+from finetune.plan import VitShape
 
 DEFAULT_MEAN = DEFAULT_STD = (0.5, 0.5, 0.5)  # ViTImageProcessor's defaults, used by the in21k ViT checkpoints
 
@@ -33,13 +35,7 @@ def load(
 ) -> ViTForImageClassification:
     """The base ViT (an HF checkpoint, or a timm one mapped onto HF's layout) with a freshly initialised head for
     `labels` (the head is resized when the count differs)."""
-    changes = dict(
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={name: i for i, name in enumerate(labels)},
-        hidden_dropout_prob=dropout,
-        attention_probs_dropout_prob=attention_dropout,
-    )
+    changes = dict(**label_fields(labels), hidden_dropout_prob=dropout, attention_probs_dropout_prob=attention_dropout)
     try:
         if timm := timm_base(base):
             from export.checkpoint import load_timm_vit_model
@@ -226,6 +222,67 @@ def tiny_config(**overrides) -> ViTConfig:
     )  # fmt: skip
     kw.update(overrides)
     return ViTConfig(**kw)
+
+
+def shape_config(shape: VitShape, **overrides) -> ViTConfig:
+    """The ViT config of a `vitserve plan` shape, its class count as num_labels (overrides win)."""
+    kw = dict(
+        image_size=shape.image_size, patch_size=shape.patch_size, num_channels=shape.channels, hidden_size=shape.hidden,
+        num_hidden_layers=shape.layers, num_attention_heads=shape.heads, intermediate_size=shape.mlp,
+        num_labels=shape.labels,
+    )  # fmt: skip
+    kw.update(overrides)
+    return ViTConfig(**kw)
+
+
+def label_fields(labels: list[str]) -> dict:
+    """A ViT config's class fields for these class names, index = position: num_labels, id2label, label2id."""
+    return dict(
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
+    )
+
+
+def random_vit(
+    config: ViTConfig, *, seed: int = 0, head_std: float | None = None, head_bias_std: float | None = None
+) -> ViTForImageClassification:
+    """A randomly initialised ViT: torch.manual_seed(seed), then HF's init (truncated normal, std 0.02). A fresh
+    head has zero bias and tiny weights, so every image gets near-identical logits; `head_std` and `head_bias_std`
+    redraw the head's weight, then its bias, from N(0, std^2) to spread them like a trained head's."""
+    torch.manual_seed(seed)
+    model = ViTForImageClassification(config)
+    with torch.no_grad():
+        if head_std is not None:
+            model.classifier.weight.normal_(0, head_std)
+        if head_bias_std is not None:
+            model.classifier.bias.normal_(0, head_bias_std)
+    return model
+
+
+def write_random_vit(
+    out: str | Path,
+    config: ViTConfig,
+    *,
+    seed: int = 0,
+    labels: list[str] | None = None,
+    head_std: float | None = None,
+    head_bias_std: float | None = None,
+) -> Path:
+    """A `random_vit` saved as `vitserve finetune` saves a checkpoint: model.safetensors, config.json (with `labels`
+    as id2label/label2id when given) and a preprocessor_config.json that resizes to the config's image size and
+    normalizes with mean/std 0.5, as the in21k ViTs. Nothing is downloaded: the offline base of demos, tests and
+    benchmarks."""
+    if labels is not None:
+        config = copy.deepcopy(config)
+        config.update(label_fields(labels))
+    model = random_vit(config, seed=seed, head_std=head_std, head_bias_std=head_bias_std)
+    size = config.image_size
+    processor = image_processor_class()(
+        size={"height": size, "width": size}, image_mean=list(DEFAULT_MEAN), image_std=list(DEFAULT_STD)
+    )
+    save_checkpoint(model, processor, Path(out))
+    return Path(out)
 
 
 def count_parameters(model) -> tuple[int, int]:

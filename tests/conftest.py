@@ -15,23 +15,11 @@ TINY_LABELS = [f"class_{i}" for i in range(10)]
 
 def make_tiny_checkpoint(path: Path, *, seed: int = 0, image_size: int = 32, num_labels: int = 10, hidden: int = 64) -> Path:
     """A random ViTForImageClassification saved exactly as `vitserve finetune` would (safetensors + configs)."""
-    import torch
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil
+    from finetune.model import tiny_config, write_random_vit
 
-    torch.manual_seed(seed)
+    config = tiny_config(image_size=image_size, hidden_size=hidden, num_attention_heads=4, intermediate_size=hidden * 2)
     labels = [f"class_{i}" for i in range(num_labels)]
-    cfg = ViTConfig(
-        image_size=image_size, patch_size=8, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=hidden * 2, num_labels=num_labels,
-        id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)},
-    )
-    model = ViTForImageClassification(cfg)
-    with torch.no_grad():  # fresh HF heads have zero bias and tiny weights: give logits some spread
-        model.classifier.weight.normal_(0, 0.5)
-        model.classifier.bias.normal_(0, 0.5)
-    model.save_pretrained(path)
-    ViTImageProcessorPil(size={"height": image_size, "width": image_size}).save_pretrained(path)
-    return path
+    return write_random_vit(path, config, seed=seed, labels=labels, head_std=0.5, head_bias_std=0.5)
 
 
 def run_cli(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -155,7 +155,7 @@ def test_explain_writes_json_and_pngs_for_a_checkpoint_and_an_artifact(tmp_path)
 
 def test_finetune_report_includes_attention_diagnostics(tmp_path):
     from finetune.cli import main
-    from finetune.tiny_base import write_tiny_base
+    from demo.tiny_base import write_tiny_base
 
     base = write_tiny_base(tmp_path / "base", image_size=32, patch_size=8, hidden=32, layers=2, heads=2, mlp_ratio=2)
     for k in range(2):

@@ -8,7 +8,6 @@ import threading
 import time
 
 import numpy as np
-import pytest
 
 from service import cpu_budget
 from service.batcher import Batcher

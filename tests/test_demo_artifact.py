@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from finetune.fashion_mnist import CLASS_NAMES, DEFAULT_SOURCE, load_split
+from demo.fashion_mnist import CLASS_NAMES, DEFAULT_SOURCE, load_split
 from service.artifact import load_artifact
 from service.engines import load_engine, select_engine
 from service.preprocess import Preprocessor

@@ -16,7 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune import calibration, checkpoint, data, optim
+from finetune import calibration, data, optim
+from finetune import train_state  # crash-safe files and the --resume state
 from finetune import model as model_lib
 from finetune.cli import build_parser, main
 from finetune.config import TrainConfig, UsageError, check
@@ -225,7 +226,7 @@ def test_training_evaluates_on_exactly_the_tensors_the_service_serves(tmp_path):
 
 
 def test_fashion_mnist_missing_files_name_the_package(tmp_path):
-    from finetune.fashion_mnist import write_folders
+    from demo.fashion_mnist import write_folders
 
     with pytest.raises(FileNotFoundError, match="apt-get install -y dataset-fashion-mnist"):
         write_folders(tmp_path / "out", source=tmp_path / "nothing-here")
@@ -447,8 +448,8 @@ def test_training_state_roundtrip_keeps_types_and_tensors(tmp_path):
     opt.step()
     meta = {"step": 3, "best": None, "pair": (1, "a")}
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "meta": meta}
-    checkpoint.save_state(tmp_path, state)
-    loaded = checkpoint.load_state(tmp_path)
+    train_state.save_state(tmp_path, state)
+    loaded = train_state.load_state(tmp_path)
     assert loaded["meta"] == {"step": 3, "best": None, "pair": [1, "a"]}
     assert set(loaded["optimizer"]["state"]) == set(opt.state_dict()["state"])  # integer keys survive JSON
     opt2 = optim.build("adamw", optim.param_groups(tiny_model(), 0.1), 1e-3)
@@ -461,13 +462,13 @@ def test_training_state_roundtrip_keeps_types_and_tensors(tmp_path):
 
 def test_atomic_folder_survives_a_kill_between_the_two_renames(tmp_path):
     target = tmp_path / "checkpoint"
-    checkpoint.write_dir_atomically(target, lambda d: (d / "v").write_text("1"))
-    checkpoint.write_dir_atomically(target, lambda d: (d / "v").write_text("2"))
+    train_state.write_dir_atomically(target, lambda d: (d / "v").write_text("1"))
+    train_state.write_dir_atomically(target, lambda d: (d / "v").write_text("2"))
     assert (target / "v").read_text() == "2" and sorted(os.listdir(tmp_path)) == ["checkpoint"]
     # a process killed after `checkpoint -> .checkpoint.old`, before `.checkpoint.tmp -> checkpoint`
     os.replace(target, tmp_path / ".checkpoint.old")
     (tmp_path / ".checkpoint.tmp").mkdir()
-    checkpoint.recover(target)
+    train_state.recover(target)
     assert (target / "v").read_text() == "2" and sorted(os.listdir(tmp_path)) == ["checkpoint"]
 
     def crash(d):
@@ -475,5 +476,5 @@ def test_atomic_folder_survives_a_kill_between_the_two_renames(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        checkpoint.write_dir_atomically(target, crash)
+        train_state.write_dir_atomically(target, crash)
     assert (target / "v").read_text() == "2"

@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from finetune.cli import main
-from finetune.tiny_base import write_tiny_base
+from demo.tiny_base import write_tiny_base
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # each test trains or runs the CLI: seconds to a minute on 2 CPU cores
@@ -57,7 +57,7 @@ def squares(tmp_path_factory) -> Path:
 
 
 def _progress(run: Path) -> dict:
-    from finetune.checkpoint import load_state
+    from finetune.train_state import load_state
 
     return load_state(run)["progress"]
 
@@ -67,7 +67,7 @@ def _progress(run: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def fashion_mnist(tmp_path_factory) -> Path:
-    from finetune.fashion_mnist import DEFAULT_SOURCE, write_folders
+    from demo.fashion_mnist import DEFAULT_SOURCE, write_folders
 
     if not (DEFAULT_SOURCE / "train-images-idx3-ubyte.gz").exists():
         pytest.skip("Fashion-MNIST is not installed: apt-get install -y dataset-fashion-mnist")

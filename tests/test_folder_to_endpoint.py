@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from finetune.tiny_base import write_tiny_base
+from demo.tiny_base import write_tiny_base
 from service.artifact import read_manifest
 from tests.conftest import GATE_IMAGES, run_cli
 from tests.server import running_server

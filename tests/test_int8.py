@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from demo.fashion_mnist import DEFAULT_SOURCE
 from export.checkpoint import load_checkpoint
 from export.onnx_export import export_fp32, quantize_int8_dynamic, quantize_int8_static
 from export.parity import preprocess_images, reference_logits
-from finetune.fashion_mnist import DEFAULT_SOURCE
 from service import hardware
 from service.parity import DEFAULT_THRESHOLDS, compare
 from service.preprocess import Preprocessor
@@ -51,7 +51,7 @@ def demo_int8(tmp_path_factory):
     FP32 PyTorch logits, all through the serving preprocessing."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from finetune.fashion_mnist import load_split
+    from demo.fashion_mnist import load_split
 
     work = tmp_path_factory.mktemp("int8")
     ckpt = load_checkpoint(str(DEMO_ARTIFACT / "pytorch"))

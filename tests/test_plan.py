@@ -60,19 +60,10 @@ def _rss(key: str) -> int:
 
 def build(shape: plan.VitShape, setup: plan.Setup):
     """The model and optimizer `vitserve finetune` would build for this shape and setup."""
-    import torch
-    from transformers import ViTConfig, ViTForImageClassification
-
     from finetune import model as model_lib
     from finetune import optim
 
-    torch.manual_seed(0)
-    config = ViTConfig(
-        image_size=shape.image_size, patch_size=shape.patch_size, hidden_size=shape.hidden,
-        num_hidden_layers=shape.layers, num_attention_heads=shape.heads, intermediate_size=shape.mlp,
-        num_labels=shape.labels, attn_implementation=setup.attention,
-    )  # fmt: skip
-    model = ViTForImageClassification(config)
+    model = model_lib.random_vit(model_lib.shape_config(shape, attn_implementation=setup.attention))
     if setup.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model_lib.freeze(model, setup.frozen)

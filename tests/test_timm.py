@@ -66,16 +66,12 @@ def timm_config(**changes) -> dict:
 @pytest.fixture(scope="module")
 def hf_and_timm(tmp_path_factory):
     """A random HF ViT (timm's LayerNorm eps) and the same weights written in timm's layout."""
-    from transformers import ViTConfig, ViTForImageClassification
+    from finetune.model import random_vit, tiny_config
 
-    torch.manual_seed(0)
     # eager attention, as the loader's: the same kernels give the same bits
-    config = ViTConfig(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=2, num_attention_heads=HEADS,
-                       intermediate_size=192, num_labels=len(LABELS), layer_norm_eps=1e-6,
-                       attn_implementation="eager")  # fmt: skip
-    hf = ViTForImageClassification(config).eval()
-    with torch.no_grad():  # logits with some spread, like a trained head's
-        hf.classifier.weight.normal_(0, 0.5)
+    config = tiny_config(hidden_size=48, num_attention_heads=HEADS, intermediate_size=192, num_labels=len(LABELS),
+                         layer_norm_eps=1e-6, attn_implementation="eager")  # fmt: skip
+    hf = random_vit(config, head_std=0.5).eval()  # logits with some spread, like a trained head's
     hf_dir = tmp_path_factory.mktemp("hf") / "vit"
     hf.save_pretrained(hf_dir)
     timm_dir = tmp_path_factory.mktemp("timm") / "vit_small_patch8_32.test_in1k"

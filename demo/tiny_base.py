@@ -2,7 +2,7 @@
 
 Nothing can be downloaded on the project's machines, so the embedded demo trains a small ViT from scratch:
 
-    python -m finetune.tiny_base --out runs/tiny-base --image-size 28 --patch-size 4 --hidden 128 --layers 4 --heads 4
+    python -m demo.tiny_base --out runs/tiny-base --image-size 28 --patch-size 4 --hidden 128 --layers 4 --heads 4
 
 writes config.json, model.safetensors and preprocessor_config.json (mean/std 0.5, as the in21k ViTs), which
 `vitserve finetune --base runs/tiny-base` loads like any Hugging Face checkpoint.
@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
 import transformers
-from transformers import ViTConfig, ViTForImageClassification
+from transformers import ViTForImageClassification
 
-from finetune.model import DEFAULT_MEAN, DEFAULT_STD, image_processor_class
+from finetune.model import tiny_config, write_random_vit
+from service.cli import HelpFormatter
 
 
 def write_tiny_base(
@@ -36,32 +36,23 @@ def write_tiny_base(
     if hidden % heads:
         raise ValueError(f"hidden size {hidden} is not a multiple of the number of heads {heads}")
     transformers.utils.logging.disable_progress_bar()
-    torch.manual_seed(seed)
-    config = ViTConfig(
+    config = tiny_config(
         image_size=image_size,
         patch_size=patch_size,
-        num_channels=3,
         hidden_size=hidden,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         intermediate_size=int(hidden * mlp_ratio),
         num_labels=num_labels,
     )
-    model = ViTForImageClassification(config)  # HF init: truncated normal, std 0.02
-    out = Path(out)
-    model.save_pretrained(out, safe_serialization=True)
-    processor = image_processor_class()(
-        size={"height": image_size, "width": image_size}, image_mean=list(DEFAULT_MEAN), image_std=list(DEFAULT_STD)
-    )
-    processor.save_pretrained(out)
-    return out
+    return write_random_vit(out, config, seed=seed)  # HF init: truncated normal, std 0.02
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m finetune.tiny_base",
+        prog="python -m demo.tiny_base",
         description="Write a randomly initialised ViTForImageClassification checkpoint folder.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--out", required=True, help="checkpoint folder to write")
     parser.add_argument("--image-size", type=int, default=32, help="input resolution")

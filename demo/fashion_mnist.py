@@ -9,8 +9,8 @@ with the official class names made filesystem-safe ("T-shirt/top" -> "T-shirt_to
 images of each class in file order, so the same N always gives the same files.
 
     apt-get install -y dataset-fashion-mnist
-    python -m finetune.fashion_mnist --out data/fmnist                          # all 70,000 images, ~20 s
-    python -m finetune.fashion_mnist --out data/fm-small --per-class-train 50 --per-class-test 20
+    python -m demo.fashion_mnist --out data/fmnist                      # all 70,000 images, ~20 s
+    python -m demo.fashion_mnist --out data/fm-small --per-class-train 50 --per-class-test 20
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from service.cli import HelpFormatter
 
 DEFAULT_SOURCE = Path("/usr/share/datasets/fashion-mnist")  # where the Debian package puts the idx files
 APT_PACKAGE = "dataset-fashion-mnist"
@@ -93,9 +95,9 @@ def write_folders(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m finetune.fashion_mnist",
+        prog="python -m demo.fashion_mnist",
         description="Convert the Debian Fashion-MNIST idx files into train/test image folders.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--out", required=True, help="output folder (gets train/ and test/)")
     parser.add_argument("--per-class-train", type=int, default=None, help="first N training images per class (all)")
