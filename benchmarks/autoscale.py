@@ -353,7 +353,7 @@ def plot(results: dict, out: Path, title: str) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.cli import HelpFormatter
-    from benchmarks.common import environment, print_summary, result_stem, write_result
+    from benchmarks.common import command_line, environment, finish, result_stem
 
     p = argparse.ArgumentParser(prog="vitserve bench autoscale", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--curve", type=Path, default=DEFAULT_CURVE, help="a `bench compare` result: the replica model")
@@ -397,18 +397,16 @@ def main(argv: list[str] | None = None) -> int:
                              f"Queue rule = the shipped ScaledObject (queue depth {targets['queue_depth']:g}, p90 queue wait "
                              f"{targets['queue_wait_p90_s']:g} s, engine busy {targets['engine_busy']:g} per replica); CPU rule = "
                              f"{args.cpu_target:.0%} utilisation; the same HPA behaviour for both.")
-    payload = {"benchmark": "autoscaling", "command": "vitserve bench autoscale " + " ".join(argv if argv is not None else sys.argv[1:]),
+    payload = {"benchmark": "autoscaling", "command": command_line("autoscale", argv),
                "environment": environment(), **results}
     print(md)
     name = args.name or f"autoscaling_{Path(str(args.curve)).stem.split('_')[1] if '_' in Path(str(args.curve)).stem else 'model'}"
     rows = [(rule, f"over SLO {r['fraction_of_time_over_slo']:.1%} ({r['fraction_over_slo_outside_spike_first_minute']:.1%} outside the spike's "
                    f"first minute), {r['replica_hours']:.2f} replica-hours") for rule, r in results["rules"].items()]
-    if not args.no_write:
-        png = plot(results, result_stem(name, payload["environment"]).with_suffix(".png"), f"autoscaling: queue rule vs CPU rule ({model_info['source'].split('/')[-1]})")
-        j, m = write_result(name, payload, md + f"\n\n![autoscaling]({png.name})")
-        rows.append(("written", f"{j.name}, {m.name}, {png.name}"))
-    print_summary("autoscaling simulation", payload, rows)
-    return 0
+    if args.no_write:
+        return finish("autoscaling simulation", payload, rows, table=md, name=None)
+    png = plot(results, result_stem(name, payload["environment"]).with_suffix(".png"), f"autoscaling: queue rule vs CPU rule ({model_info['source'].split('/')[-1]})")
+    return finish("autoscaling simulation", payload, rows, table=md + f"\n\n![autoscaling]({png.name})", name=name, figures=[png])
 
 
 if __name__ == "__main__":

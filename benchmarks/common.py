@@ -7,6 +7,7 @@ import os
 import platform
 import socket
 import subprocess
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,13 +24,17 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def gpu_name() -> str | None:
-    try:
-        import torch
+NO_GPU = "no CUDA GPU visible (torch.cuda.is_available() is false)"  # why a GPU-only figure is missing
 
-        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    except ImportError:
+
+def gpu_name() -> str | None:
+    from service.engines import cuda_available  # the service's own check: benchmarks see what `auto` sees
+
+    if not cuda_available():
         return None
+    import torch
+
+    return torch.cuda.get_device_name(0)
 
 
 def git_sha() -> str:
@@ -64,6 +69,21 @@ def env_tag(env: dict) -> str:
     if env.get("gpu"):
         return env["gpu"].lower().replace(" ", "-")
     return f"cpu{env['cpu_count']}"
+
+
+def checkpoint_for(args, work: Path) -> tuple[Path, str]:
+    """The model a benchmark runs, and its name: ``--checkpoint`` as given, else a random-weight model of ``--config``
+    written under ``work`` (nothing downloaded)."""
+    from benchmarks.models import make_checkpoint
+
+    if args.checkpoint:
+        return args.checkpoint, args.checkpoint.name
+    return make_checkpoint(args.config, work / f"{args.config}-random"), args.config
+
+
+def command_line(subcommand: str, argv: list[str] | None) -> str:
+    """The command a result came from, as a user would type it again."""
+    return f"vitserve bench {subcommand} " + " ".join(argv if argv is not None else sys.argv[1:])
 
 
 def write_result(name: str, payload: dict, table: str) -> tuple[Path, Path]:
@@ -145,6 +165,16 @@ def print_summary(title: str, payload: dict, rows: list[tuple[str, str]]) -> str
     text = "\n".join(lines)
     print(text, flush=True)
     return text
+
+
+def finish(title: str, payload: dict, rows: list[tuple[str, str]], *, table: str, name: str | None, figures=()) -> int:
+    """Every benchmark's last step: its JSON and markdown written as ``name`` (with ``figures`` already drawn beside
+    them; nothing written when ``name`` is None, i.e. --no-write), then the summary block with a "written" row."""
+    if name is not None:
+        written = [*write_result(name, payload, table), *figures]
+        rows.append(("written", f"{', '.join(path.name for path in written)} (in {written[0].parent})"))
+    print_summary(title, payload, rows)
+    return 0
 
 
 def cpu_snapshot() -> dict:

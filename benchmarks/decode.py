@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import environment, print_summary, write_result
-from benchmarks.models import CONFIGS, make_checkpoint
+from benchmarks.common import checkpoint_for, command_line, environment, finish
+from benchmarks.models import CONFIGS
 from benchmarks.photos import realistic_photos
 
 SIZES = ((640, 480), (1920, 1080), (4000, 3000))
@@ -94,18 +94,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     quiet_libraries()
     with tempfile.TemporaryDirectory() as work:
-        ckpt = args.checkpoint or make_checkpoint(args.config, Path(work) / args.config)
+        ckpt, _ = checkpoint_for(args, Path(work))
         result = run(ckpt, args.repeats)
-    payload = {"benchmark": "decode", "command": "vitserve bench decode " + " ".join(argv if argv is not None else sys.argv[1:]),
+    payload = {"benchmark": "decode", "command": command_line("decode", argv),
                "environment": environment(), "model": str(args.checkpoint or args.config), **result}
     md = table(result)
     print(md)
     rows = [(f"margin {r['margin']:g}", f"{r['decode_ms']} ms/img; top-1 {r['top1_agreement']:.3f}") for r in result["rows"]]
-    if not args.no_write:
-        j, m = write_result(f"decode_{Path(str(args.checkpoint)).name if args.checkpoint else args.config}", payload, md)
-        rows.append(("written", f"{j.name}, {m.name}"))
-    print_summary("decode", payload, rows)
-    return 0
+    name = f"decode_{Path(str(args.checkpoint)).name if args.checkpoint else args.config}"
+    return finish("decode", payload, rows, table=md, name=None if args.no_write else name)
 
 
 if __name__ == "__main__":

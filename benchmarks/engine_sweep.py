@@ -34,10 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import cpu_snapshot, environment, load_average, other_cpu_load, print_summary, wait_until_quiet, write_result
-from benchmarks.models import CONFIGS, checkpoint_shape, make_checkpoint, vit_flops
+from benchmarks.common import NO_GPU, checkpoint_for, command_line, cpu_snapshot, environment, finish, load_average, other_cpu_load, wait_until_quiet
+from benchmarks.models import CONFIGS, checkpoint_shape, vit_flops
 from benchmarks.peers.raw_engine import time_call
-from service.engines import cuda_available  # the service's own check: the sweep sees what `auto` sees
+from service.engines import cuda_available, ort_has  # the service's own checks: the sweep sees what `auto` sees
 
 MATMUL_N = 8192  # BF16 (8192×8192)·(8192×8192): large enough to reach a GPU's dense tensor-core rate
 
@@ -78,7 +78,8 @@ def matmul_rate(n: int = MATMUL_N, iters: int = 50) -> dict:
 
 
 # ---- variants ---------------------------------------------------------------------------------------------------
-def _entry(path: Path, precision: str, h: int, w: int, labels: int, max_batch: int, device: str, fmt: str = "onnx"):
+def engine_entry(path: Path, precision: str, h: int, w: int, labels: int, max_batch: int, device: str, fmt: str = "onnx"):
+    """A manifest entry for an engine file built outside an artifact, so the service's engine classes can load it."""
     from export.onnx_export import INPUT_NAME, OUTPUT_NAME
     from service.artifact import EngineFile, TensorSpec, sha256_file
 
@@ -89,7 +90,7 @@ def _entry(path: Path, precision: str, h: int, w: int, labels: int, max_batch: i
     )
 
 
-class _Builds:
+class Builds:
     """Lazily exported files shared by the variants (each exported once, only if a variant needs it)."""
 
     def __init__(self, checkpoint: Path, work: Path, max_batch: int):
@@ -122,10 +123,12 @@ class _Builds:
                 from export.onnx_export import INPUT_NAME
                 from export.tensorrt_build import build_plan
 
+                from export.pipeline import ExportOptions
+
                 plan = self.work / "model.fp16.plan"
                 self._plan_facts = build_plan(
                     self.file("fp16"), plan, input_name=INPUT_NAME, input_size=(self.h, self.w), min_batch=1,
-                    opt_batch=min(16, self.max_batch), max_batch=self.max_batch, timing_cache=self.work / "trt.cache",
+                    opt_batch=min(ExportOptions.opt_batch, self.max_batch), max_batch=self.max_batch, timing_cache=self.work / "trt.cache",
                 )
                 self._files[kind] = plan
         return self._files[kind]
@@ -137,30 +140,34 @@ class _Builds:
 
         return preprocess_images(default_image_bytes(64), Preprocessor(self.ckpt.preprocessing))
 
+    def entry(self, kind: str, device: str):
+        """The manifest entry of a built file, with what the service reads from it: an INT8 file's quantisation
+        (dynamic INT8 runs one image per call), a plan's build facts."""
+        f = self.file(kind)
+        if kind == "plan":
+            entry = engine_entry(f, "fp16", self.h, self.w, self.labels, self.max_batch, device, fmt="tensorrt")
+            return entry.model_copy(update={"build": self._plan_facts})
+        entry = engine_entry(f, kind.split("-")[0], self.h, self.w, self.labels, self.max_batch, device)
+        return entry.model_copy(update={"quantization": self._quant.get(kind)})
+
     # service engines, fed host arrays exactly as the batcher feeds them
     def ort(self, provider: str, kind: str):
         from service.engines.onnxruntime_engine import OnnxRuntimeEngine
 
-        f = self.file(kind)
-        dev = "cpu" if provider == "cpu" else "cuda"
-        entry = _entry(f, kind.split("-")[0], self.h, self.w, self.labels, self.max_batch, dev)
-        entry = entry.model_copy(update={"quantization": self._quant.get(kind)})  # dynamic INT8 runs one image per call
-        eng = OnnxRuntimeEngine(f, entry, (self.h, self.w), provider=provider, trt_cache_dir=self.work / "trt_cache")
+        entry = self.entry(kind, "cpu" if provider == "cpu" else "cuda")
+        eng = OnnxRuntimeEngine(self.file(kind), entry, (self.h, self.w), provider=provider, trt_cache_dir=self.work / "trt_cache")
         return self._host_runner(eng.run)
 
     def trt_native(self):
         from service.engines.tensorrt_engine import TensorRTEngine
 
-        f = self.file("plan")
-        entry = _entry(f, "fp16", self.h, self.w, self.labels, self.max_batch, "cuda", fmt="tensorrt")
-        entry = entry.model_copy(update={"build": getattr(self, "_plan_facts", {})})
-        return self._host_runner(TensorRTEngine(f, entry, (self.h, self.w)).run)
+        return self._host_runner(TensorRTEngine(self.file("plan"), self.entry("plan", "cuda"), (self.h, self.w)).run)
 
     def torch_cpu(self):
         from service.engines.torch_engine import TorchEngine
 
         f = self.checkpoint / "model.safetensors"
-        eng = TorchEngine(f, _entry(f, "fp32", self.h, self.w, self.labels, self.max_batch, "any", fmt="safetensors"),
+        eng = TorchEngine(f, engine_entry(f, "fp32", self.h, self.w, self.labels, self.max_batch, "any", fmt="safetensors"),
                           (self.h, self.w), device="cpu", precision="fp32")
         return self._host_runner(eng.run)
 
@@ -180,10 +187,8 @@ class _Builds:
         model = ViTForImageClassification.from_pretrained(self.checkpoint, dtype=dtype, attn_implementation="sdpa")
         return model.to("cuda").eval(), dtype
 
-    def torch_cuda_eager(self, precision: str):
+    def _device_runner(self, model, dtype, compile_calls: int = 0):
         import torch
-
-        model, dtype = self._torch_cuda_model(precision)
 
         def for_batch(b: int):
             x = torch.randn(b, 3, self.h, self.w, device="cuda", dtype=dtype)
@@ -192,9 +197,14 @@ class _Builds:
                 with torch.inference_mode():
                     return model(pixel_values=x).logits
 
+            for _ in range(compile_calls):  # compile (and autotune) for this shape before the timed warm-up
+                call()
             return call
 
         return for_batch
+
+    def torch_cuda_eager(self, precision: str):
+        return self._device_runner(*self._torch_cuda_model(precision))
 
     def torch_cuda_graph(self, precision: str):
         """One CUDA graph per batch size, captured per the torch.cuda.graph docs: warm up on a side stream,
@@ -216,29 +226,10 @@ class _Builds:
         import torch
 
         model, dtype = self._torch_cuda_model(precision)
-        compiled = torch.compile(model, mode=mode, dynamic=False)
-
-        def for_batch(b: int):
-            x = torch.randn(b, 3, self.h, self.w, device="cuda", dtype=dtype)
-
-            def call():
-                with torch.inference_mode():
-                    return compiled(pixel_values=x).logits
-
-            for _ in range(2):  # compile (and autotune) for this shape before the timed warm-up
-                call()
-            return call
-
-        return for_batch
+        return self._device_runner(torch.compile(model, mode=mode, dynamic=False), dtype, compile_calls=2)
 
 
-def _ort_provider(name: str) -> bool:
-    import onnxruntime as ort
-
-    return name in ort.get_available_providers()
-
-
-def variants(builds: _Builds, devices: set[str], compile_mode: str) -> tuple[list[Variant], dict[str, str]]:
+def variants(builds: Builds, devices: set[str], compile_mode: str) -> tuple[list[Variant], dict[str, str]]:
     """The variants to run here, and the ones skipped with the reason."""
     out: list[Variant] = []
     skipped: dict[str, str] = {}
@@ -252,7 +243,7 @@ def variants(builds: _Builds, devices: set[str], compile_mode: str) -> tuple[lis
     gpu_names = ["pytorch-cuda-fp16", "pytorch-cuda-bf16", "pytorch-cuda-fp16-cudagraph", "pytorch-cuda-bf16-compile",
                  "onnxruntime-cuda-fp16", "onnxruntime-tensorrt-fp16", "tensorrt-cuda-fp16"]
     if not cuda_available():
-        return out, {n: "no CUDA GPU visible (torch.cuda.is_available() is false)" for n in gpu_names}
+        return out, {n: NO_GPU for n in gpu_names}
     if "cuda" not in devices:
         return out, {n: "not requested (--devices)" for n in gpu_names}
     out += [
@@ -261,11 +252,11 @@ def variants(builds: _Builds, devices: set[str], compile_mode: str) -> tuple[lis
         Variant("pytorch-cuda-fp16-cudagraph", "cuda", lambda: builds.torch_cuda_graph("fp16"), "torch.cuda.graph replay"),
         Variant("pytorch-cuda-bf16-compile", "cuda", lambda: builds.torch_cuda_compiled("bf16", compile_mode), f"torch.compile mode={compile_mode}"),
     ]
-    if _ort_provider("CUDAExecutionProvider"):
+    if ort_has("CUDAExecutionProvider"):
         out.append(Variant("onnxruntime-cuda-fp16", "cuda", lambda: builds.ort("cuda", "fp16"), "host arrays in/out"))
     else:
         skipped["onnxruntime-cuda-fp16"] = "ONNX Runtime has no CUDAExecutionProvider (install onnxruntime-gpu)"
-    if _ort_provider("TensorrtExecutionProvider"):
+    if ort_has("TensorrtExecutionProvider"):
         out.append(Variant("onnxruntime-tensorrt-fp16", "cuda", lambda: builds.ort("tensorrt", "fp16"), "host arrays in/out"))
     else:
         skipped["onnxruntime-tensorrt-fp16"] = "ONNX Runtime has no TensorrtExecutionProvider"
@@ -279,7 +270,7 @@ def variants(builds: _Builds, devices: set[str], compile_mode: str) -> tuple[lis
 # ---- the sweep -------------------------------------------------------------------------------------------------
 def sweep(checkpoint: Path, work: Path, *, batches: list[int], devices: set[str], only: list[str] | None,
           min_seconds: float, compile_mode: str, log=print) -> dict:
-    builds = _Builds(checkpoint, work, max_batch=max(batches))
+    builds = Builds(checkpoint, work, max_batch=max(batches))
     flops = vit_flops(builds.shape)
     vs, skipped = variants(builds, devices, compile_mode)
     if only:
@@ -399,10 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet = wait_until_quiet(args.wait_quiet) if args.wait_quiet > 0 else None
     load_before = load_average()
     try:
-        if args.checkpoint:
-            ckpt, model_name = args.checkpoint, args.checkpoint.name
-        else:
-            ckpt, model_name = make_checkpoint(args.config, work / f"{args.config}-random"), args.config
+        ckpt, model_name = checkpoint_for(args, work)
         shape = checkpoint_shape(ckpt)
         print(f"engine sweep: {model_name} ({shape}), batches {batches}, devices {sorted(devices)}")
         result = sweep(ckpt, work, batches=batches, devices=devices, only=[e for e in args.engines.split(",") if e] or None,
@@ -411,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
     payload = {
-        "benchmark": "engine_sweep", "command": "vitserve bench engines " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "benchmark": "engine_sweep", "command": command_line("engines", argv),
         "environment": environment(), "load_average": {"before": load_before, "after": load_average()}, "quiet_before_start": quiet,
         "model": {"name": model_name, "shape": shape.__dict__, "random_weights": not args.checkpoint},
         "settings": {"batches": batches, "devices": sorted(devices), "min_seconds": args.min_seconds, "compile_mode": args.compile_mode},
@@ -427,12 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(("matmul", f"{result['matmul']['tflops']} TFLOP/s" if result["matmul"] else "n/a (no GPU)"))
     t = result["targets"]["gpu_engine_fraction_of_matmul"]
     rows.append(("target ≥0.75 matmul", "n/a (no GPU)" if t["met"] is None else f"{'MET' if t['met'] else 'MISSED'} ({t['measured']:.2f})"))
-    if not args.no_write:
-        name = args.name or f"engine-sweep_{model_name}"
-        j, m = write_result(name, payload, md)
-        rows.append(("written", f"{j.relative_to(j.parents[2])}, {m.name}"))
-    print_summary("engine sweep", payload, rows)
-    return 0
+    return finish("engine sweep", payload, rows, table=md, name=None if args.no_write else args.name or f"engine-sweep_{model_name}")
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import env_tag, environment, load_average, print_summary, result_stem
+from benchmarks.common import NO_GPU, env_tag, environment, load_average, print_summary, result_stem
 
 STARTED = time.monotonic()  # the time limit counts from here: imports and package setup are part of the run
 ROOT = Path(__file__).resolve().parents[1]
@@ -378,7 +378,7 @@ def step_environment(run: Run, budget: Budget) -> dict:
                       "multiprocessors": p.multi_processor_count, "count": torch.cuda.device_count()}
         pairs = [("cuda", "bf16"), ("cuda", "fp16")]
     else:
-        out["skipped"]["gpu"] = "no CUDA GPU visible (torch.cuda.is_available() is false)"
+        out["skipped"]["gpu"] = NO_GPU
         out["skipped"]["cuda matmul"] = "no CUDA GPU: the CPU's matmul is measured instead"
         pairs = [("cpu", "fp32"), ("cpu", "bf16")]
     out["matmul"] = []
@@ -457,7 +457,7 @@ def model_context(run: Run, key: str) -> ModelContext:
 
 
 def _model_context(run: Run, key: str) -> ModelContext:
-    from benchmarks.engine_sweep import _entry
+    from benchmarks.engine_sweep import engine_entry
     from benchmarks.models import checkpoint_shape, vit_flops
     from export.checkpoint import load_checkpoint
     from export.parity import default_image_bytes, preprocess_images
@@ -479,7 +479,7 @@ def _model_context(run: Run, key: str) -> ModelContext:
     timings["reference"] = time.perf_counter() - t
     h, w = pre.input_size
     # The weights as an artifact lists them (FP32 safetensors); the PyTorch engine computes in its own precision.
-    entry = _entry(checkpoint / "model.safetensors", "fp32", h, w, len(ckpt.labels), max(run.plan.batches), "any", fmt="safetensors")
+    entry = engine_entry(checkpoint / "model.safetensors", "fp32", h, w, len(ckpt.labels), max(run.plan.batches), "any", fmt="safetensors")
     return ModelContext(key, checkpoint, ckpt, shape, vit_flops(shape)["total"], pixels, reference, info, entry,
                         {k: round(v, 2) for k, v in timings.items()})
 
@@ -601,21 +601,14 @@ def torch_engine(ctx: ModelContext, device: str, precision: str):
 def onnx_engine(run: Run, ctx: ModelContext, kind: str):
     """ONNX Runtime's CUDA/TensorRT EP on the FP16 ONNX, or native TensorRT on a plan built from it: the files built
     as the engine sweep builds them, loaded by the service's build_engine."""
-    from benchmarks.engine_sweep import _Builds, _entry
+    from benchmarks.engine_sweep import Builds
     from service.engines import build_engine
 
     work = run.work / f"onnx-{ctx.key}"
     work.mkdir(parents=True, exist_ok=True)
-    builds = run.cached(f"onnx-builds/{ctx.key}", lambda: _Builds(ctx.checkpoint, work, max(run.plan.batches)))
-    path = builds.file("plan" if kind == "tensorrt" else "fp16")
-    h, w = builds.h, builds.w
-    entry = _entry(path, "fp16", h, w, builds.labels, builds.max_batch, "cuda", fmt="tensorrt" if kind == "tensorrt" else "onnx")
-    if kind == "tensorrt":
-        entry = entry.model_copy(update={"build": getattr(builds, "_plan_facts", {})})
-    return build_engine(kind, path, entry, (h, w), trt_cache_dir=builds.work / "trt_cache")
-
-
-GPU_ONLY = "no CUDA GPU visible (torch.cuda.is_available() is false)"
+    builds = run.cached(f"onnx-builds/{ctx.key}", lambda: Builds(ctx.checkpoint, work, max(run.plan.batches)))
+    built = "plan" if kind == "tensorrt" else "fp16"
+    return build_engine(kind, builds.file(built), builds.entry(built, "cuda"), (builds.h, builds.w), trt_cache_dir=builds.work / "trt_cache")
 
 
 def engine_variants(run: Run, ctx: ModelContext) -> tuple[list[Variant], dict[str, str]]:
@@ -639,8 +632,8 @@ def engine_variants(run: Run, ctx: ModelContext) -> tuple[list[Variant], dict[st
         "tensorrt-cuda-fp16": ("tensorrt", lambda: importlib.util.find_spec("tensorrt") is not None, "the tensorrt package is not installed"),
     }  # fmt: skip
     if not run.cuda:
-        skipped = {v.name: GPU_ONLY for v in gpu}
-        skipped |= {name: GPU_ONLY + ("" if usable() else f"; also: {why}") for name, (_, usable, why) in onnx.items()}
+        skipped = {v.name: NO_GPU for v in gpu}
+        skipped |= {name: NO_GPU + ("" if usable() else f"; also: {why}") for name, (_, usable, why) in onnx.items()}
         cpu = Variant("pytorch-cpu-fp32", "fp32", "cpu", lambda: torch_engine(ctx, "cpu", "fp32"), eager + "; the CPU stand-in for the GPU rows")
         return [cpu], skipped
     out, skipped = list(gpu), {"pytorch-cpu-fp32": "GPU machine: the budget goes to the GPU engines"}
@@ -663,7 +656,7 @@ def compile_variants(run: Run, ctx: ModelContext) -> tuple[list[Variant], dict[s
                         after=lambda: compile_facts("inductor", mode), fallback=eager)], {}  # fmt: skip
     return [Variant("pytorch-cpu-fp32-compile", "fp32", "cpu", lambda: compiled(torch_engine(ctx, "cpu", "fp32"), backend="eager", mode=mode),
                     "torch.compile(backend=eager, dynamic=True): a rehearsal of the wrapper and of Dynamo's capture, not an Inductor speed",
-                    after=lambda: compile_facts("eager", mode))], {"pytorch-cuda-fp16-compile": GPU_ONLY}  # fmt: skip
+                    after=lambda: compile_facts("eager", mode))], {"pytorch-cuda-fp16-compile": NO_GPU}  # fmt: skip
 
 
 def sweep(engine, batches, budget: Budget, *, flops: float, ceiling: float | None, min_seconds: float) -> dict:
@@ -744,7 +737,7 @@ def run_variants(run: Run, budget: Budget, ctx: ModelContext, variants: list[Var
         finally:
             del engine
             gc.collect()
-            if torch.cuda.is_available():
+            if run.cuda:
                 torch.cuda.empty_cache()
         results[v.name] = out
     failed = [n for n, r in results.items() if "error" in r]
@@ -913,7 +906,7 @@ def step_decode(run: Run, budget: Budget) -> dict:
     from benchmarks.photos import realistic_photos
 
     pre = run.preprocessor(run.plan.model)
-    why_no_gpu = GPU_ONLY if not run.cuda else ("torchvision is not installed" if importlib.util.find_spec("torchvision") is None else None)
+    why_no_gpu = NO_GPU if not run.cuda else ("torchvision is not installed" if importlib.util.find_spec("torchvision") is None else None)
     sizes, skipped = {}, {}
     for w, h in DECODE_SIZES:
         photos = realistic_photos((w, h), formats=("JPEG",))

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import environment, load_average, print_summary, write_result
-from benchmarks.models import CONFIGS, make_checkpoint
+from benchmarks.common import checkpoint_for, command_line, environment, finish, load_average
+from benchmarks.models import CONFIGS
 from benchmarks.peers.raw_engine import time_call
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,12 +76,12 @@ def build(checkpoint: Path, work: Path, *, images: int, calibration_dir: Path | 
 
 def engine_for(scheme: str, b: dict, path: Path | None = None):
     """The service's ONNX Runtime engine on a scheme's file: its entry says whether it must run one image per call."""
-    from benchmarks.engine_sweep import _entry
+    from benchmarks.engine_sweep import engine_entry
     from service.engines.onnxruntime_engine import OnnxRuntimeEngine
 
     path = path or b["files"][scheme]
     h, w = b["input_size"]
-    entry = _entry(path, "fp32" if scheme == "fp32" else "int8", h, w, len(b["ckpt"].labels), max(BATCHES), "cpu")
+    entry = engine_entry(path, "fp32" if scheme == "fp32" else "int8", h, w, len(b["ckpt"].labels), max(BATCHES), "cpu")
     # The old file is dynamic too: one image per call, as the service ran it.
     quant = b["quant"].get(scheme) or (b["quant"]["dynamic"] if scheme == "old" else None)
     return OnnxRuntimeEngine(path, entry.model_copy(update={"quantization": quant}), (h, w))
@@ -127,7 +127,7 @@ def emulated(b: dict, work: Path, n: int) -> dict:
 def run(args, log=print) -> dict:
     work = Path(tempfile.mkdtemp(prefix="vitserve-int8-"))
     try:
-        ckpt_dir = args.checkpoint or make_checkpoint(args.config, work / f"{args.config}-random")
+        ckpt_dir, _ = checkpoint_for(args, work)
         log(f"building FP32 ONNX and three INT8 files for {ckpt_dir} ({args.images} gate images)…")
         b = build(ckpt_dir, work, images=args.images, calibration_dir=args.calibration_dir, calibration_images=args.calibration_images)
         rows = {}
@@ -193,18 +193,14 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     load_before = load_average()
     result = run(args)
-    payload = {"benchmark": "int8_schemes", "command": "vitserve bench int8 " + " ".join(argv if argv is not None else sys.argv[1:]),
+    payload = {"benchmark": "int8_schemes", "command": command_line("int8", argv),
                "environment": environment(), "load_average": {"before": load_before, "after": load_average()}, **result}
     md = table(result)
     print(md)
     rows = [(s, f"{r['images_per_s']} img/s by batch; max |Δlogit| {r['parity']['max_abs_logit_diff']}; gate {'PASS' if r['parity']['passed'] else 'FAIL'}")
             for s, r in result["schemes"].items()]
-    if not args.no_write:
-        name = args.name or f"int8-schemes_{Path(str(result['model'])).name if args.checkpoint else args.config}"
-        j, m = write_result(name, payload, md)
-        rows.append(("written", f"{j.name}, {m.name}"))
-    print_summary("int8 schemes", payload, rows)
-    return 0
+    name = args.name or f"int8-schemes_{Path(str(result['model'])).name if args.checkpoint else args.config}"
+    return finish("int8 schemes", payload, rows, table=md, name=None if args.no_write else name)
 
 
 if __name__ == "__main__":

@@ -35,8 +35,8 @@ from urllib.parse import urlparse
 
 import httpx
 
-from benchmarks.common import environment, latency_summary_ms, load_average, print_summary, write_result
-from benchmarks.service_load import multipart_bodies, parse_prometheus, poisson_schedule, total
+from benchmarks.common import command_line, environment, finish, latency_summary_ms, load_average
+from benchmarks.service_load import REQUESTS_TOTAL, multipart_bodies, parse_prometheus, poisson_schedule
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -137,7 +137,7 @@ def _counters(base: str) -> Counter:
     samples = parse_prometheus(httpx.get(f"{base}/metrics", timeout=30).text)
     out = Counter()
     for name, labels, value in samples:
-        if name == "vitserve_requests_total" and labels.get("protocol") == "http":
+        if name == REQUESTS_TOTAL and labels.get("protocol") == "http":
             out[labels["status"]] += int(value)
     return out
 
@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     with (nullcontext() if args.url else _serve(args.project, args.artifact, settings)) as server:
         base = (args.url or server.url).rstrip("/")
         result = uvloop.run(measure(base, args, None if args.url else server.proc.pid, sat))
-    payload = {"benchmark": "overload", "command": "vitserve bench overload " + " ".join(argv if argv is not None else sys.argv[1:]),
+    payload = {"benchmark": "overload", "command": command_line("overload", argv),
                "environment": environment(), "load_average": {"before": load_before, "after": load_average()},
                "artifact": str(args.artifact), "project_git": _git_sha(args.project), "server_settings": settings, **result}
     md = table(result)
@@ -339,11 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [(f"{m}x", f"goodput {r['goodput_over_saturation']:.2f} of saturation, p99 {r['accepted_latency']['p99_ms']} ms "
                       f"({r['p99_over_unloaded_p99']}x unloaded), unanswered {sum(r['unanswered'].values())}, 504 {r['statuses'].get('504', 0)}")
             for m, r in result["phases"].items()]
-    if not args.no_write:
-        j, m = write_result(args.name, payload, md)
-        rows.append(("written", f"{j.name}, {m.name}"))
-    print_summary("overload", payload, rows)
-    return 0
+    return finish("overload", payload, rows, table=md, name=None if args.no_write else args.name)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import environment, load_average, print_summary, write_result
+from benchmarks.common import command_line, environment, finish, load_average
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,13 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n".join(["| | images | seconds | img/s |", "|---|---|---|---|"] + [f"| {w} | {n} | {s:.2f} | {n / s:,.0f} |" for w, n, s in rows])
     table += f"\n\n{run['engine']}, batch {b}, {run['decode_threads']} decode threads; top-1 {run.get('accuracy')}"
     print(table)
-    payload = {"benchmark": "predict-throughput", "command": "vitserve bench predict " + " ".join(argv if argv is not None else sys.argv[1:]),
+    payload = {"benchmark": "predict-throughput", "command": command_line("predict", argv),
                "environment": environment(), "load_average": {"before": load_before, "after": load_average()}, "images": str(args.images),
                "exit_code": code, "engine": run["engine"], "batch_size": b, "accuracy": run.get("accuracy"),
                "rows": [{"what": w, "images": n, "seconds": round(s, 3), "images_per_s": round(n / s, 1)} for w, n, s in rows]}  # fmt: skip
-    written = write_result(f"predict-throughput_{args.artifact.name}", payload, table)
-    print_summary("predict throughput", payload, [(w, f"{n / s:,.0f} img/s") for w, n, s in rows] + [("written", ", ".join(path.name for path in written))])
-    return 0
+    return finish("predict throughput", payload, [(w, f"{n / s:,.0f} img/s") for w, n, s in rows], table=table,
+                  name=f"predict-throughput_{args.artifact.name}")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.common import environment, print_summary, write_result
+from benchmarks.common import command_line, environment, finish
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
 
@@ -109,16 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     table = ("| | images | top-1 agreement |\n|---|---|---|\n" + "\n".join(f"| {k} | {n} | {v:.6f} |" for k, v in pairs.items())
              + "\n\n| protocol | top-1 accuracy against the folder labels |\n|---|---|\n"
              + "\n".join(f"| {k} | {v:.4f} |" for k, v in accuracy.items()))
-    payload = {"benchmark": "protocol_agreement", "command": "vitserve bench protocols " + " ".join(argv if argv is not None else sys.argv[1:]),
+    payload = {"benchmark": "protocol_agreement", "command": command_line("protocols", argv),
                "environment": environment(), "model": model, "engine": info["engine"]["engine"], "images": n,
                "per_request": args.per_request, "agreement": pairs, "accuracy": accuracy}
     print(table)
     rows = [(k, f"{v:.6f} over {n} images") for k, v in pairs.items()] + [(f"accuracy {k}", f"{v:.4f}") for k, v in accuracy.items()]
-    if not args.no_write:
-        j, m = write_result(args.name or f"protocol-agreement_{model}", payload, table)
-        rows.append(("written", f"{j.name}, {m.name}"))
-    print_summary("protocol agreement", payload, rows)
-    return 0
+    return finish("protocol agreement", payload, rows, table=table, name=None if args.no_write else args.name or f"protocol-agreement_{model}")
 
 
 if __name__ == "__main__":

@@ -35,10 +35,26 @@ from urllib.parse import urlparse
 
 import httpx
 
-from benchmarks.common import cpu_snapshot, environment, latency_summary_ms, load_average, other_cpu_load, print_summary, write_result
+from benchmarks.common import command_line, cpu_snapshot, environment, finish, latency_summary_ms, load_average, other_cpu_load
 from benchmarks.photos import Photo, describe, realistic_photos
+from service import metrics
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+# ---- our /metrics: names taken from the metric objects (service/metrics.py), so renaming one there cannot silently
+# empty the figures read here. A histogram's samples add _sum/_count/_bucket to its name; a counter's add _total.
+def _name(metric) -> str:
+    return metric.describe()[0].name
+
+
+REQUEST = _name(metrics.REQUEST_SECONDS)
+DECODE = _name(metrics.DECODE_SECONDS)
+QUEUE_WAIT = _name(metrics.QUEUE_WAIT_SECONDS)
+INFERENCE = _name(metrics.INFERENCE_SECONDS)
+POSTPROCESS = _name(metrics.POSTPROCESS_SECONDS)
+BATCH_SIZE = _name(metrics.BATCH_SIZE)
+REQUESTS_TOTAL = _name(metrics.REQUESTS) + "_total"
 
 
 # ---- requests ----------------------------------------------------------------------------------------------------
@@ -192,6 +208,15 @@ async def scrape(client: httpx.AsyncClient, base: str) -> list | None:
         return None
 
 
+async def scrape_window(client: httpx.AsyncClient, base: str, start: float, end: float, snapshots: dict) -> None:
+    """/metrics and this machine's CPU counters at a measured window's start and end (perf_counter times), into
+    ``snapshots`` (before, cpu_before, after, cpu_after)."""
+    await asyncio.sleep(max(0.0, start - time.perf_counter()))
+    snapshots["before"], snapshots["cpu_before"] = await scrape(client, base), cpu_snapshot()
+    await asyncio.sleep(max(0.0, end - time.perf_counter()))
+    snapshots["after"], snapshots["cpu_after"] = await scrape(client, base), cpu_snapshot()
+
+
 def _delta(before: list, after: list, name: str, **labels: str) -> float:
     return total(after, name, **labels) - total(before, name, **labels)
 
@@ -206,27 +231,27 @@ def _has(samples: list, name: str) -> bool:
 
 
 def stage_breakdown(before: list | None, after: list | None, window_s: float) -> dict:
-    """Means over the window from the server's own histograms. Ours (vitserve_*) where present; BentoML's
+    """Means over the window from the server's own histograms. Ours (service/metrics.py) where present; BentoML's
     adaptive-batching histogram for the peers that have one."""
     if not before or not after:
         return {"available": False}
     ms = lambda v: None if v is None else round(v * 1000, 3)  # noqa: E731
     out: dict = {"available": True}
-    if _has(after, "vitserve_batch_size_count"):
-        inference_sum = _delta(before, after, "vitserve_batch_inference_duration_seconds_sum")
-        batched_images = _delta(before, after, "vitserve_batch_size_sum")
-        batches = _delta(before, after, "vitserve_batch_size_count")
+    if _has(after, f"{BATCH_SIZE}_count"):
+        inference_sum = _delta(before, after, f"{INFERENCE}_sum")
+        batched_images = _delta(before, after, f"{BATCH_SIZE}_sum")
+        batches = _delta(before, after, f"{BATCH_SIZE}_count")
         out.update({
             "source": "vitserve histograms",
             "batches": int(batches),
             "images": int(batched_images),
             "mean_batch_size": round(batched_images / batches, 2) if batches else None,
-            "decode_ms_per_image": ms(_mean(before, after, "vitserve_decode_duration_seconds")),
-            "queue_wait_ms_per_image": ms(_mean(before, after, "vitserve_queue_wait_duration_seconds")),
-            "inference_ms_per_batch": ms(_mean(before, after, "vitserve_batch_inference_duration_seconds")),
+            "decode_ms_per_image": ms(_mean(before, after, DECODE)),
+            "queue_wait_ms_per_image": ms(_mean(before, after, QUEUE_WAIT)),
+            "inference_ms_per_batch": ms(_mean(before, after, INFERENCE)),
             "inference_ms_per_image": ms(inference_sum / batched_images) if batched_images else None,
-            "postprocess_ms_per_request": ms(_mean(before, after, "vitserve_postprocess_duration_seconds")),
-            "server_request_ms": ms(_mean(before, after, "vitserve_request_duration_seconds", status="200")),
+            "postprocess_ms_per_request": ms(_mean(before, after, POSTPROCESS)),
+            "server_request_ms": ms(_mean(before, after, REQUEST, status="200")),
             # Share of the window the engine was computing: below ~1 at saturation means it was starved.
             "engine_busy_fraction": round(inference_sum / window_s, 3) if window_s > 0 else None,
         })
@@ -293,13 +318,7 @@ async def closed_loop(
                 await client.send(bodies[k % len(bodies)], rec)
                 k += concurrency
 
-        async def scraper() -> None:
-            await asyncio.sleep(max(0.0, w_start - time.perf_counter()))
-            snapshots["before"], snapshots["cpu_before"] = await scrape(meta, base), cpu_snapshot()
-            await asyncio.sleep(max(0.0, w_end - time.perf_counter()))
-            snapshots["after"], snapshots["cpu_after"] = await scrape(meta, base), cpu_snapshot()
-
-        await asyncio.gather(scraper(), *(worker(i) for i in range(concurrency)))
+        await asyncio.gather(scrape_window(meta, base, w_start, w_end, snapshots), *(worker(i) for i in range(concurrency)))
     out = {"mode": "closed", "protocol": protocol, "concurrency": concurrency, **summarize(records, (w_start, w_end), latency_from="sent")}
     # Cross-check: with every client always waiting on one request, Little's law gives throughput = clients ÷ mean
     # latency. It does not depend on how completions bunch up at the window's edges (a batch of 16 finishing just
@@ -344,13 +363,7 @@ async def open_loop(
             finally:
                 outstanding -= 1
 
-        async def scraper() -> None:
-            await asyncio.sleep(max(0.0, w_start - time.perf_counter()))
-            snapshots["before"], snapshots["cpu_before"] = await scrape(meta, base), cpu_snapshot()
-            await asyncio.sleep(max(0.0, w_end - time.perf_counter()))
-            snapshots["after"], snapshots["cpu_after"] = await scrape(meta, base), cpu_snapshot()
-
-        scraping = asyncio.create_task(scraper())
+        scraping = asyncio.create_task(scrape_window(meta, base, w_start, w_end, snapshots))
         for i, offset in enumerate(schedule):
             due = t0 + offset
             delay = due - time.perf_counter()
@@ -440,14 +453,23 @@ async def run_load(
         log(f"  {kind} open {rate:6.2f}/s  arrivals {r['achieved_arrival_rps']:6.2f}/s  {r['throughput_images_per_s']:7.2f} img/s  "
             f"p50 {r['latency']['p50_ms']} ms  p99 {r['latency']['p99_ms']} ms  errors {r['errors'] or '-'}")
         opened.append(r)
-    best = max(closed, key=lambda r: r["throughput_images_per_s"]) if closed else None
     return {
         "url": base, "kind": kind, "protocol": protocol, "grpc_target": grpc_target, "answer_check": check,
-        "closed_loop": closed, "open_loop": opened,
-        "saturation": None if best is None else {
-            "images_per_s": best["throughput_images_per_s"], "concurrency": best["concurrency"], "latency": best["latency"],
-        },
+        "closed_loop": closed, "open_loop": opened, "saturation": saturation(closed),
     }
+
+
+def saturation_run(closed: list[dict]) -> dict:
+    """The closed-loop run with the highest throughput: the service at saturation."""
+    return max(closed, key=lambda r: r["throughput_images_per_s"])
+
+
+def saturation(closed: list[dict]) -> dict | None:
+    """What a result records of :func:`saturation_run` (None without closed-loop runs)."""
+    if not closed:
+        return None
+    best = saturation_run(closed)
+    return {"images_per_s": best["throughput_images_per_s"], "concurrency": best["concurrency"], "latency": best["latency"]}
 
 
 def _floats(s: str) -> list[float]:
@@ -499,18 +521,13 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed, protocol=args.protocol, grpc_target=grpc_target,
     ))
     payload = {
-        "benchmark": "service_load", "command": "vitserve bench load " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "benchmark": "service_load", "command": command_line("load", argv),
         "environment": environment(), "load_average": {"before": load_before, "after": load_average()},
         "settings": vars(args), "images": describe(photos), **result,
     }
     rows = [(f"closed c={r['concurrency']}", _row(r)) for r in result["closed_loop"]]
     rows += [(f"open {r['target_rate_rps']}/s", _row(r)) for r in result["open_loop"]]
-    table = load_table(result)
-    if not args.no_write:
-        j, m = write_result(args.name, payload, table)
-        rows.append(("written", f"{j.name}, {m.name}"))
-    print_summary("service load", payload, rows)
-    return 0
+    return finish("service load", payload, rows, table=load_table(result), name=None if args.no_write else args.name)
 
 
 def _row(r: dict) -> str:
