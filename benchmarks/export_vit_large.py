@@ -21,6 +21,7 @@ from pathlib import Path
 from benchmarks.common import environment, write_result
 from benchmarks.models import checkpoint_shape, make_checkpoint
 from finetune.plan import parameter_count
+from service.artifact import MANIFEST_NAME, read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB → GiB (Linux)
     print(proc.stdout)
     print(proc.stderr[-3000:], file=sys.stderr)
-    manifest = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").exists() else {}
+    export_report = read_manifest(out).export_report if (out / MANIFEST_NAME).exists() else {}
     sizes = {f.name: f.stat().st_size for f in out.rglob("*") if f.is_file()} if out.exists() else {}
     payload = {
         "benchmark": "export_vit_large",
@@ -53,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         "export_exit_code": proc.returncode,
         "wall_s": round(wall, 1),
         "peak_rss_gib": round(peak_gib, 2),
-        "stage_timings_s": manifest.get("export_report", {}).get("timings_s"),
-        "cpu_engine": manifest.get("export_report", {}).get("cpu_engine"),
+        "stage_timings_s": export_report.get("timings_s"),
+        "cpu_engine": export_report.get("cpu_engine"),
         # Every candidate the gate measured, shipped or not (parity_report.json keeps the unshipped CPU one).
         "parity": {k.split(" ")[0]: v for k, v in json.loads((out / "parity_report.json").read_text())["engines"].items()}
         if (out / "parity_report.json").exists() else {},
