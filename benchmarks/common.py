@@ -11,17 +11,9 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from service.hardware import cpu_features, cpu_name
+
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 NO_GPU = "no CUDA GPU visible (torch.cuda.is_available() is false)"  # why a GPU-only figure is missing
@@ -57,6 +49,8 @@ def environment() -> dict:
         "git_sha": git_sha(),
         "host": socket.gethostname(),
         "cpu": cpu_name(),
+        # INT8 kernels and their figures differ by instruction set: "AMD EPYC" alone named two different CPUs here.
+        "isa": " ".join(cpu_features()) or "unknown",
         "cpu_count": os.cpu_count(),
         "gpu": gpu_name(),
         "python": platform.python_version(),
@@ -94,7 +88,8 @@ def write_result(name: str, payload: dict, table: str) -> tuple[Path, Path]:
     json_path.write_text(json.dumps(payload, indent=2) + "\n")
     env = payload["environment"]
     md_path.write_text(
-        f"# {name}\n\n{table}\n\n- machine: {env['cpu']} ×{env['cpu_count']}, GPU: {env['gpu'] or 'none'}\n"
+        f"# {name}\n\n{table}\n\n- machine: {env['cpu']} ×{env['cpu_count']} ({env.get('isa', 'ISA not recorded')}), "
+        f"GPU: {env['gpu'] or 'none'}\n"
         f"- versions: {', '.join(f'{k} {v}' for k, v in env['versions'].items() if v)}\n"
         f"- git {env['git_sha']}, {env['date']}\n- command: `{payload.get('command', '')}`\n"
     )
