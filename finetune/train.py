@@ -162,10 +162,10 @@ class RunState:
 
 class Throughput(NamedTuple):
     images: int  # trained on by this rank this epoch
-    since: float  # time.perf_counter() when the epoch began
+    seconds: float  # the epoch's training steps only: validation and saving are not training throughput
 
     def per_second(self, world_size: int) -> float:
-        return self.images * world_size / (time.perf_counter() - self.since)
+        return self.images * world_size / max(self.seconds, 1e-9)
 
 
 # --- the run ------------------------------------------------------------------------------------------------------
@@ -479,7 +479,7 @@ def train_epoch(
             save_training_state(cfg, rt, m, stepper, state)
         if stopping:
             return None
-    return Throughput(images, started)
+    return Throughput(images, time.perf_counter() - started)
 
 
 def train_step(cfg: TrainConfig, rt: runtime.Runtime, m: Model, stepper: Stepper, micro_batches: list) -> float:
