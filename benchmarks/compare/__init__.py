@@ -98,7 +98,7 @@ def _run(args, argv) -> int:
         payload = json.loads(args.from_json.read_text())
         add_verdicts(payload, gpu=bool(payload["environment"]["gpu"]), quiet=(payload.get("validity") or {}).get("before_start"))
         payload["rendered_from_json_at"] = environment()["date"]
-        return report(payload, args.from_json.stem.rsplit("_", 1)[0], write=not args.no_write)
+        return report(payload, args.name or args.from_json.stem.rsplit("_", 1)[0], write=not args.no_write)
     env = environment()
     quiet = wait_until_quiet(args.wait_quiet) if args.wait_quiet > 0 else None
     load_before = load_average()
