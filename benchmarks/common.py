@@ -20,7 +20,7 @@ NO_GPU = "no CUDA GPU visible (torch.cuda.is_available() is false)"  # why a GPU
 
 
 def gpu_name() -> str | None:
-    from service.engines import cuda_available  # the service's own check: benchmarks see what `auto` sees
+    from service.hardware import cuda_available  # the service's own check: benchmarks see what `auto` sees
 
     if not cuda_available():
         return None

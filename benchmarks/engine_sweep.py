@@ -37,7 +37,8 @@ import numpy as np
 from benchmarks.common import NO_GPU, checkpoint_for, command_line, cpu_snapshot, environment, finish, load_average, other_cpu_load, wait_until_quiet
 from benchmarks.models import CONFIGS, checkpoint_shape, vit_flops
 from benchmarks.peers.raw_engine import time_call
-from service.engines import cuda_available, ort_has  # the service's own checks: the sweep sees what `auto` sees
+from service.engines import ort_has  # the service's own checks: the sweep sees what `auto` sees
+from service.hardware import cuda_available
 
 MATMUL_N = 8192  # BF16 (8192×8192)·(8192×8192): large enough to reach a GPU's dense tensor-core rate
 

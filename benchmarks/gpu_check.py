@@ -247,7 +247,7 @@ class Run:
 
     @property
     def cuda(self) -> bool:
-        from service.engines import cuda_available
+        from service.hardware import cuda_available
 
         return cuda_available()
 
@@ -937,7 +937,8 @@ def plain_asgi_app():
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     from service.classifier import Classifier
-    from service.http_api import guard, make_http_app
+    from service.http_api import make_http_app
+    from service.http_guard import guard
     from service.settings import Settings
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

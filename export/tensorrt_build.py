@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from service.engines import cuda_available
+from service.hardware import cuda_available
 
 INSTALL_HINT = (
     "TensorRT is not installed: on a CUDA machine run `pip install tensorrt` (or `pip install 'vitserve[gpu]'`); "

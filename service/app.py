@@ -154,10 +154,10 @@ class VitServe:
 
 
 def _serve_behind_the_guard() -> None:
-    """Every HTTP request meets service.http_api.guard (API key, body size, admission) before BentoML's own
+    """Every HTTP request meets service.http_guard.guard (API key, body size, admission) before BentoML's own
     middlewares (its request metrics, timeout, tracing, context): BentoML offers middlewares only inside those, so the
     app it builds for this service is wrapped where it is built. Refusals under overload then cost a header parse."""
-    from service.http_api import guard
+    from service.http_guard import guard
 
     build = type(VitServe).to_asgi
 

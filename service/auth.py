@@ -80,7 +80,7 @@ class HttpAuth:
         try:
             self.keys.check(header)
         except Unauthenticated as exc:
-            from service.http_api import error_response, protocol_of
+            from service.http_errors import error_response, protocol_of
 
             protocol = protocol_of(path)
             if scope.get("method") == "POST":  # a classification request refused: counted like any other answer

@@ -22,7 +22,7 @@ from service import cpu_budget, hardware, metrics
 from service.admission import Admission, Ticket
 from service.artifact import SpeedCurve, load_artifact
 from service.batcher import Batcher, BatchStats
-from service.engines import cuda_available, select_engine, speed_curve
+from service.engines import select_engine, speed_curve
 from service.errors import EmptyRequest, InvalidParameter, NotReady, ShuttingDown, TooManyImages
 from service.preprocess import Preprocessor
 from service.settings import Settings
@@ -52,7 +52,7 @@ class Classifier:
         self.manifest = self.artifact.manifest
         # One CPU budget (service/cpu_budget.py): how many cores, the engine's and decode's shares, whether they
         # take turns. Planned for the engine `auto` will most likely pick, re-planned if it picked the other kind.
-        self.threads = self._plan(cpu_engine=settings.engine.endswith("-cpu") or (settings.engine == "auto" and not cuda_available()))
+        self.threads = self._plan(cpu_engine=settings.engine.endswith("-cpu") or (settings.engine == "auto" and not hardware.cuda_available()))
         # Checksum, load, and re-check the golden set on this machine (auto skips an engine that fails it).
         self.selection = select_engine(
             self.artifact, settings.engine, intra_op_threads=self.threads.engine_threads,

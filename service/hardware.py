@@ -41,6 +41,16 @@ def cpu_features() -> list[str]:
     return sorted(f for f in INT8_RELEVANT_FLAGS if f in flags)
 
 
+def cuda_available() -> bool:
+    """The one CUDA check in vitserve (engines, tests, benchmarks and export ask this too)."""
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
 def describe(device: str = "cpu") -> dict[str, str]:
     """Where a figure was measured: the CPU and its flags, ONNX Runtime's version, and the GPU for CUDA engines."""
     facts = {"cpu": cpu_name(), "isa": " ".join(cpu_features()) or "unknown", "machine": platform.machine()}
@@ -51,8 +61,6 @@ def describe(device: str = "cpu") -> dict[str, str]:
     except ImportError:
         pass
     if device == "cuda":
-        from service.engines import cuda_available
-
         if cuda_available():  # which imported torch
             import torch
 

@@ -25,9 +25,10 @@ from fastapi.responses import JSONResponse
 from service import metrics, v2
 from service.classifier import Classifier
 from service.errors import InvalidParameter, MalformedRequest, ServiceError
-from service.http_api import TICKET, error_response
+from service.http_errors import V2_HTTP, error_response
+from service.http_guard import TICKET
 
-PROTOCOL = "v2-http"
+PROTOCOL = V2_HTTP
 HEADER_LENGTH = "inference-header-content-length"
 
 

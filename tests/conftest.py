@@ -71,7 +71,7 @@ def photo_bytes() -> list[tuple[str, bytes]]:
 def pytest_collection_modifyitems(config, items):
     import importlib.util
 
-    from service.engines import cuda_available
+    from service.hardware import cuda_available
 
     no_gpu = pytest.mark.skip(reason="needs a CUDA GPU; none is visible (torch.cuda.is_available() is false)")
     no_trt = pytest.mark.skip(reason="needs the tensorrt package and a CUDA GPU")

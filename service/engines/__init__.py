@@ -22,6 +22,7 @@ from typing import Literal
 import numpy as np
 
 from service import hardware
+from service.hardware import cuda_available
 from service.artifact import Artifact, EngineFile, ParityReport, SpeedCurve
 from service.engines.base import Engine
 
@@ -35,16 +36,6 @@ ENGINE_CHOICES: tuple[str, ...] = EngineChoice.__args__  # type: ignore[attr-def
 
 class EngineRefused(RuntimeError):
     """No engine may serve: the chosen one (or, under auto, every one) is unusable or failed the startup check."""
-
-
-def cuda_available() -> bool:
-    """The one CUDA check in vitserve (tests, benchmarks and export ask this too)."""
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
 
 
 def _importable(module: str) -> bool:

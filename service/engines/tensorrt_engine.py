@@ -19,7 +19,7 @@ class TensorRTEngine(Engine):
         import tensorrt as trt
         import torch
 
-        from service.engines import cuda_available
+        from service.hardware import cuda_available
 
         if not cuda_available():
             raise RuntimeError("the TensorRT engine needs a CUDA GPU")

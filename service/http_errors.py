@@ -1,0 +1,26 @@
+"""The one way an HTTP front-end answers an error: status and headers from ``service.errors``' table, the body in
+the shape of the request's protocol (our JSON API's, or KServe v2's ``{"error": "..."}``)."""
+
+from __future__ import annotations
+
+from fastapi.responses import JSONResponse
+
+from service.errors import ShuttingDown, error_body, error_headers, http_status, v2_error_body
+
+JSON_API = "http"  # the metrics' protocol label of our JSON API
+V2_HTTP = "v2-http"  # ... and of KServe v2 over HTTP
+
+
+def protocol_of(path: str) -> str:
+    """Which protocol an HTTP path belongs to, for the metrics' protocol label."""
+    return V2_HTTP if path == "/v2" or path.startswith("/v2/") else JSON_API
+
+
+def error_response(exc: BaseException, protocol: str = JSON_API) -> JSONResponse:
+    """The one way an HTTP front-end answers an error: status and headers from the error table, the body in the
+    shape of the request's protocol (ours or KServe v2's)."""
+    body = v2_error_body if protocol == V2_HTTP else error_body
+    headers = error_headers(exc)
+    if isinstance(exc, ShuttingDown):
+        headers["Connection"] = "close"  # reconnect (to another replica), don't reuse this one
+    return JSONResponse(body(exc), status_code=http_status(exc), headers=headers)
