@@ -162,7 +162,7 @@ class RunState:
 
 class Throughput(NamedTuple):
     images: int  # trained on by this rank this epoch
-    seconds: float  # the epoch's training steps only: validation and saving are not training throughput
+    seconds: float  # the epoch's training steps only: validation and saving the state are not training throughput
 
     def per_second(self, world_size: int) -> float:
         return self.images * world_size / max(self.seconds, 1e-9)
@@ -461,7 +461,7 @@ def train_epoch(
     loaders.sampler.set_epoch(epoch, start=state.progress["batch"] * loaders.micro)
     batches = iter(loaders.train)
     bar.set_description(f"epoch {epoch + 1}/{cfg.epochs}")
-    started, images, window = time.perf_counter(), 0, (time.perf_counter(), 0)
+    started, images, saving, window = time.perf_counter(), 0, 0.0, (time.perf_counter(), 0)
     while group := list(itertools.islice(batches, loaders.accum)):
         loss = train_step(cfg, rt, m, stepper, group)
         if not math.isfinite(loss):
@@ -476,10 +476,12 @@ def train_epoch(
         window = show_progress(bar, rt, loss, lr, n, window)
         stopping = rt.any(stop["requested"])
         if stopping or (cfg.save_every_steps and state.progress["step"] % cfg.save_every_steps == 0):
+            t = time.perf_counter()
             save_training_state(cfg, rt, m, stepper, state)
+            saving += time.perf_counter() - t
         if stopping:
             return None
-    return Throughput(images, time.perf_counter() - started)
+    return Throughput(images, time.perf_counter() - started - saving)
 
 
 def train_step(cfg: TrainConfig, rt: runtime.Runtime, m: Model, stepper: Stepper, micro_batches: list) -> float:

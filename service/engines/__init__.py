@@ -146,15 +146,15 @@ def speed_curve(engine: Engine, pixels: np.ndarray, max_batch: int, min_seconds:
     export timed on, leaving out batch sizes whose one call would take over ``max_call_s`` (ViT-L on a CPU: seconds).
 
     The sizes are timed in interleaved rounds (b1, b4, ..., b32, b1, ...), not one after another: on a shared machine
-    a burst of other work then slows every size alike instead of one size's whole slot, which had made startup pick
-    batch 1 (90 img/s) over batches that ran 400-650 img/s."""
+    a burst of other work then slows every size alike instead of one size's whole slot (one after another, bursts made
+    startup pick batch 16 over 32 in 3 of 8 tries on the demo engine, and batch 1 over 4-32 once). The next size's call
+    time is projected from the fastest per-image time seen so far, which a burst cannot inflate unless it hits every
+    size measured."""
     batches = {b: pixels[np.arange(b) % len(pixels)] for b in sorted({min(b, max_batch) for b in SPEED_BATCHES})}
     times: dict[int, list[float]] = {}
     for b, x in batches.items():
-        if max_call_s is not None and times:
-            largest = max(times)
-            if b / largest * float(np.median(times[largest])) > max_call_s:
-                break
+        if max_call_s is not None and times and b * min(t[0] / n for n, t in times.items()) > max_call_s:
+            break
         engine.run(x)  # warm-up: first calls allocate and pick kernels
         times[b] = [_timed(engine, x)]
     start = time.perf_counter()
