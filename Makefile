@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: serve test install data clients protos demo-model demo-artifact bench overload bento gpu-check gpu-wheels clean
+.PHONY: serve test install data clients perf-analyzer protos demo-model demo-artifact bench overload bento gpu-check gpu-wheels clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,18 @@ $(CLIENT_VENV)/bin/.installed:
 
 clients: $(CLIENT_VENV)/bin/.installed
 
+# Triton's load tool, perf_analyzer, ships in the tritonclient[all] 2.40 wheel (later wheels dropped it); it links
+# libcudart.so.12 even against a CPU server (the nvidia-cuda-runtime-cu12 wheel has it) and Debian's libb64-0d
+# (make data). tests/test_perf_analyzer.py runs it unchanged against the service.
+PERF_VENV ?= .venv-perf
+$(PERF_VENV)/bin/.installed:
+	$(PYTHON) -m venv $(PERF_VENV)
+	$(PERF_VENV)/bin/python -m pip install -q --upgrade pip
+	$(PERF_VENV)/bin/python -m pip install -q 'tritonclient[all]==2.40.0' nvidia-cuda-runtime-cu12
+	touch $@
+
+perf-analyzer: $(PERF_VENV)/bin/.installed
+
 # The committed gRPC stubs, regenerated from service/protos/*.proto (tests/test_grpc.py checks they match).
 protos: install
 	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. \
@@ -35,10 +47,11 @@ protos: install
 	rm -f service/protos/model_config_pb2_grpc.py
 
 # Debian packages the tests use: real data for the fine-tune tests and the demo model (dataset-fashion-mnist, MIT
-# licensed), and qemu-user, whose qemu-x86_64 runs the INT8 engines on an emulated AVX2 CPU (tests/test_int8.py).
-APT_TEST_PACKAGES := dataset-fashion-mnist qemu-user
+# licensed), qemu-user, whose qemu-x86_64 runs the INT8 engines on an emulated AVX2 CPU (tests/test_int8.py), and
+# libb64-0d, which perf_analyzer links (tests/test_perf_analyzer.py).
+APT_TEST_PACKAGES := dataset-fashion-mnist qemu-user libb64-0d
 data:
-	@if [ ! -f $(FASHION_MNIST) ] || ! command -v qemu-x86_64 >/dev/null; then \
+	@if [ ! -f $(FASHION_MNIST) ] || ! command -v qemu-x86_64 >/dev/null || [ ! -e /usr/lib/x86_64-linux-gnu/libb64.so.0d ]; then \
 	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_TEST_PACKAGES) >/dev/null; \
 	  else echo "note: install Debian's $(APT_TEST_PACKAGES) for the Fashion-MNIST and cross-CPU tests (they skip without them)"; fi; \
@@ -47,7 +60,7 @@ data:
 serve: install
 	BENTOML_DO_NOT_TRACK=True $(BIN)/vitserve serve
 
-test: install data clients
+test: install data clients perf-analyzer
 	BENTOML_DO_NOT_TRACK=True $(BIN)/python -m pytest
 
 # Rebuild the embedded demo model from Fashion-MNIST: the exact recipe (README "The demo model"), ~12 min on

@@ -27,6 +27,7 @@ SUBCOMMANDS = {
     "protocols": ("benchmarks.protocol_agreement", "every image of a labelled folder over /classify, KServe v2 HTTP and gRPC: same answers?"),
     "decode": ("benchmarks.decode", "JPEG draft margins: decode ms/image at 640x480 to 4000x3000 against parity"),
     "int8": ("benchmarks.int8_schemes", "old vs saturation-free INT8 schemes: speed by batch and parity (optionally on emulated AVX2)"),
+    "front-door": ("benchmarks.front_door", "every protocol at c=16 against raw serial decode + engine: img/s, p99, server CPU per image"),
     "overload": ("benchmarks.overload", "1x, 2x, 5x saturation: goodput, accepted p99, refusals, unanswered requests, RSS"),
     "gpu-check": ("benchmarks.gpu_check", "the GPU path proven in one prepared run (<= 9 min): engines, GPU tests, memory, decode, service; --dry-run on CPU"),
     "predict": ("benchmarks.predict_throughput", "vitserve predict against the raw engine on one folder: img/s of each"),

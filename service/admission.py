@@ -9,6 +9,11 @@ read yet counts as the mean images per request until it is), images decoding, qu
    at most once per bound's length of time; answers in between change nothing. So the limit settles where answers
    take 3/4 to all of the bound: enough queued to fill batches, not more, and few answers over the bound. No model of the stages is needed:
    it holds whether the engine, decoding or HTTP parsing is the bottleneck.
+   **The limit never falls below two full batches** (``2 × max_batch`` images): that much work is what a batching
+   server needs in the building to keep its engine at its best batch while the next batch is decoded, so closed-loop
+   clients up to twice the maximum batch are always all served. Without the floor the limit learned from a bound of
+   3 × unloaded settled at 3-9 images on the demo model (best batch 32): most of a busy client pool was refused,
+   and each refusal cost CPU that answers needed.
 2. **The client's deadline** (``X-Vitserve-Timeout-Ms``, Envoy's ``x-envoy-expected-rq-timeout-ms``, or the gRPC
    deadline; capped by ``request_timeout_s``): refused at once if the predicted time to answer exceeds it, by
    Little's law from the measured answer rate: ``predicted = unloaded + (work ahead + its images - 1) / throughput``.
@@ -18,10 +23,11 @@ When the loop itself is the bottleneck (HTTP parsing of a small model's requests
 see. So the door measures the loop's lag (how late a 10 ms timer fires) and counts a request's lag at admission as
 part of its time to answer, in the limit's learning and in the predictions.
 
-The latency bound is ``VITSERVE_MAX_LATENCY_MS``, or unset: max(3 × unloaded, unloaded + one full batch's engine
-time), where unloaded is measured on requests answered with nothing ahead of them: accepted requests stay within a
-small multiple of the unloaded latency, and a batching engine still has a batch's worth of room. An empty service
-always admits, so the measurements never stop.
+The latency bound is ``VITSERVE_MAX_LATENCY_MS``, or unset: max(3 × unloaded, unloaded + the time two full batches
+take at the measured answer rate), where unloaded is measured on requests answered with nothing ahead of them: what
+saturation itself costs (the floor's work, answered at the rate the service has shown), or a small multiple of the
+unloaded latency where that is more. Until a rate is measured, the engine's own full-batch time stands in for it.
+An empty service always admits, so the measurements never stop.
 
 A refusal is ``Overloaded`` (429 / RESOURCE_EXHAUSTED) at once, with a Retry-After from the measured answer rate.
 Nothing of a refused request is read, decoded or queued, so shedding costs a header parse; and nothing admitted is
@@ -74,9 +80,8 @@ class Admission:
         self.full_batch_s = full_batch_s
         self.request_timeout_s = request_timeout_s
         self.fixed_bound_s = max_latency_s
-        # A generous start (what the engine alone could answer within the bound, at least two full batches), so the
-        # first bursts queue; answers over the bound bring it down within a second of sustained overload.
-        self.limit = max(2.0 * max_batch, self.bound_s * max_batch / max(full_batch_s, 1e-6))
+        self.max_batch = max_batch
+        self.floor = 2.0 * max_batch  # what a batching engine needs in the building (see the module's docstring)
         self.work = 0.0  # images in the building, estimates included
         self.reading = 0.0  # of which: requests whose image count is not known yet
         self.requests = 0
@@ -87,6 +92,9 @@ class Admission:
         self._last = time.monotonic()
         self._last_backoff = 0.0
         self.loop_lag_s = 0.0  # how late the event loop runs ready callbacks now (watch_loop keeps it current)
+        # A generous start (what the engine alone could answer within the bound, at least the floor), so the first
+        # bursts queue; answers over the bound bring it down to the floor within a second of sustained overload.
+        self.limit = max(self.floor, self.bound_s * max_batch / max(full_batch_s, 1e-6))
 
     # ---- the estimates --------------------------------------------------------------------------------------------
     @property
@@ -98,7 +106,8 @@ class Admission:
     def bound_s(self) -> float:
         if self.fixed_bound_s is not None:
             return self.fixed_bound_s
-        return max(BOUND_OVER_UNLOADED * self.unloaded_s, self.unloaded_s + self.full_batch_s)
+        rate = self.throughput or self.max_batch / max(self.full_batch_s, 1e-6)
+        return max(BOUND_OVER_UNLOADED * self.unloaded_s, self.unloaded_s + 2 * self.max_batch / rate)
 
     def predict(self, images: float) -> float:
         x = self.throughput
@@ -109,8 +118,8 @@ class Admission:
         return {
             "rule": "admit while work + images <= limit (AIMD on the latency bound) and the predicted time fits the client's deadline",
             "bound_ms": round(self.bound_s * 1000, 2),
-            "bound_from": "VITSERVE_MAX_LATENCY_MS" if self.fixed_bound_s is not None else "max(3 x unloaded, unloaded + full batch)",
-            "limit_images": round(self.limit, 2), "work_in_flight_images": round(self.work, 1),
+            "bound_from": "VITSERVE_MAX_LATENCY_MS" if self.fixed_bound_s is not None else "max(3 x unloaded, unloaded + two full batches at the measured rate)",
+            "limit_images": round(self.limit, 2), "limit_floor_images": self.floor, "work_in_flight_images": round(self.work, 1),
             "unloaded_ms": round(self.unloaded_s * 1000, 2), "full_batch_ms": round(self.full_batch_s * 1000, 2),
             "throughput_images_per_s": None if x is None else round(x, 1), "event_loop_lag_ms": round(self.loop_lag_s * 1000, 2),
         }
@@ -139,7 +148,6 @@ class Admission:
         self.work += estimate
         self.reading += estimate
         self.requests += 1
-        self._gauges()
         return ticket
 
     def settle(self, ticket: Ticket, images: int) -> None:
@@ -152,7 +160,6 @@ class Admission:
         ticket.images, ticket.settled = float(images), True
         if images:
             self.images_per_request += EWMA * (images - self.images_per_request)
-        self._gauges()
 
     def release(self, ticket: Ticket, *, answered: bool) -> None:
         """The request is answered (``answered``: with a result) or abandoned; its work leaves the building."""
@@ -169,7 +176,6 @@ class Admission:
             took = now - ticket.admitted_at + ticket.waited_s
             self._learn(now, ticket, took)
             metrics.ADMISSION_PREDICTION_RATIO.observe(took / ticket.predicted_s)
-        self._gauges()
 
     # ---- learning -------------------------------------------------------------------------------------------------
     def _learn(self, now: float, ticket: Ticket, took: float) -> None:
@@ -178,7 +184,7 @@ class Admission:
             self.unloaded_s += EWMA * (took - self.unloaded_s)
         if took > self.bound_s:
             if now - self._last_backoff >= self.bound_s:  # once per round: one slow batch is one signal, not many
-                self.limit = max(1.0, self.limit * BACKOFF)
+                self.limit = max(self.floor, self.limit * BACKOFF)
                 self._last_backoff = now
         elif took <= GROW_BELOW * self.bound_s and ticket.limited:
             self.limit += ticket.images / self.limit
@@ -187,16 +193,21 @@ class Admission:
             self._samples.append(self._done_images / self._busy_s)
             self._busy_s = self._done_images = 0.0
 
-    async def watch_loop(self, every_s: float = 0.01) -> None:
-        """Keep ``loop_lag_s`` current: how late a timer on this loop fires (an EWMA), for as long as the loop runs."""
+    async def watch_loop(self, every_s: float = 0.01, gauges_every: int = 10) -> None:
+        """Keep ``loop_lag_s`` current: how late a timer on this loop fires (an EWMA), for as long as the loop runs; and
+        publish the door's gauges every ``gauges_every`` ticks. (Sampled rather than written on every admit/release:
+        in multiprocess mode each gauge write is a locked mmap write, four per decision, paid by refusals too.)"""
         import asyncio
 
         loop = asyncio.get_running_loop()
+        tick = 0
         while True:
             t = loop.time()
             await asyncio.sleep(every_s)
             self.loop_lag_s += EWMA * (max(0.0, loop.time() - t - every_s) - self.loop_lag_s)
-            metrics.EVENT_LOOP_LAG_SECONDS.set(self.loop_lag_s)
+            tick += 1
+            if tick % gauges_every == 0:
+                self._gauges()
 
     def _retry_after_s(self) -> float:
         """Seconds until the work ahead has drained below the limit, at the measured rate (at least 1: HTTP's unit)."""
@@ -209,6 +220,7 @@ class Admission:
         self._last = now
 
     def _gauges(self) -> None:
+        metrics.EVENT_LOOP_LAG_SECONDS.set(self.loop_lag_s)
         metrics.WORK_IN_FLIGHT.labels(stage="reading").set(max(0.0, self.reading))
         metrics.ADMISSION_THROUGHPUT.set(self.throughput or 0.0)
         metrics.ADMISSION_BOUND_SECONDS.set(self.bound_s)

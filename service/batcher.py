@@ -136,7 +136,7 @@ class Batcher:
         self.hooks.queue_depth(len(self._pending))
         self._wake.set()
         try:
-            results = await asyncio.gather(*(it.future for it in items))
+            results = [await items[0].future] if n == 1 else await asyncio.gather(*(it.future for it in items))
         except BaseException:
             for it in items:  # the caller gave up (or one image failed): don't compute the rest
                 if not it.future.done():

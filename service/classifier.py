@@ -227,10 +227,13 @@ class Classifier:
             self.batcher.expect(len(images))  # a batch about to close waits (briefly) for these
             self._decoding(len(images))
             try:
-                decoded = await asyncio.gather(
-                    *(loop.run_in_executor(self._decode_pool, self.decode, b, i) for i, b in enumerate(images)),
-                    return_exceptions=True,
-                )
+                if len(images) == 1:  # most requests: one thread hop, without gather's task and future around it
+                    decoded = [await loop.run_in_executor(self._decode_pool, self.decode, images[0], 0)]
+                else:
+                    decoded = await asyncio.gather(
+                        *(loop.run_in_executor(self._decode_pool, self.decode, b, i) for i, b in enumerate(images)),
+                        return_exceptions=True,
+                    )
             finally:
                 self._decoding(-len(images))
                 self.batcher.expect(-len(images))  # no await between this and submit(): the batch cannot close in between

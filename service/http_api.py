@@ -1,31 +1,26 @@
-"""Our JSON API over HTTP: multipart and base64-JSON `POST /classify`, `GET /info`, OpenAPI — rendering only.
+"""Our HTTP app beside the inference routes: `GET /info`, the KServe v2 metadata routes, and the OpenAPI document that
+describes every route, the inference ones included.
 
-All the work happens in :class:`service.classifier.Classifier`; errors are rendered from ``service.errors``' table.
-The app also carries the KServe v2 routes (``service.v2_http_api``) and is mounted into the BentoML service at "/",
-where BentoML keeps /metrics, /livez and /readyz.
+The inference routes themselves (`POST /classify`, `/classify/base64`, `/v2/models/{name}/infer`) run in front of
+BentoML's middleware stack (service/http_inference.py). This app is mounted into the BentoML service at "/", where
+BentoML keeps /metrics, /livez and /readyz; errors are rendered from ``service.errors``' table.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import time
 from collections.abc import Callable
-from typing import Annotated
 
-from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service import metrics, topk
-from service.classifier import Classification, Classifier
-from service.errors import STATUS_BY_TYPE, EmptyRequest, InvalidParameter, ServiceError, UnsupportedImage, from_framework
-from service.http_errors import JSON_API, error_response, protocol_of
-from service.http_guard import TICKET
-
-PROTOCOL = JSON_API
+from service import metrics
+from service.classifier import Classifier
+from service.errors import STATUS_BY_TYPE, InvalidParameter, ServiceError, from_framework
+from service.http_errors import error_response, protocol_of
 
 
 class Prediction(BaseModel):
@@ -60,23 +55,6 @@ class Base64Request(BaseModel):
     top_k: int | None = Field(None, description="predictions per image (default 5)")
 
 
-_ERROR_RESPONSES = {
-    status: {"model": ErrorResponse, "description": ", ".join(sorted(e.type for e, s in STATUS_BY_TYPE.items() if s == status))}
-    for status in sorted(set(STATUS_BY_TYPE.values()))
-}
-
-
-def render(p: topk.Prediction) -> dict:
-    return {"label": p.label, "index": p.index, "score": p.score}
-
-
-def timing_headers(result: Classification, total_s: float) -> dict[str, str]:
-    h = {f"X-Vitserve-{k.capitalize()}-Ms": f"{v:.2f}" for k, v in result.timings_ms.items()}
-    h["X-Vitserve-Total-Ms"] = f"{total_s * 1000:.2f}"
-    h["X-Vitserve-Batch-Size"] = str(result.batch_size)
-    h["X-Vitserve-Batch-Id"] = ",".join(map(str, result.batch_ids))  # which engine batch served each image
-    return h
-
 
 def create_app(get_classifier: Callable[[], Classifier]) -> FastAPI:
     app = FastAPI(
@@ -89,74 +67,62 @@ def create_app(get_classifier: Callable[[], Classifier]) -> FastAPI:
         redoc_url=None,
     )
 
-    add_classify_routes(app, get_classifier)
-
     @app.get("/info", summary="The model, its labels, preprocessing, engine and limits")
     async def info() -> dict:
         return describe(get_classifier())
 
     add_error_handlers(app)
+    app.openapi = lambda: app.openapi_schema or _with_inference_routes(app)
     return app
 
 
-def add_classify_routes(app: FastAPI, get_classifier: Callable[[], Classifier]) -> None:
-    """`POST /classify` (multipart) and `/classify/base64` (JSON): two ways in, one `respond`."""
+def _ref(model: type[BaseModel]) -> dict:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
 
-    async def respond(request: Request, images_source, top_k: int | None) -> JSONResponse:
-        start = time.perf_counter()
-        clf = get_classifier()
-        ticket = getattr(request.state, TICKET, None)
-        with metrics.accounted(PROTOCOL) as outcome:
-            try:
-                images = await images_source(clf, ticket)
-                result = await clf.classify(images, top_k, protocol=PROTOCOL, ticket=ticket)
-            except ServiceError as exc:
-                outcome.fail(exc)
-                return error_response(exc)
-        m = clf.manifest.model
-        body = {
-            "model": m.name,
-            "version": m.version,
-            "predictions": [{"top1": render(top[0]), "top5": [render(p) for p in top]} for top in result.top],
-        }
-        return JSONResponse(body, headers=timing_headers(result, time.perf_counter() - start))
 
-    @app.post(
-        "/classify",
-        response_model=ClassifyResponse,
-        responses=_ERROR_RESPONSES,
-        summary="Classify images sent as multipart parts named `images`",
-    )
-    async def classify_multipart(
-        request: Request,
-        images: Annotated[list[UploadFile], File(description="one or more image files")] = [],  # noqa: B006
-        top_k: Annotated[int | None, Query(description="predictions per image (default 5)")] = None,
-        top_k_form: Annotated[int | None, Form(alias="top_k", description="top_k as a form field instead")] = None,
-    ) -> JSONResponse:
-        async def read(clf: Classifier, ticket) -> list[bytes]:
-            clf.check_request(len(images), top_k if top_k is not None else top_k_form, ticket)
-            return [await f.read() for f in images]
-
-        return await respond(request, read, top_k if top_k is not None else top_k_form)
-
-    @app.post(
-        "/classify/base64",
-        response_model=ClassifyResponse,
-        responses=_ERROR_RESPONSES,
-        summary="Classify base64-encoded images sent as JSON",
-    )
-    async def classify_base64(request: Request, body: Base64Request) -> JSONResponse:
-        async def decode(clf: Classifier, ticket) -> list[bytes]:
-            clf.check_request(len(body.images), body.top_k, ticket)
-            out = []
-            for i, s in enumerate(body.images):
-                try:
-                    out.append(base64.b64decode(s, validate=True))
-                except (binascii.Error, ValueError):
-                    raise UnsupportedImage(f"image {i} is not valid base64", index=i) from None
-            return out
-
-        return await respond(request, decode, body.top_k)
+def _with_inference_routes(app: FastAPI) -> dict:
+    """FastAPI's document for the routes it serves, plus the inference routes, which run outside it
+    (service/http_inference.py) and are described here from the same response models."""
+    spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+    for model in (ClassifyResponse, ErrorResponse, Base64Request):
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+    errors = {
+        str(status): {"description": ", ".join(sorted(e.type for e, s in STATUS_BY_TYPE.items() if s == status)),
+                      "content": {"application/json": {"schema": _ref(ErrorResponse)}}}
+        for status in sorted(set(STATUS_BY_TYPE.values()))
+    }
+    ok = {"200": {"description": "the top_k best predictions per image, in request order",
+                  "content": {"application/json": {"schema": _ref(ClassifyResponse)}}}}
+    top_k = {"name": "top_k", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1},
+             "description": "predictions per image (default 5)"}
+    binary = {"type": "string", "format": "binary"}
+    form = {"type": "object", "required": ["images"], "properties": {
+        "images": {"type": "array", "items": binary, "description": "one or more image files"},
+        "top_k": {"type": "integer", "description": "top_k as a form field instead of the query"}}}
+    spec["paths"]["/classify"] = {"post": {
+        "summary": "Classify images: multipart parts named `images`, or one image as the whole body",
+        "parameters": [top_k],
+        "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": form}, "image/*": {"schema": binary}}},
+        "responses": {**ok, **errors}}}
+    spec["paths"]["/classify/base64"] = {"post": {
+        "summary": "Classify base64-encoded images sent as JSON",
+        "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(Base64Request)}}},
+        "responses": {**ok, **errors}}}
+    spec["paths"]["/v2/models/{model_name}/infer"] = {"post": {
+        "summary": "KServe v2 inference: JSON tensors, or Triton's binary tensor extension "
+                   "(Inference-Header-Content-Length); inputs 'image' (BYTES [N]) or 'pixel_values' (FP32 [N, 3, H, W])",
+        "tags": ["KServe v2 / Open Inference Protocol"],
+        "parameters": [{"name": "model_name", "in": "path", "required": True, "schema": {"type": "string"}}],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}},
+                                                      "application/octet-stream": {"schema": binary}}},
+        "responses": {"200": {"description": "output tensors"},
+                      **{k: {**v, "content": {"application/json": {"schema": {"type": "object", "properties": {"error": {"type": "string"}}}}}}
+                         for k, v in errors.items()}}}}
+    app.openapi_schema = spec
+    return spec
 
 
 def describe(clf: Classifier) -> dict:
@@ -194,12 +160,12 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        # Raised outside respond(): the body limit tripping while FastAPI reads the form.
+        # The body limit (service/http_guard.py) tripping on a route that reads a body.
         return framework_answer(request, exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def framework_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        # FastAPI turns any exception raised while reading a form into a bare 400; our body limit's
+        # FastAPI turns an exception raised while reading a body into a bare 400; our body limit's
         # PayloadTooLarge travels as its __cause__ and keeps its own status.
         return framework_answer(request, from_framework(exc.status_code, str(exc.detail), exc.__cause__))
 
@@ -210,8 +176,6 @@ def add_error_handlers(app: FastAPI) -> None:
         err: ServiceError = InvalidParameter(f"{where or 'request'}: {first.get('msg', 'invalid request')}")
         if first.get("type") == "json_invalid":
             err = InvalidParameter(f"request body is not valid JSON: {first.get('msg', '')}")
-        if where.startswith("images") and first.get("type") == "missing":
-            err = EmptyRequest("no images in the request (multipart field 'images')")
         return framework_answer(request, err)
 
 

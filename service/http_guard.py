@@ -1,5 +1,5 @@
-"""What every HTTP request meets first, before BentoML's middlewares and our routes: the API key, the body limit,
-and the door's admission (service/admission.py); then a JSON 404 for paths no route matches."""
+"""What every HTTP request meets first, before BentoML's middlewares and our routes: the API key, the inference routes
+(service/http_inference.py, with the door's admission), the body limit; then a JSON 404 for paths no route matches."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
-from service.errors import InvalidParameter, NotFound, PayloadTooLarge, ServiceError
+from service.errors import InvalidParameter, NotFound, PayloadTooLarge
 from service.http_errors import error_response, protocol_of
 
 if TYPE_CHECKING:
@@ -50,7 +50,6 @@ class BodyLimit:
 
 
 TIMEOUT_HEADERS = (b"x-vitserve-timeout-ms", b"x-envoy-expected-rq-timeout-ms")  # ours, and what Envoy/Istio send upstream
-TICKET = "vitserve_admission"  # where the door leaves a request's admission ticket (scope["state"], i.e. request.state)
 
 
 def client_timeout_s(headers: list[tuple[bytes, bytes]]) -> float | None:
@@ -67,50 +66,6 @@ def client_timeout_s(headers: list[tuple[bytes, bytes]]) -> float | None:
                 raise InvalidParameter(f"{name.decode()} must be positive, got {ms:g}")
             return ms / 1000
     return None
-
-
-class Door:
-    """Admission for every HTTP inference route, before a byte of the body is read (service/admission.py): refused
-    requests get 429 + Retry-After (503 while loading or draining) at once; admitted ones carry their ticket to the
-    handler and give their work back when the answer has been sent."""
-
-    def __init__(self, app: ASGIApp, get_classifier: Callable[[], Classifier], protocol_of: Callable[[str], str]):
-        self.app, self.get_classifier, self.protocol_of = app, get_classifier, protocol_of
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or not is_inference_path(scope["path"]):
-            return await self.app(scope, receive, send)
-        protocol = self.protocol_of(scope["path"])
-        clf = self.get_classifier()
-        try:
-            clf.check_accepting()
-            ticket = clf.admission.admit(protocol, client_timeout_s=client_timeout_s(scope["headers"]))
-        except ServiceError as exc:
-            metrics.record_outcome(protocol, exc, 0.0)
-            response = error_response(exc, protocol)
-            if response.headers.get("connection") == "close":
-                # Closing a socket with unread bytes in it resets the connection, and the client may never see the
-                # answer: read (and drop) the body first. Only a draining replica closes; a 429 keeps the connection.
-                while (await receive()).get("more_body"):
-                    pass
-            return await response(scope, receive, send)
-        scope.setdefault("state", {})[TICKET] = ticket
-        status = 0
-
-        async def sending(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, sending)
-        finally:
-            clf.admission.release(ticket, answered=status == 200)
-
-
-def is_inference_path(path: str) -> bool:
-    return path in ("/classify", "/classify/base64") or (path.startswith("/v2/models/") and path.endswith("/infer"))
 
 
 class JsonNotFound:
@@ -143,13 +98,15 @@ class JsonNotFound:
 
 
 def guard(app: ASGIApp, get_classifier: Callable[[], Classifier], settings) -> ASGIApp:
-    """What every HTTP request meets first, cheapest refusals first: the API key (when keys are set), the declared
-    body size, then the door's admission. Wrapped around the *whole* server app (BentoML's middlewares included), so
-    a refused request costs a header parse and none of the stack behind it: under overload on a model whose HTTP
-    handling is the bottleneck, refusals are most of the traffic."""
+    """What every HTTP request meets first, cheapest refusals first: the API key (when keys are set), then either the
+    inference routes (service/http_inference.py: body size, the door's admission, the whole request) or, for every
+    other path, the body limit and BentoML's app with our JSON 404. Wrapped around the *whole* server app (BentoML's
+    middlewares included), so an inference request costs none of the stack behind it, and a refused one a header
+    parse: under overload on a model whose HTTP handling is the bottleneck, refusals are most of the traffic."""
     from service.auth import ApiKeys, HttpAuth
+    from service.http_inference import InferenceRoutes
 
-    inner = BodyLimit(Door(JsonNotFound(app), get_classifier, protocol_of), max_bytes=lambda: settings.max_body_bytes,
-                      protocol_of=protocol_of)
+    rest = BodyLimit(JsonNotFound(app), max_bytes=lambda: settings.max_body_bytes, protocol_of=protocol_of)
+    inner = InferenceRoutes(rest, get_classifier, settings.max_body_bytes)
     keys = ApiKeys(settings.keys)
     return HttpAuth(inner, keys=keys, metrics_open=settings.metrics_public) if keys.enabled else inner

@@ -109,7 +109,7 @@ def record_outcome(protocol: str, error: BaseException | None, seconds: float) -
     """One answered (or abandoned) request: every protocol and every error path ends here."""
     if error is None:
         status = "200"
-    elif isinstance(error, (GeneratorExit, KeyboardInterrupt)) or type(error).__name__ == "CancelledError":
+    elif isinstance(error, (GeneratorExit, KeyboardInterrupt, ConnectionError)) or type(error).__name__ == "CancelledError":
         status = CLIENT_CLOSED
     else:
         status = str(http_status(error))

@@ -126,7 +126,7 @@ class Model:
         h, w = clf.input_size
         self.labels = m.labels
         self.inputs = [
-            {"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]},
+            {"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1, 1]},  # as the config says: [batch] + dims [1]
             {"name": PIXELS_INPUT, "datatype": "FP32", "shape": [-1, 3, h, w]},
         ]
         self.outputs = [{"name": PROBABILITIES_OUTPUT, "datatype": "FP32", "shape": [-1, len(m.labels)]}]
@@ -150,15 +150,17 @@ class Model:
 
     def config(self) -> dict:
         """Triton's model configuration (its JSON form), which perf_analyzer and tritonclient's get_model_config read.
-        max_batch_size > 0 means dims exclude the batch dimension; "image" is one element per batch entry."""
+        max_batch_size > 0 means dims exclude the batch dimension; "image" is one element per batch entry. Both inputs
+        are ``optional``: a request carries exactly one of them, and generic clients (perf_analyzer) demand data for
+        every input that is not marked optional ("missing tensor pixel_values")."""
         h, w = self.clf.input_size
         return {
             "name": self.name,
             "platform": PLATFORM,
             "max_batch_size": self.clf.settings.max_images_per_request,
             "input": [
-                {"name": IMAGE_INPUT, "data_type": "TYPE_STRING", "dims": ["1"], "reshape": {"shape": []}},
-                {"name": PIXELS_INPUT, "data_type": "TYPE_FP32", "dims": ["3", str(h), str(w)]},
+                {"name": IMAGE_INPUT, "data_type": "TYPE_STRING", "dims": ["1"], "reshape": {"shape": []}, "optional": True},
+                {"name": PIXELS_INPUT, "data_type": "TYPE_FP32", "dims": ["3", str(h), str(w)], "optional": True},
             ],
             "output": [{"name": PROBABILITIES_OUTPUT, "data_type": "TYPE_FP32", "dims": [str(len(self.labels))]}],
             "parameters": {k: {"string_value": v} for k, v in self.parameters.items()},

@@ -5,7 +5,8 @@
     GET  /v2/models/{name}[/versions/{v}]               model metadata: tensors, dtypes, shapes, parameters
     GET  /v2/models/{name}[/versions/{v}]/ready         200 / 400
     GET  /v2/models/{name}[/versions/{v}]/config        Triton's model configuration (tritonclient, perf_analyzer)
-    POST /v2/models/{name}[/versions/{v}]/infer         JSON tensors, and Triton's binary tensor data extension
+    POST /v2/models/{name}[/versions/{v}]/infer         JSON tensors, and Triton's binary tensor data extension (the
+                                                        route is service/http_inference.py; parsing and rendering here)
 
 Binary extension: ``Inference-Header-Content-Length`` gives the JSON header's length and the binary tensors follow
 it in input order, each input saying how many bytes are its own (``parameters.binary_data_size``); outputs come back
@@ -19,17 +20,15 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
-from service import metrics, v2
+from service import v2
 from service.classifier import Classifier
 from service.errors import InvalidParameter, MalformedRequest, ServiceError
 from service.http_errors import V2_HTTP, error_response
-from service.http_guard import TICKET
 
 PROTOCOL = V2_HTTP
-HEADER_LENGTH = "inference-header-content-length"
 
 
 def _field(obj: dict, key: str, kind: type, what: str, default):
@@ -102,7 +101,8 @@ def _flatten(values: list) -> list:
 
 
 def render_response(model: v2.Model, tensors: list[v2.Tensor], wanted: list[v2.RequestedOutput], binary_default: bool,
-                    request_id, parameters: dict) -> Response:
+                    request_id, parameters: dict) -> tuple[bytes, bytes, dict[str, str] | None]:
+    """(body, content type, extra headers) of an inference response: JSON, or JSON + binary tensors."""
     binary_of = {o.name: o.binary for o in wanted}
     outputs, chunks = [], []
     for t in tensors:
@@ -118,11 +118,10 @@ def render_response(model: v2.Model, tensors: list[v2.Tensor], wanted: list[v2.R
     body = {"model_name": model.name, "model_version": model.version, "parameters": parameters, "outputs": outputs}
     if request_id is not None:
         body["id"] = request_id
-    if not chunks:
-        return JSONResponse(body)
     head = json.dumps(body).encode()
-    return Response(head + b"".join(chunks), media_type="application/octet-stream",
-                    headers={"Inference-Header-Content-Length": str(len(head))})
+    if not chunks:
+        return head, b"application/json", None
+    return head + b"".join(chunks), b"application/octet-stream", {"Inference-Header-Content-Length": str(len(head))}
 
 
 def create_router(get_classifier: Callable[[], Classifier]) -> APIRouter:
@@ -167,23 +166,9 @@ def create_router(get_classifier: Callable[[], Classifier]) -> APIRouter:
     async def model_config(model_name: str, model_version: str = "") -> Response:
         return answer(model_name, model_version, lambda m: JSONResponse(m.config()))
 
-    async def model_infer(request: Request, model_name: str, model_version: str = "") -> Response:
-        m = model()
-        with metrics.accounted(PROTOCOL) as outcome:
-            try:
-                m.check(model_name, model_version)
-                m.clf.check_accepting()  # loading or draining: refuse before reading the body
-                inputs, outputs, binary_default, request_id = parse_request(await request.body(), request.headers.get(HEADER_LENGTH))
-                tensors, result = await v2.infer(m, inputs, outputs, PROTOCOL, ticket=getattr(request.state, TICKET, None))
-            except ServiceError as exc:
-                outcome.fail(exc)
-                return v2_error(exc)
-            return render_response(m, tensors, outputs, binary_default, request_id, v2.response_parameters(result))
-
     for prefix in ("/v2/models/{model_name}", "/v2/models/{model_name}/versions/{model_version}"):
         router.add_api_route(prefix, model_metadata, methods=["GET"], summary="Model metadata")
         router.add_api_route(f"{prefix}/ready", model_ready, methods=["GET"], summary="Model readiness")
         router.add_api_route(f"{prefix}/config", model_config, methods=["GET"], summary="Model configuration (Triton)")
-        router.add_api_route(f"{prefix}/infer", model_infer, methods=["POST"], summary="Inference (JSON or binary tensors)")
     return router
 

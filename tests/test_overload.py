@@ -40,8 +40,9 @@ def test_an_empty_service_always_admits_and_learns_unloaded_latency():
 
 
 def test_the_limit_refuses_with_retry_advice_and_learns_from_latency():
-    assert door().bound_s == pytest.approx(0.3)  # unset: max(3 × 0.1, 0.1 + 0.1)
-    a = door(max_latency_s=0.25)  # fixed, so that what the answers teach the unloaded estimate cannot move it
+    assert door().bound_s == pytest.approx(0.3)  # unset: max(3 × 0.1, 0.1 + two batches of 2 at 20 img/s)
+    # Fixed, so that what the answers teach the unloaded estimate cannot move it; batches of one: a floor of 2 images.
+    a = door(max_latency_s=0.25, max_batch=1)
     a.limit = 4.0
     admitted = [a.admit("http") for _ in range(4)]
     with pytest.raises(Overloaded) as refused:
@@ -59,6 +60,26 @@ def test_the_limit_refuses_with_retry_advice_and_learns_from_latency():
     assert a.limit == pytest.approx(3.6 + 1 / 3.6)
     assert a.work == 0 and a.requests == 0
     a.admit("http")  # room again
+
+
+def test_two_full_batches_are_always_admitted_however_slow_the_answers():
+    """A batching engine needs its best batch queued while the last one runs: 2 × max_batch closed-loop clients are
+    all served, even when every answer is over the bound, and the bound itself is what that much work costs."""
+    a = door(max_batch=16, max_latency_s=0.05)
+    for _ in range(20):  # rounds of 32 clients, every answer 4x over the bound
+        tickets = [a.admit("http") for _ in range(32)]
+        for t in tickets:
+            a.settle(t, 1)
+        for t in tickets:
+            answer(a, t, 0.2)
+            a._last_backoff = -1e9  # every answer a separate signal: the limit backs off as far as it can
+    assert a.limit == pytest.approx(32.0)
+    tickets = [a.admit("http") for _ in range(32)]
+    with pytest.raises(Overloaded):
+        a.admit("http")  # the 33rd image is beyond the floor, and answers are over the bound
+    free = door(max_batch=16, unloaded_s=0.01)
+    free._samples.append(640.0)  # measured: 640 img/s
+    assert free.bound_s == pytest.approx(0.01 + 32 / 640)  # unset: unloaded + two full batches at the measured rate
 
 
 def test_answers_between_three_quarters_and_all_of_the_bound_change_nothing():

@@ -104,6 +104,18 @@ def test_top_k_parameter(server, photo_bytes):
     assert r.status_code == 200 and len(r.json()["predictions"][0]["top5"]) == 3
 
 
+def test_one_image_as_the_whole_body(server, photo_bytes):
+    """The cheapest way in: the image file is the body, its type the Content-Type; same answer as multipart."""
+    _, data = photo_bytes[1]
+    raw = httpx.post(f"{server.url}/classify", params={"top_k": 3}, content=data, headers={"content-type": "image/jpeg"}, timeout=30)
+    assert raw.status_code == 200, raw.text
+    assert raw.json()["predictions"] == post_images(server.url, photo_bytes[1:2], top_k=3).json()["predictions"]
+    r = httpx.post(f"{server.url}/classify", content=b"hello", headers={"content-type": "text/plain"}, timeout=10)
+    assert r.status_code == 415 and r.json()["error"]["type"] == "unsupported_image" and "Content-Type" in r.json()["error"]["message"]
+    r = httpx.post(f"{server.url}/classify", content=b"not an image", headers={"content-type": "image/png"}, timeout=10)
+    assert r.status_code == 415 and r.json()["error"]["index"] == 0
+
+
 def test_base64_json_variant(server, photo_bytes, tiny_artifact):
     data = photo_bytes[2][1]
     r = httpx.post(f"{server.url}/classify/base64", json={"images": [base64.b64encode(data).decode()]}, timeout=30)

@@ -1,0 +1,268 @@
+"""The front door's cost: every protocol against the work itself (decode + engine), in one run.
+
+    vitserve bench front-door                                  # demo artifact, c=16, default settings
+    vitserve bench front-door --concurrency 8,16,32 --protocols multipart,grpc --duration 10
+
+One 640×480 JPEG per request, closed loop, the client on the same machine. It measures, in one run:
+
+- **raw serial**: the artifact's engine and the service's own Preprocessor in this process, decode one image at a time
+  then the engine at the service's batch size, serially (the figure a server with a free door would reach on one
+  core of decode plus the engine's share);
+- for each protocol (``multipart`` POST /classify, ``raw`` POST /classify with the image as the whole body,
+  ``v2-binary`` KServe v2 HTTP with Triton's binary extension, ``grpc`` KServe v2 ModelInfer): images/s, p50/p99,
+  refusals, and the **server's CPU per image** (its process tree's user+system seconds over the window, from /proc);
+- the ratio of each to raw serial, and CPU per image over (decode + engine share).
+
+The client is hand-written for HTTP (pre-built request bytes over kept-alive sockets, a few tens of µs per request)
+and uses grpc.aio with pre-serialised messages for gRPC, so that on a 2-core machine it does not measure itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import struct
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import command_line, environment, finish, latency_summary_ms
+from benchmarks.photos import realistic_photos
+
+ROOT = Path(__file__).resolve().parents[1]
+PROTOCOLS = ("multipart", "raw", "v2-binary", "grpc")
+_LENGTH = re.compile(rb"(?i)\r\ncontent-length: *(\d+)")
+
+
+def jpeg() -> bytes:
+    """The astronaut at 640×480, JPEG q90 (~60 KB): a typical web upload."""
+    return next(p for p in realistic_photos(formats=("JPEG",)) if p.name.startswith("astronaut")).data
+
+
+# ---- what the work itself costs -----------------------------------------------------------------------------------------
+def raw_serial(artifact: Path, image: bytes, batch: int, seconds: float = 3.0) -> dict:
+    """Decode ``batch`` images one after another with the service's Preprocessor, then one engine call on them:
+    images/s of that loop, and its two parts per image."""
+    from service.artifact import load_artifact
+    from service.engines import load_engine
+    from service.preprocess import Preprocessor
+
+    art = load_artifact(artifact, verify=False)
+    engine = load_engine(art, "auto", check=False)
+    pre = Preprocessor(art.manifest.preprocessing)
+    batch = min(batch, engine.max_batch_size)
+    x = np.stack([pre.from_bytes(image, max_pixels=40_000_000) for _ in range(batch)])
+    engine.warmup([batch])
+    decode_s = engine_s = 0.0
+    images = 0
+    t_end = time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        xs = [pre.from_bytes(image, max_pixels=40_000_000) for _ in range(batch)]
+        t1 = time.perf_counter()
+        engine.run(np.stack(xs))
+        t2 = time.perf_counter()
+        decode_s, engine_s, images = decode_s + t1 - t0, engine_s + t2 - t1, images + batch
+    per = (decode_s + engine_s) / images
+    return {"engine": engine.name, "batch": batch, "images_per_s": round(1 / per, 1),
+            "decode_ms_per_image": round(decode_s / images * 1000, 3), "engine_ms_per_image": round(engine_s / images * 1000, 3)}
+
+
+# ---- request bodies -----------------------------------------------------------------------------------------------------------
+def http_request(protocol: str, image: bytes, model: str, host: str) -> bytes:
+    if protocol == "multipart":
+        b = b"vitservebenchboundary"
+        body = (b"--" + b + b'\r\nContent-Disposition: form-data; name="images"; filename="a.jpg"\r\n'
+                b"Content-Type: image/jpeg\r\n\r\n" + image + b"\r\n--" + b + b"--\r\n")
+        path, headers = "/classify", f"Content-Type: multipart/form-data; boundary={b.decode()}\r\n"
+    elif protocol == "raw":
+        body, path, headers = image, "/classify", "Content-Type: image/jpeg\r\n"
+    elif protocol == "v2-binary":
+        head = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                                       "parameters": {"binary_data_size": len(image) + 4}}],
+                           "outputs": [{"name": "probabilities", "parameters": {"classification": 5, "binary_data": False}}]}).encode()
+        body = head + struct.pack("<I", len(image)) + image
+        path = f"/v2/models/{model}/infer"
+        headers = f"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: {len(head)}\r\n"
+    else:
+        raise ValueError(protocol)
+    return f"POST {path} HTTP/1.1\r\nHost: {host}\r\n{headers}Content-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+def grpc_request(image: bytes, model: str) -> bytes:
+    from service.protos import grpc_service_pb2 as pb
+
+    req = pb.ModelInferRequest(model_name=model)
+    req.inputs.add(name="image", datatype="BYTES", shape=[1])
+    req.outputs.add(name="probabilities").parameters["classification"].int64_param = 5
+    req.raw_input_contents.append(struct.pack("<I", len(image)) + image)
+    return req.SerializeToString()
+
+
+# ---- the closed loop -------------------------------------------------------------------------------------------------------------
+async def _http_client(host: str, port: int, wire: bytes, until: float, out: list, timeout_s: float) -> None:
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        while time.perf_counter() < until:
+            t0 = time.perf_counter()
+            writer.write(wire)
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout_s)
+                await reader.readexactly(int(_LENGTH.search(head).group(1)))
+                status = head[9:12].decode()
+            except (TimeoutError, asyncio.IncompleteReadError, ConnectionError) as e:
+                out.append((t0, time.perf_counter(), type(e).__name__))
+                writer.close()
+                reader, writer = await asyncio.open_connection(host, port)
+                continue
+            out.append((t0, time.perf_counter(), status))
+    finally:
+        writer.close()
+
+
+async def _grpc_client(call, message: bytes, until: float, out: list, timeout_s: float) -> None:
+    import grpc
+
+    while time.perf_counter() < until:
+        t0 = time.perf_counter()
+        try:
+            await call(message, timeout=timeout_s)
+            status = "200"
+        except grpc.aio.AioRpcError as e:
+            status = e.code().name
+        out.append((t0, time.perf_counter(), status))
+
+
+def server_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of the server's whole process tree (BentoML's arbiter and workers)."""
+    import psutil
+
+    total = 0.0
+    root = psutil.Process(pid)
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+async def closed_loop(protocol: str, url: str, grpc_target: str, pid: int, image: bytes, model: str, *,
+                      concurrency: int, warmup_s: float, duration_s: float, timeout_s: float = 30.0) -> dict:
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    records: list[tuple[float, float, str]] = []
+    start = time.perf_counter()
+    w0, w1 = start + warmup_s, start + warmup_s + duration_s
+    channel = None
+    if protocol == "grpc":
+        import grpc
+
+        channel = grpc.aio.insecure_channel(grpc_target, options=[("grpc.max_receive_message_length", -1)])
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        message = grpc_request(image, model)
+        clients = [_grpc_client(call, message, w1, records, timeout_s) for _ in range(concurrency)]
+    else:
+        wire = http_request(protocol, image, model, u.netloc)
+        clients = [_http_client(u.hostname, u.port, wire, w1, records, timeout_s) for _ in range(concurrency)]
+
+    cpu: dict[str, float] = {}
+
+    async def sample() -> None:
+        await asyncio.sleep(max(0.0, w0 - time.perf_counter()))
+        cpu["before"], cpu["t0"] = server_cpu_s(pid), time.perf_counter()
+        await asyncio.sleep(max(0.0, w1 - time.perf_counter()))
+        cpu["after"], cpu["t1"] = server_cpu_s(pid), time.perf_counter()
+
+    await asyncio.gather(sample(), *clients)
+    if channel is not None:
+        await channel.close()
+    window = [r for r in records if w0 <= r[1] <= w1]
+    statuses = Counter(s for _, _, s in window)
+    ok = [d - t for t, d, s in window if s == "200"]
+    images_per_s = len(ok) / duration_s
+    cpu_s = cpu["after"] - cpu["before"]
+    return {
+        "protocol": protocol, "concurrency": concurrency, "images_per_s": round(images_per_s, 1),
+        "latency": latency_summary_ms(ok), "statuses": dict(statuses),
+        "server_cpu_cores": round(cpu_s / (cpu["t1"] - cpu["t0"]), 2),
+        "server_cpu_ms_per_image": round(cpu_s / max(len(ok), 1) * 1000, 3),
+    }
+
+
+# ---- the run ---------------------------------------------------------------------------------------------------------------------
+def run(args) -> dict:
+    from benchmarks.servers import running_vitserve
+    from service.artifact import load_artifact
+
+    image = jpeg()
+    model = load_artifact(args.artifact, verify=False).manifest.model.name
+    settings = dict(kv.split("=", 1) for kv in args.setting)
+    phases = []
+    with running_vitserve(args.artifact, args.workdir, **settings) as server:
+        info = json.loads(__import__("httpx").get(f"{server.url}/info", timeout=10).text)
+        batch = info["limits"]["max_batch_size"]
+        for concurrency in args.concurrency:
+            for protocol in args.protocols:
+                r = asyncio.run(closed_loop(protocol, server.url, server.grpc_address, server.proc.pid, image, model,
+                                            concurrency=concurrency, warmup_s=args.warmup, duration_s=args.duration))
+                print(f"  {protocol:>9} c={concurrency:<3} {r['images_per_s']:7.1f} img/s  p99 {r['latency']['p99_ms']} ms  "
+                      f"server {r['server_cpu_ms_per_image']:.2f} ms CPU/img  {r['statuses']}", flush=True)
+                phases.append(r)
+    serial = raw_serial(args.artifact, image, batch)  # after the server is gone: the same cores, quiet
+    work_ms = serial["decode_ms_per_image"] + serial["engine_ms_per_image"]
+    for r in phases:
+        r["of_raw_serial"] = round(r["images_per_s"] / serial["images_per_s"], 3)
+        r["cpu_over_work"] = round(r["server_cpu_ms_per_image"] / work_ms, 2)
+    return {"image_bytes": len(image), "settings": settings, "max_batch_size": batch, "raw_serial": serial, "phases": phases}
+
+
+def table(result: dict) -> str:
+    s = result["raw_serial"]
+    lines = [
+        f"raw serial (decode one at a time, then {s['engine']} at batch {s['batch']}): **{s['images_per_s']} img/s** "
+        f"(decode {s['decode_ms_per_image']} ms + engine {s['engine_ms_per_image']} ms per image)", "",
+        "| protocol | clients | img/s | ÷ raw serial | p50 ms | p99 ms | refused/failed | server CPU ms/img | ÷ (decode + engine) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["phases"]:
+        bad = sum(v for k, v in r["statuses"].items() if k != "200")
+        lines.append(f"| {r['protocol']} | {r['concurrency']} | {r['images_per_s']} | {r['of_raw_serial']} | "
+                     f"{r['latency']['p50_ms']} | {r['latency']['p99_ms']} | {bad} | {r['server_cpu_ms_per_image']} | {r['cpu_over_work']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from service.settings import DEMO_ARTIFACT
+
+    p = argparse.ArgumentParser(prog="vitserve bench front-door", description=__doc__.split("\n\n")[0])
+    p.add_argument("--artifact", type=Path, default=DEMO_ARTIFACT)
+    p.add_argument("--protocols", type=lambda s: s.split(","), default=list(PROTOCOLS))
+    p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[16])
+    p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--warmup", type=float, default=3.0)
+    p.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE",
+                   help="a service setting for the run (VITSERVE_NAME), e.g. max_latency_ms=5000")
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/vitserve-front-door"))
+    p.add_argument("--name", default="front-door_demo")
+    p.add_argument("--no-write", action="store_true")
+    args = p.parse_args(argv)
+    if unknown := set(args.protocols) - set(PROTOCOLS):
+        p.error(f"unknown protocols {sorted(unknown)}; choose from {', '.join(PROTOCOLS)}")
+    result = {"environment": environment(), "command": command_line("front-door", argv), **run(args)}
+    text = table(result)
+    best = max(result["phases"], key=lambda r: r["images_per_s"])
+    rows = [("raw serial", f"{result['raw_serial']['images_per_s']} img/s"),
+            ("best", f"{best['protocol']} c={best['concurrency']}: {best['images_per_s']} img/s ({best['of_raw_serial']} of raw)")]
+    return finish("front door", result, rows, table=text, name=None if args.no_write else args.name)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""The HTTP inference routes as plain ASGI, in front of BentoML's middleware stack: admission, body, parse, classify,
+render, in one place per request.
+
+    POST /classify                 multipart parts named ``images`` (+ optional ``top_k`` field), or one image as the
+                                   whole body (``Content-Type: image/jpeg``, ``image/png``, ``image/webp``, ...)
+    POST /classify/base64          JSON ``{"images": [base64, ...], "top_k": k}``
+    POST /v2/models/{name}[/versions/{v}]/infer     KServe v2 JSON, and Triton's binary tensor extension
+
+Why not FastAPI routes behind BentoML: profiled at saturation on the demo model (README "The front door"), BentoML's
+middlewares and FastAPI's routing, dependency solving and form parsing (each upload spooled to a temporary file, each
+read a thread hop) took about a third of the event loop's time per request, more than the image's decode. Here a
+request is read once, multipart is parsed by python-multipart's parser on the buffered body (~25 µs for a 60 KB
+JPEG), and answered with two ASGI messages. What BentoML's stack gave these routes is kept here: the body limit,
+errors in our shape, and the request metrics (``vitserve_*``; BentoML's own request counters no longer see them).
+The OpenAPI document still describes them (service/http_api.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qsl
+
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service import metrics, v2
+from service.errors import (
+    EmptyRequest, InvalidParameter, MalformedRequest, MethodNotAllowed, PayloadTooLarge, ServiceError, ShuttingDown, UnsupportedImage,
+    error_body, error_headers, http_status, v2_error_body,
+)  # fmt: skip
+from service.http_errors import JSON_API, V2_HTTP
+from service.http_guard import client_timeout_s
+
+if TYPE_CHECKING:
+    from service.classifier import Classification, Classifier
+
+IMAGE_FIELD, TOP_K_FIELD = b"images", b"top_k"
+V2_HEADER_LENGTH = b"inference-header-content-length"
+
+
+class ClientDisconnected(ConnectionError):
+    """The client went away before its body was read (counted as 499, answered to no one)."""
+
+
+# ---- the wire -----------------------------------------------------------------------------------------------------------
+def _headers(scope: Scope) -> dict[bytes, bytes]:
+    return dict(scope["headers"])  # ASGI servers give header names lower-cased
+
+
+async def read_body(receive: Receive, limit: int) -> bytes:
+    """The whole body, refused past ``limit`` bytes (a declared Content-Length over it was refused before reading)."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected("client disconnected while sending its body")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def drain_body(receive: Receive) -> None:
+    """Read and drop what the client is still sending: closing a socket with unread bytes in it resets the connection
+    and the client may never see our answer."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect" or not message.get("more_body"):
+            return
+
+
+async def send_response(send: Send, status: int, body: bytes, content_type: bytes = b"application/json",
+                        headers: dict[str, str] | None = None) -> None:
+    raw = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+    if headers:
+        raw += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+def error_answer(exc: BaseException, protocol: str) -> tuple[int, bytes, dict[str, str]]:
+    """Status, body and headers of an error, from the one table (service/errors.py), in the protocol's shape."""
+    body = (v2_error_body if protocol == V2_HTTP else error_body)(exc)
+    headers = error_headers(exc)
+    if isinstance(exc, ShuttingDown):
+        headers["Connection"] = "close"  # reconnect (to another replica), don't reuse this one
+    return http_status(exc), json.dumps(body).encode(), headers
+
+
+# ---- request bodies → images ------------------------------------------------------------------------------------------------
+def multipart_images(body: bytes, content_type: bytes) -> tuple[list[bytes], str | None]:
+    """The ``images`` parts (in order) and the ``top_k`` field of a multipart/form-data body."""
+    _, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary")
+    if not boundary:
+        raise MalformedRequest("multipart/form-data without a boundary")
+    parts: list[tuple[bytes, list[bytes]]] = []  # (field name, data chunks)
+    header: list[bytes] = [b"", b""]
+    headers: dict[bytes, bytes] = {}
+
+    def on_part_begin() -> None:
+        headers.clear()
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        header[0] += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        header[1] += data[start:end]
+
+    def on_header_end() -> None:
+        headers[header[0].lower()] = header[1]
+        header[0] = header[1] = b""
+
+    def on_headers_finished() -> None:
+        _, disposition = parse_options_header(headers.get(b"content-disposition", b""))
+        parts.append((disposition.get(b"name", b""), []))
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        parts[-1][1].append(data[start:end])
+
+    parser = MultipartParser(boundary, {
+        "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
+        "on_header_end": on_header_end, "on_headers_finished": on_headers_finished, "on_part_data": on_part_data,
+    })  # fmt: skip
+    try:
+        parser.write(body)
+        parser.finalize()
+    except MultipartParseError as e:
+        raise MalformedRequest(f"malformed multipart body: {e}") from None
+    images = [b"".join(chunks) for name, chunks in parts if name == IMAGE_FIELD]
+    top_k = next((b"".join(chunks).decode("latin-1") for name, chunks in parts if name == TOP_K_FIELD), None)
+    if not images:
+        raise EmptyRequest("no images in the request (multipart field 'images', or one image as the whole body)")
+    return images, top_k
+
+
+def base64_images(body: bytes) -> tuple[list[bytes], object]:
+    try:
+        request = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InvalidParameter(f"request body is not valid JSON: {e}") from None
+    if not isinstance(request, dict) or not isinstance(request.get("images"), list):
+        raise InvalidParameter("images: the body must be a JSON object with 'images', a list of base64 strings")
+    images = []
+    for i, s in enumerate(request["images"]):
+        try:
+            if not isinstance(s, str):
+                raise TypeError
+            images.append(base64.b64decode(s, validate=True))
+        except (binascii.Error, TypeError, ValueError):
+            raise UnsupportedImage(f"image {i} is not valid base64", index=i) from None
+    return images, request.get("top_k")
+
+
+def parse_top_k(value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    raise InvalidParameter(f"top_k: must be an integer, got {value!r}")
+
+
+def query_top_k(scope: Scope) -> str | None:
+    qs = scope.get("query_string")
+    return dict(parse_qsl(qs.decode("latin-1"))).get("top_k") if qs else None
+
+
+# ---- responses -------------------------------------------------------------------------------------------------------------------
+def classify_body(clf: Classifier, result: Classification) -> bytes:
+    m = clf.manifest.model
+    predictions = [{"top1": _prediction(top[0]), "top5": [_prediction(p) for p in top]} for top in result.top]
+    return json.dumps({"model": m.name, "version": m.version, "predictions": predictions}).encode()
+
+
+def _prediction(p) -> dict:
+    return {"label": p.label, "index": p.index, "score": p.score}
+
+
+def timing_headers(result: Classification, total_s: float) -> dict[str, str]:
+    h = {f"X-Vitserve-{k.capitalize()}-Ms": f"{v:.2f}" for k, v in result.timings_ms.items()}
+    h["X-Vitserve-Total-Ms"] = f"{total_s * 1000:.2f}"
+    h["X-Vitserve-Batch-Size"] = str(result.batch_size)
+    h["X-Vitserve-Batch-Id"] = ",".join(map(str, result.batch_ids))  # which engine batch served each image
+    return h
+
+
+def v2_infer_path(path: str) -> tuple[str, str] | None:
+    """(model name, version) of ``/v2/models/{name}[/versions/{v}]/infer``, else None."""
+    if not (path.startswith("/v2/models/") and path.endswith("/infer")):
+        return None
+    parts = path[len("/v2/models/") : -len("/infer")].split("/")
+    if len(parts) == 1 and parts[0]:
+        return parts[0], ""
+    if len(parts) == 3 and parts[1] == "versions" and parts[0] and parts[2]:
+        return parts[0], parts[2]
+    return None
+
+
+def is_inference_path(path: str) -> bool:
+    return path in ("/classify", "/classify/base64") or v2_infer_path(path) is not None
+
+
+# ---- the routes -----------------------------------------------------------------------------------------------------------------
+class InferenceRoutes:
+    """Every HTTP inference request, start to answer; anything else goes on to ``app`` (BentoML's stack)."""
+
+    def __init__(self, app: ASGIApp, get_classifier: Callable[[], Classifier], max_body_bytes: int):
+        self.app, self.get_classifier, self.max_body_bytes = app, get_classifier, max_body_bytes
+        self._model: v2.Model | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        v2_target = v2_infer_path(path) if path.startswith("/v2/") else None
+        if path != "/classify" and path != "/classify/base64" and v2_target is None:
+            return await self.app(scope, receive, send)
+        protocol = JSON_API if v2_target is None else V2_HTTP
+        if scope["method"] != "POST":
+            status, body, extra = error_answer(MethodNotAllowed(f"{scope['method']} {path}: this route takes POST"), protocol)
+            return await send_response(send, status, body, headers={**extra, "Allow": "POST"})
+        clf = self.get_classifier()
+        headers = _headers(scope)
+        t0 = time.perf_counter()
+        status, body, content_type, extra = 500, b"", b"application/json", None
+        ticket, raw = None, None
+        with metrics.accounted(protocol) as outcome:
+            try:
+                declared = headers.get(b"content-length")
+                if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+                    raise PayloadTooLarge(f"request body is {int(declared)} bytes; the limit is {self.max_body_bytes}")
+                # The door (service/admission.py), before a byte of the body is read.
+                clf.check_accepting()
+                ticket = clf.admission.admit(protocol, client_timeout_s=client_timeout_s(scope["headers"]))
+                raw = await read_body(receive, self.max_body_bytes)
+                if v2_target is None:
+                    result = await self._classify(clf, scope, headers, raw, ticket)
+                    status, body, extra = 200, classify_body(clf, result), timing_headers(result, time.perf_counter() - t0)
+                else:
+                    status, body, content_type, extra = await self._v2_infer(clf, v2_target, headers, raw, ticket)
+            except ClientDisconnected as exc:
+                outcome.fail(exc)
+                return
+            except ServiceError as exc:
+                outcome.fail(exc)
+                status, body, extra = error_answer(exc, protocol)
+                if raw is None and extra.get("Connection") == "close":  # only a draining replica closes
+                    await drain_body(receive)
+            finally:
+                if ticket is not None:
+                    clf.admission.release(ticket, answered=status == 200)
+            await send_response(send, status, body, content_type, extra)
+
+    async def _classify(self, clf: Classifier, scope: Scope, headers: dict[bytes, bytes], raw: bytes, ticket) -> Classification:
+        content_type = headers.get(b"content-type", b"")
+        form_top_k = None
+        if content_type.startswith(b"multipart/form-data"):
+            images, form_top_k = multipart_images(raw, content_type)
+        elif scope["path"] == "/classify/base64":
+            images, form_top_k = base64_images(raw)
+        elif content_type.startswith(b"image/") or (content_type == b"application/octet-stream" and raw):
+            images = [raw]
+        elif not raw:
+            raise EmptyRequest("no images in the request (multipart field 'images', or one image as the whole body)")
+        else:
+            raise UnsupportedImage(
+                f"Content-Type {content_type.decode('latin-1')!r}: send multipart/form-data, or one image as the whole "
+                "body with its image/* type", index=0,
+            )
+        query = query_top_k(scope)
+        top_k = parse_top_k(query if query is not None else form_top_k)
+        return await clf.classify(images, top_k, protocol=JSON_API, ticket=ticket)
+
+    async def _v2_infer(self, clf: Classifier, target: tuple[str, str], headers: dict[bytes, bytes], raw: bytes, ticket):
+        from service.v2_http_api import parse_request, render_response
+
+        if self._model is None or self._model.clf is not clf:
+            self._model = v2.Model(clf)
+        model = self._model
+        model.check(*target)
+        length = headers.get(V2_HEADER_LENGTH)
+        inputs, outputs, binary_default, request_id = parse_request(raw, None if length is None else length.decode("latin-1"))
+        tensors, result = await v2.infer(model, inputs, outputs, V2_HTTP, ticket=ticket)
+        body, content_type, extra = render_response(model, tensors, outputs, binary_default, request_id, v2.response_parameters(result))
+        return 200, body, content_type, extra
