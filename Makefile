@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: serve test install data clients perf-analyzer protos demo-model demo-artifact bench overload bento gpu-check gpu-wheels clean
+.PHONY: serve test install data clients perf-analyzer triton-peer protos demo-model demo-artifact bench overload bento gpu-check gpu-wheels clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,18 @@ $(PERF_VENV)/bin/.installed:
 	touch $@
 
 perf-analyzer: $(PERF_VENV)/bin/.installed
+
+# The Triton peer of `vitserve bench front-door --triton`: PyTriton bundles tritonserver, which runs on CPU here. Its
+# venv must come from Debian's python3.11 (pyenv's Python broke PyTriton's backend stub). Not part of `make test`.
+TRITON_VENV ?= .venv-triton
+SYSTEM_PYTHON ?= /usr/bin/python3.11
+$(TRITON_VENV)/bin/.installed:
+	$(SYSTEM_PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TRITON_VENV)/bin/python -m pip install -q 'nvidia-pytriton==0.7.*' onnxruntime pillow pydantic numpy
+	touch $@
+
+triton-peer: $(TRITON_VENV)/bin/.installed
 
 # The committed gRPC stubs, regenerated from service/protos/*.proto (tests/test_grpc.py checks they match).
 protos: install

@@ -2,6 +2,8 @@
 
     vitserve bench front-door                                  # demo artifact, c=16, default settings
     vitserve bench front-door --concurrency 8,16,32 --protocols multipart,grpc --duration 10
+    vitserve bench front-door --triton                         # + Triton (PyTriton) on v2 HTTP and gRPC: make triton-peer
+    vitserve bench front-door --setting workers=2              # any service setting, here two front-end processes
 
 One 640×480 JPEG per request, closed loop, the client on the same machine. It measures, in one run:
 
@@ -83,7 +85,7 @@ def http_request(protocol: str, image: bytes, model: str, host: str) -> bytes:
     elif protocol == "raw":
         body, path, headers = image, "/classify", "Content-Type: image/jpeg\r\n"
     elif protocol == "v2-binary":
-        head = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+        head = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1, 1],
                                        "parameters": {"binary_data_size": len(image) + 4}}],
                            "outputs": [{"name": "probabilities", "parameters": {"classification": 5, "binary_data": False}}]}).encode()
         body = head + struct.pack("<I", len(image)) + image
@@ -98,7 +100,7 @@ def grpc_request(image: bytes, model: str) -> bytes:
     from service.protos import grpc_service_pb2 as pb
 
     req = pb.ModelInferRequest(model_name=model)
-    req.inputs.add(name="image", datatype="BYTES", shape=[1])
+    req.inputs.add(name="image", datatype="BYTES", shape=[1, 1])  # [batch] + dims [1], as both configs say
     req.outputs.add(name="probabilities").parameters["classification"].int64_param = 5
     req.raw_input_contents.append(struct.pack("<I", len(image)) + image)
     return req.SerializeToString()
@@ -206,21 +208,36 @@ def run(args) -> dict:
     model = load_artifact(args.artifact, verify=False).manifest.model.name
     settings = dict(kv.split("=", 1) for kv in args.setting)
     phases = []
+
+    def load(name: str, server, protocols) -> None:
+        for concurrency in args.concurrency:
+            for protocol in protocols:
+                r = asyncio.run(closed_loop(protocol, server.url, server.grpc_address, server.proc.pid, image, model,
+                                            concurrency=concurrency, warmup_s=args.warmup, duration_s=args.duration))
+                r["server"] = name
+                print(f"  {name:>8} {protocol:>9} c={concurrency:<3} {r['images_per_s']:7.1f} img/s  p99 {r['latency']['p99_ms']} ms  "
+                      f"server {r['server_cpu_ms_per_image']:.2f} ms CPU/img  {r['statuses']}", flush=True)
+                phases.append(r)
+
     with running_vitserve(args.artifact, args.workdir, **settings) as server:
         info = json.loads(__import__("httpx").get(f"{server.url}/info", timeout=10).text)
         batch = info["limits"]["max_batch_size"]
-        for concurrency in args.concurrency:
-            for protocol in args.protocols:
-                r = asyncio.run(closed_loop(protocol, server.url, server.grpc_address, server.proc.pid, image, model,
-                                            concurrency=concurrency, warmup_s=args.warmup, duration_s=args.duration))
-                print(f"  {protocol:>9} c={concurrency:<3} {r['images_per_s']:7.1f} img/s  p99 {r['latency']['p99_ms']} ms  "
-                      f"server {r['server_cpu_ms_per_image']:.2f} ms CPU/img  {r['statuses']}", flush=True)
-                phases.append(r)
-    serial = raw_serial(args.artifact, image, batch)  # after the server is gone: the same cores, quiet
+        load("vitserve", server, args.protocols)
+    if args.triton:  # the same engine, Preprocessor, batch limit and batching window, behind Triton's C++ front-ends
+        from benchmarks.servers import running_triton
+
+        with running_triton(args.artifact, args.workdir, max_batch=batch) as server:
+            load("triton", server, [p for p in args.protocols if p in ("v2-binary", "grpc")])
+    serial = raw_serial(args.artifact, image, batch)  # after the servers are gone: the same cores, quiet
     work_ms = serial["decode_ms_per_image"] + serial["engine_ms_per_image"]
     for r in phases:
         r["of_raw_serial"] = round(r["images_per_s"] / serial["images_per_s"], 3)
         r["cpu_over_work"] = round(r["server_cpu_ms_per_image"] / work_ms, 2)
+        peer = next((t for t in phases if t["server"] == "triton" and t["protocol"] == r["protocol"]
+                     and t["concurrency"] == r["concurrency"]), None)
+        if peer is not None and r["server"] == "vitserve" and peer["images_per_s"]:
+            r["over_triton"] = round(r["images_per_s"] / peer["images_per_s"], 2)
+            r["p99_over_triton"] = round(r["latency"]["p99_ms"] / peer["latency"]["p99_ms"], 2)
     return {"image_bytes": len(image), "settings": settings, "max_batch_size": batch, "raw_serial": serial, "phases": phases}
 
 
@@ -229,13 +246,16 @@ def table(result: dict) -> str:
     lines = [
         f"raw serial (decode one at a time, then {s['engine']} at batch {s['batch']}): **{s['images_per_s']} img/s** "
         f"(decode {s['decode_ms_per_image']} ms + engine {s['engine_ms_per_image']} ms per image)", "",
-        "| protocol | clients | img/s | ÷ raw serial | p50 ms | p99 ms | refused/failed | server CPU ms/img | ÷ (decode + engine) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| server | protocol | clients | img/s | ÷ raw serial | p50 ms | p99 ms | refused/failed | server CPU ms/img | "
+        "÷ (decode + engine) | img/s ÷ Triton's (p99 ÷ Triton's) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["phases"]:
         bad = sum(v for k, v in r["statuses"].items() if k != "200")
-        lines.append(f"| {r['protocol']} | {r['concurrency']} | {r['images_per_s']} | {r['of_raw_serial']} | "
-                     f"{r['latency']['p50_ms']} | {r['latency']['p99_ms']} | {bad} | {r['server_cpu_ms_per_image']} | {r['cpu_over_work']} |")
+        versus = f"{r['over_triton']} ({r['p99_over_triton']})" if "over_triton" in r else ""
+        lines.append(f"| {r.get('server', 'vitserve')} | {r['protocol']} | {r['concurrency']} | {r['images_per_s']} | {r['of_raw_serial']} | "
+                     f"{r['latency']['p50_ms']} | {r['latency']['p99_ms']} | {bad} | {r['server_cpu_ms_per_image']} | "
+                     f"{r['cpu_over_work']} | {versus} |")
     return "\n".join(lines)
 
 
@@ -250,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=3.0)
     p.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE",
                    help="a service setting for the run (VITSERVE_NAME), e.g. max_latency_ms=5000")
+    p.add_argument("--triton", action="store_true",
+                   help="also load Triton (PyTriton) serving the same engine and Preprocessor: make triton-peer first")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/vitserve-front-door"))
     p.add_argument("--name", default="front-door_demo")
     p.add_argument("--no-write", action="store_true")
@@ -258,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown protocols {sorted(unknown)}; choose from {', '.join(PROTOCOLS)}")
     result = {"environment": environment(), "command": command_line("front-door", argv), **run(args)}
     text = table(result)
-    best = max(result["phases"], key=lambda r: r["images_per_s"])
+    best = max((r for r in result["phases"] if r["server"] == "vitserve"), key=lambda r: r["images_per_s"])
     rows = [("raw serial", f"{result['raw_serial']['images_per_s']} img/s"),
             ("best", f"{best['protocol']} c={best['concurrency']}: {best['images_per_s']} img/s ({best['of_raw_serial']} of raw)")]
     return finish("front door", result, rows, table=text, name=None if args.no_write else args.name)

@@ -50,7 +50,8 @@ def _base_env(workdir: Path) -> dict[str, str]:
 
 
 @contextmanager
-def running(name: str, cmd: list[str], env: dict[str, str], workdir: Path, port: int, ready_timeout: float = 300):
+def running(name: str, cmd: list[str], env: dict[str, str], workdir: Path, port: int, ready_timeout: float = 300,
+            ready_path: str = "/readyz"):
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / f"{name}-{port}.log"
     with open(log, "wb") as out:
@@ -62,7 +63,7 @@ def running(name: str, cmd: list[str], env: dict[str, str], workdir: Path, port:
             if proc.poll() is not None:
                 raise RuntimeError(f"{name} exited with {proc.returncode} before ready:\n{server.output()[-4000:]}")
             try:
-                if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
+                if httpx.get(f"{server.url}{ready_path}", timeout=2, trust_env=False).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
@@ -110,3 +111,24 @@ def running_peer(peer: str, artifact: Path, workdir: Path, **env_extra: str):
     cmd = [sys.executable, "-m", "bentoml", "serve", PEER_TARGETS[peer], "--working-dir", str(ROOT),
            "--host", "127.0.0.1", "--port", str(port)]
     return running(peer, cmd, env, workdir, port)
+
+
+TRITON_PYTHON = ROOT / ".venv-triton" / "bin" / "python"  # `make triton-peer`
+
+
+@contextmanager
+def running_triton(artifact: Path, workdir: Path, max_batch: int = 32):
+    """NVIDIA Triton (PyTriton's bundled tritonserver) serving the same engine and Preprocessor
+    (benchmarks/peers/triton_pytriton.py), from its own environment; the server gets ``.grpc_address``."""
+    if not TRITON_PYTHON.exists():
+        raise RuntimeError(f"{TRITON_PYTHON} is missing: make triton-peer")
+    port, grpc_port = free_port(), free_port()
+    cmd = [str(TRITON_PYTHON), "-m", "benchmarks.peers.triton_pytriton", str(Path(artifact).resolve()), "--http-port",
+           str(port), "--grpc-port", str(grpc_port), "--metrics-port", str(free_port()), "--max-batch", str(max_batch)]
+    env = {**_base_env(workdir), "PYTHONPATH": str(ROOT)}
+    from service.artifact import read_manifest
+
+    ready = f"/v2/models/{read_manifest(Path(artifact)).model.name}/ready"  # the server is ready before the model is bound
+    with running("triton", cmd, env, workdir, port, ready_path=ready) as server:
+        server.grpc_address = f"127.0.0.1:{grpc_port}"
+        yield server

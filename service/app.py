@@ -24,6 +24,7 @@ from service.settings import Settings
 log = logging.getLogger("vitserve.service")
 _settings = Settings()  # read once at import: the decorator below needs the timeout
 REFUSAL_FILE_ENV = "VITSERVE_REFUSAL_FILE"
+ENGINE_SOCKET_ENV = "VITSERVE_ENGINE_SOCKET"  # set by the deployment hook for the workers when there are several
 
 
 def _exit_2_if_a_worker_refused() -> None:
@@ -59,9 +60,38 @@ def _make_http_app():
     return make_http_app(_current_classifier)
 
 
+def _start_engine_process() -> None:
+    """Several workers: one engine process (service/engine_process.py) owns the engine and its batcher, and every
+    worker is a front-end that reaches it over a Unix socket. Started here, in BentoML's main process before any
+    worker, so there is exactly one; stopped at exit, after the workers have drained through it."""
+    import subprocess
+
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    from service.settings import PROJECT_ROOT
+
+    path = Path(tempfile.mkdtemp(prefix="vitserve-engine-")) / "engine.sock"
+    # BentoML merges every process's metric files in this directory at /metrics: the batcher's metrics live here.
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(BentoMLContainer.prometheus_multiproc_dir.get())}
+    proc = subprocess.Popen([sys.executable, "-m", "service.engine_process", str(path)], cwd=PROJECT_ROOT, env=env)
+    os.environ[ENGINE_SOCKET_ENV] = str(path)
+
+    def stop() -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(_settings.grace_period_s + 5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    atexit.register(stop)
+
+
 @bentoml.service(
     name="vitserve",
-    workers=1,  # one worker per GPU: the batcher, not extra processes, is what fills the device
+    # 1: one process does everything, the batcher in it. More: that many front-end processes (HTTP, gRPC, auth,
+    # admission, decode) feeding one engine process with the one batcher (service/engine_process.py).
+    workers=_settings.workers,
     # BentoML's own per-request timeout stays above ours, so our 504 with a JSON body answers first.
     traffic={"timeout": _settings.request_timeout_s + 30},
     # Off unless asked for: at 2x overload on the demo model BentoML's per-request OpenTelemetry middleware (it runs
@@ -81,6 +111,8 @@ class VitServe:
         load_artifact(Settings().artifact, verify=True)
         os.environ[REFUSAL_FILE_ENV] = str(Path(tempfile.mkdtemp(prefix="vitserve-")) / "refused")
         atexit.register(_exit_2_if_a_worker_refused)
+        if _settings.workers > 1:
+            _start_engine_process()
 
     def __init__(self) -> None:
         logging.getLogger("vitserve").setLevel(logging.INFO)
@@ -90,7 +122,8 @@ class VitServe:
 
         self.settings = Settings()
         try:
-            self.classifier = Classifier(self.settings)  # verifies, loads, re-checks and warms the engine
+            # Verifies, loads, re-checks and warms the engine; or, one of several workers, attaches to the engine process.
+            self.classifier = Classifier(self.settings, engine_socket=os.environ.get(ENGINE_SOCKET_ENV))
         except (ArtifactError, EngineRefused) as e:
             _refuse_to_serve(str(e))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -45,11 +46,18 @@ class Classification:
 class Classifier:
     """Loads and warms the engine at construction (slow, synchronous); serves from an event loop after start()."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, engine_socket: str | None = None):
+        """In-process (the default): this process loads the engine and runs the batcher. With ``engine_socket``, a
+        front-end of several (service/engine_process.py): the engine and its batcher live in the engine process,
+        and this one parses, admits and decodes."""
         self.settings = settings
+        self.engine_socket = engine_socket
         t0 = time.perf_counter()
         self.artifact = load_artifact(settings.artifact, verify=False)  # engine files are verified as loaded
         self.manifest = self.artifact.manifest
+        if engine_socket is not None:
+            self._attach(engine_socket)
+            return
         # One CPU budget (service/cpu_budget.py): how many cores, the engine's and decode's shares, whether they
         # take turns. Planned for the engine `auto` will most likely pick, re-planned if it picked the other kind.
         self.threads = self._plan(cpu_engine=settings.engine.endswith("-cpu") or (settings.engine == "auto" and not hardware.cuda_available()))
@@ -89,6 +97,32 @@ class Classifier:
             self.manifest.model.name, self.manifest.model.version, self.engine.name, self.max_batch_size,
             self.max_batch_reason, self.threads, self.warmup_sizes, time.perf_counter() - t0,
         )
+
+    def _attach(self, path: str) -> None:
+        """A front-end: the engine's facts from the engine process; decoding, admission and the door are ours."""
+        from service.engine_process import RemoteEngine, RemoteSelection, fetch_facts
+
+        # The engine process loads, checks and warms the engine meanwhile; if it refuses, so does this front-end.
+        facts = fetch_facts(path, timeout_s=900, refusal_file=os.environ.get("VITSERVE_REFUSAL_FILE"))
+        self.engine, self.selection = RemoteEngine(facts), RemoteSelection(facts)
+        # No engine here; the front-ends share the cores for decoding (the engine process has them for its engine).
+        s = self.settings
+        share = max(1, cpu_budget.available_cores() // s.workers)
+        self.threads = cpu_budget.plan(cpu_engine=False, cores=s.cpu_cores, decode_threads=s.decode_threads or share, gate=False)
+        self.gate = cpu_budget.CpuGate(False)
+        self.preprocessor = Preprocessor(self.manifest.preprocessing)
+        self.max_batch_size, self.max_batch_reason, self.speed = facts["max_batch_size"], facts["max_batch_reason"], None
+        self._decode_pool = ThreadPoolExecutor(max_workers=self.threads.decode_threads, thread_name_prefix="vitserve-decode")
+        self.decoding = 0
+        self.admission = Admission(
+            **facts["admission"], max_batch=self.max_batch_size, request_timeout_s=self.settings.request_timeout_s,
+            max_latency_s=None if self.settings.max_latency_ms is None else self.settings.max_latency_ms / 1000,
+        )  # fmt: skip
+        self.batcher = None
+        self.draining = False
+        self.in_flight = 0
+        self.last_request_at = time.monotonic()
+        log.info("front-end %d: engine %s in process %d, max batch %d", os.getpid(), self.engine.name, facts["pid"], self.max_batch_size)
 
     def _plan(self, *, cpu_engine: bool) -> cpu_budget.ThreadPlan:
         s = self.settings
@@ -143,7 +177,15 @@ class Classifier:
         return {"unloaded_s": float(np.mean(decode_s[2:])) + one + 0.001, "full_batch_s": full}
 
     def start(self) -> None:
-        """Start the batcher on the running event loop; the service is ready after this."""
+        """Start the batcher (or the link to the engine process's) on the running event loop; ready after this."""
+        if self.engine_socket is not None:
+            from service.engine_process import RemoteBatcher
+
+            self.batcher = RemoteBatcher(self.engine_socket, self.max_batch_size)
+            self.batcher.start()
+            self._loop_watch = asyncio.get_running_loop().create_task(self.admission.watch_loop(), name="vitserve-loop-lag")
+            metrics.READY.set(1)
+            return
         self.batcher = Batcher(
             self.run_batch,
             max_batch_size=self.max_batch_size,
@@ -182,10 +224,14 @@ class Classifier:
         self._decode_pool.shutdown(wait=False)
 
     def decode(self, data: bytes, index: int = 0) -> tuple[np.ndarray, float]:
-        """One image's bytes → (3, H, W) float32 and the seconds it took, taking turns with a CPU engine."""
+        """One image's bytes → (3, H, W) float32 (a front-end: (H, W, 3) uint8) and the seconds it took, taking turns
+        with a CPU engine."""
         with self.gate.decode():  # not while a CPU engine batch runs: they would only slow each other down
             t = time.perf_counter()
-            x = self.preprocessor.from_bytes(data, max_pixels=self.settings.max_image_pixels, index=index)
+            if self.engine_socket is not None:  # (H, W, 3) uint8: the engine process normalises whole frames
+                x = self.preprocessor.decode_uint8(data, max_pixels=self.settings.max_image_pixels, index=index)
+            else:
+                x = self.preprocessor.from_bytes(data, max_pixels=self.settings.max_image_pixels, index=index)
             return x, time.perf_counter() - t
 
     def run_batch(self, pixels: np.ndarray) -> np.ndarray:

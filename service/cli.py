@@ -45,13 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=s.host, help="address to bind (HTTP and gRPC)")
     p.add_argument("--port", type=int, default=s.port, help="HTTP port")
     p.add_argument("--grpc-port", type=int, default=s.grpc_port, help="gRPC port (0: no gRPC)")
+    p.add_argument("--workers", type=int, default=s.workers,
+                   help="front-end processes; more than 1 adds one engine process that owns the engine and the batcher")
     p.add_argument("--max-batch-size", type=int, default=s.max_batch_size,
                    help="largest batch (capped by the engine's); unset: the engine's fastest batch on this CPU, 32 on a GPU")
     p.add_argument("--max-wait-ms", type=float, default=s.max_wait_ms, help="how long the oldest queued image waits for a fuller batch")
     p.add_argument("--queue-capacity", type=int, default=s.queue_capacity, help="images that may wait; beyond: 429")
     p.add_argument("--grace-period-s", type=float, default=s.grace_period_s, help="on SIGTERM, time to answer accepted requests")
     p.add_argument("--max-latency-ms", type=float, default=s.max_latency_ms,
-                   help="refuse (429) at the door requests predicted to take longer; unset: max(3 x unloaded, unloaded + one full batch)")
+                   help="refuse (429) at the door requests predicted to take longer; unset: max(3 x unloaded, unloaded + two full batches at the measured rate)")
     p.add_argument("--keep-alive-s", type=int, default=s.keep_alive_s,
                    help="idle HTTP keep-alive timeout; keep it above your load balancer's and clients' idle timeouts")
     p.add_argument("--no-startup-check", dest="startup_check", action="store_false",
@@ -84,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         "VITSERVE_ENGINE": args.engine,
         "VITSERVE_HOST": args.host,
         "VITSERVE_GRPC_PORT": str(args.grpc_port),
+        "VITSERVE_WORKERS": str(args.workers),
         "VITSERVE_MAX_WAIT_MS": str(args.max_wait_ms),
         "VITSERVE_QUEUE_CAPACITY": str(args.queue_capacity),
         "VITSERVE_GRACE_PERIOD_S": str(args.grace_period_s),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import os
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from service.classifier import Classification, Classifier
 
 IMAGE_FIELD, TOP_K_FIELD = b"images", b"top_k"
+PROCESS = str(os.getpid())
 V2_HEADER_LENGTH = b"inference-header-content-length"
 
 
@@ -192,6 +194,7 @@ def timing_headers(result: Classification, total_s: float) -> dict[str, str]:
     h["X-Vitserve-Total-Ms"] = f"{total_s * 1000:.2f}"
     h["X-Vitserve-Batch-Size"] = str(result.batch_size)
     h["X-Vitserve-Batch-Id"] = ",".join(map(str, result.batch_ids))  # which engine batch served each image
+    h["X-Vitserve-Process"] = PROCESS  # which front-end process answered (several with VITSERVE_WORKERS > 1)
     return h
 
 

@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="larger request bodies → 413")
     max_image_pixels: int = Field(40_000_000, ge=1, description="larger images (width×height) → 422, before decoding")
     default_top_k: int = Field(5, ge=1, description="predictions per image when the request gives no top_k")
+    workers: int = Field(
+        1, ge=1, description="front-end processes (HTTP, gRPC, admission, decode); more than 1 adds one engine process "
+        "that owns the engine and the batcher, so batches still form in one place",
+    )
     cpu_cores: int = Field(0, ge=0, description="cores this worker may use; 0 = its CPU affinity capped by the cgroup quota")
     decode_threads: int = Field(0, ge=0, description="decode/preprocess threads; 0 = the CPU budget's rule (every core)")
     intra_op_threads: int = Field(0, ge=0, description="CPU engine threads; 0 = the CPU budget's rule (every core)")

@@ -280,8 +280,9 @@ def test_deadline_expired_in_queue_is_504_and_not_computed(tiny_artifact, tmp_pa
         assert metric_value(m, "vitserve_requests_total", status="504") == 1
 
 
-def test_sigterm_under_load_answers_every_accepted_request(tiny_artifact, tmp_path, photo_bytes):
-    with running_server(tiny_artifact, tmp_path, max_batch_size=2, max_wait_ms=5, grace_period_s=20) as s:
+@pytest.mark.parametrize("workers", [1, 2])  # 2: two front-end processes drain through the one engine process
+def test_sigterm_under_load_answers_every_accepted_request(tiny_artifact, tmp_path, photo_bytes, workers):
+    with running_server(tiny_artifact, tmp_path, max_batch_size=2, max_wait_ms=5, grace_period_s=20, workers=workers) as s:
         results: list = []
 
         async def client(c: httpx.AsyncClient, i: int):
