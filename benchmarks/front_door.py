@@ -2,7 +2,7 @@
 
     vitserve bench front-door                                  # demo artifact, c=16, default settings
     vitserve bench front-door --concurrency 8,16,32 --protocols multipart,grpc --duration 10
-    vitserve bench front-door --triton                         # + Triton (PyTriton) on v2 HTTP and gRPC: make triton-peer
+    vitserve bench front-door --triton --litserve --rounds 3   # + the peers, interleaved: make triton-peer first
     vitserve bench front-door --setting workers=2              # any service setting, here two front-end processes
 
 One 640×480 JPEG per request, closed loop, the client on the same machine. It measures, in one run:
@@ -11,9 +11,13 @@ One 640×480 JPEG per request, closed loop, the client on the same machine. It m
   then the engine at the service's batch size, serially (the figure a server with a free door would reach on one
   core of decode plus the engine's share);
 - for each protocol (``multipart`` POST /classify, ``raw`` POST /classify with the image as the whole body,
-  ``v2-binary`` KServe v2 HTTP with Triton's binary extension, ``grpc`` KServe v2 ModelInfer): images/s, p50/p99,
-  refusals, and the **server's CPU per image** (its process tree's user+system seconds over the window, from /proc);
-- the ratio of each to raw serial, and CPU per image over (decode + engine share).
+  ``base64`` JSON, ``v2-binary`` KServe v2 HTTP with Triton's binary extension, ``grpc`` KServe v2 ModelInfer):
+  images/s, p50/p99, refusals, and the **server's CPU per image** (its process tree's user+system seconds over the
+  window, from /proc);
+- the same for the peers that speak the protocol, serving the same engine with the same Preprocessor: Triton
+  (benchmarks/peers/triton_pytriton.py: v2 binary and gRPC) and LitServe's idiom (benchmarks/peers/litserve_peer.py:
+  base64 JSON);
+- the ratio of each to raw serial, CPU per image over (decode + engine share), and ours over Triton's.
 
 The client is hand-written for HTTP (pre-built request bytes over kept-alive sockets, a few tens of µs per request)
 and uses grpc.aio with pre-serialised messages for gRPC, so that on a 2-core machine it does not measure itself.
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import re
 import struct
@@ -37,7 +42,7 @@ from benchmarks.common import command_line, environment, finish, latency_summary
 from benchmarks.photos import realistic_photos
 
 ROOT = Path(__file__).resolve().parents[1]
-PROTOCOLS = ("multipart", "raw", "v2-binary", "grpc")
+PROTOCOLS = ("multipart", "raw", "base64", "v2-binary", "grpc")
 _LENGTH = re.compile(rb"(?i)\r\ncontent-length: *(\d+)")
 
 
@@ -76,7 +81,7 @@ def raw_serial(artifact: Path, image: bytes, batch: int, seconds: float = 3.0) -
 
 
 # ---- request bodies -----------------------------------------------------------------------------------------------------------
-def http_request(protocol: str, image: bytes, model: str, host: str) -> bytes:
+def http_request(protocol: str, image: bytes, model: str, host: str, litserve: bool = False) -> bytes:
     if protocol == "multipart":
         b = b"vitservebenchboundary"
         body = (b"--" + b + b'\r\nContent-Disposition: form-data; name="images"; filename="a.jpg"\r\n'
@@ -84,6 +89,10 @@ def http_request(protocol: str, image: bytes, model: str, host: str) -> bytes:
         path, headers = "/classify", f"Content-Type: multipart/form-data; boundary={b.decode()}\r\n"
     elif protocol == "raw":
         body, path, headers = image, "/classify", "Content-Type: image/jpeg\r\n"
+    elif protocol == "base64":  # ours: {"images": [b64]}; LitServe's idiom: {"image": b64} to /predict
+        encoded = base64.b64encode(image).decode()
+        body = json.dumps({"image": encoded} if litserve else {"images": [encoded]}).encode()
+        path, headers = ("/predict" if litserve else "/classify/base64"), "Content-Type: application/json\r\n"
     elif protocol == "v2-binary":
         head = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1, 1],
                                        "parameters": {"binary_data_size": len(image) + 4}}],
@@ -155,8 +164,9 @@ def server_cpu_s(pid: int) -> float:
     return total
 
 
-async def closed_loop(protocol: str, url: str, grpc_target: str, pid: int, image: bytes, model: str, *,
-                      concurrency: int, warmup_s: float, duration_s: float, timeout_s: float = 30.0) -> dict:
+async def closed_loop(protocol: str, url: str, grpc_target: str | None, pid: int, image: bytes, model: str, *,
+                      concurrency: int, warmup_s: float, duration_s: float, timeout_s: float = 30.0,
+                      litserve: bool = False) -> dict:
     from urllib.parse import urlparse
 
     u = urlparse(url)
@@ -172,7 +182,7 @@ async def closed_loop(protocol: str, url: str, grpc_target: str, pid: int, image
         message = grpc_request(image, model)
         clients = [_grpc_client(call, message, w1, records, timeout_s) for _ in range(concurrency)]
     else:
-        wire = http_request(protocol, image, model, u.netloc)
+        wire = http_request(protocol, image, model, u.netloc, litserve)
         clients = [_http_client(u.hostname, u.port, wire, w1, records, timeout_s) for _ in range(concurrency)]
 
     cpu: dict[str, float] = {}
@@ -200,36 +210,63 @@ async def closed_loop(protocol: str, url: str, grpc_target: str, pid: int, image
 
 
 # ---- the run ---------------------------------------------------------------------------------------------------------------------
+PEER_PROTOCOLS = {"triton": ("v2-binary", "grpc"), "litserve": ("base64",)}  # what each peer speaks of ours
+
+
 def run(args) -> dict:
-    from benchmarks.servers import running_vitserve
+    """Every server up at once (an idle one costs < 0.02 cores), then rounds in which each server × protocol is loaded
+    in turn: on a shared machine whose speed drifts, interleaving spreads the drift over every figure alike. Each
+    figure is the median over rounds."""
+    from contextlib import ExitStack
+
+    from benchmarks.servers import free_port, running, running_triton, running_vitserve
     from service.artifact import load_artifact
 
     image = jpeg()
     model = load_artifact(args.artifact, verify=False).manifest.model.name
     settings = dict(kv.split("=", 1) for kv in args.setting)
-    phases = []
-
-    def load(name: str, server, protocols) -> None:
-        for concurrency in args.concurrency:
-            for protocol in protocols:
-                r = asyncio.run(closed_loop(protocol, server.url, server.grpc_address, server.proc.pid, image, model,
-                                            concurrency=concurrency, warmup_s=args.warmup, duration_s=args.duration))
-                r["server"] = name
-                print(f"  {name:>8} {protocol:>9} c={concurrency:<3} {r['images_per_s']:7.1f} img/s  p99 {r['latency']['p99_ms']} ms  "
-                      f"server {r['server_cpu_ms_per_image']:.2f} ms CPU/img  {r['statuses']}", flush=True)
-                phases.append(r)
-
-    with running_vitserve(args.artifact, args.workdir, **settings) as server:
-        info = json.loads(__import__("httpx").get(f"{server.url}/info", timeout=10).text)
-        batch = info["limits"]["max_batch_size"]
-        load("vitserve", server, args.protocols)
-    if args.triton:  # the same engine, Preprocessor, batch limit and batching window, behind Triton's C++ front-ends
-        from benchmarks.servers import running_triton
-
-        with running_triton(args.artifact, args.workdir, max_batch=batch) as server:
-            load("triton", server, [p for p in args.protocols if p in ("v2-binary", "grpc")])
+    rounds: list[dict] = []
+    with ExitStack() as stack:
+        ours = stack.enter_context(running_vitserve(args.artifact, args.workdir, **settings))
+        batch = json.loads(__import__("httpx").get(f"{ours.url}/info", timeout=10).text)["limits"]["max_batch_size"]
+        servers = [("vitserve", ours, args.protocols)]
+        if args.triton:  # the same engine, Preprocessor, batch limit and batching window behind Triton's front-ends
+            servers.append(("triton", stack.enter_context(running_triton(args.artifact, args.workdir, max_batch=batch)),
+                            [p for p in args.protocols if p in PEER_PROTOCOLS["triton"]]))
+        if args.litserve:
+            port = free_port()
+            cmd = [sys.executable, "-m", "benchmarks.peers.litserve_peer", str(args.artifact), "--port", str(port),
+                   "--max-batch", str(batch)]
+            lit = stack.enter_context(running("litserve", cmd, {**__import__("os").environ, "PYTHONUNBUFFERED": "1"},
+                                              args.workdir, port, ready_path="/health"))
+            lit.grpc_address = None
+            servers.append(("litserve", lit, [p for p in args.protocols if p in PEER_PROTOCOLS["litserve"]]))
+        for i in range(args.rounds):
+            for concurrency in args.concurrency:
+                for name, server, protocols in servers:
+                    for protocol in protocols:
+                        r = asyncio.run(closed_loop(protocol, server.url, server.grpc_address, server.proc.pid, image, model,
+                                                    concurrency=concurrency, warmup_s=args.warmup, duration_s=args.duration,
+                                                    litserve=name == "litserve"))
+                        r.update(server=name, round=i + 1)
+                        print(f"  round {i + 1} {name:>8} {protocol:>9} c={concurrency:<3} {r['images_per_s']:7.1f} img/s  "
+                              f"p99 {r['latency']['p99_ms']} ms  server {r['server_cpu_ms_per_image']:.2f} ms CPU/img  "
+                              f"{r['statuses']}", flush=True)
+                        rounds.append(r)
     serial = raw_serial(args.artifact, image, batch)  # after the servers are gone: the same cores, quiet
     work_ms = serial["decode_ms_per_image"] + serial["engine_ms_per_image"]
+    phases = []
+    for key in dict.fromkeys((r["server"], r["protocol"], r["concurrency"]) for r in rounds):
+        runs = [r for r in rounds if (r["server"], r["protocol"], r["concurrency"]) == key]
+        median = lambda f: float(np.median([f(r) for r in runs]))  # noqa: E731
+        phases.append({
+            "server": key[0], "protocol": key[1], "concurrency": key[2], "rounds": len(runs),
+            "images_per_s": round(median(lambda r: r["images_per_s"]), 1),
+            "latency": {"p50_ms": round(median(lambda r: r["latency"]["p50_ms"] or 0), 2),
+                        "p99_ms": round(median(lambda r: r["latency"]["p99_ms"] or 0), 2)},
+            "statuses": dict(sum((Counter(r["statuses"]) for r in runs), Counter())),
+            "server_cpu_ms_per_image": round(median(lambda r: r["server_cpu_ms_per_image"]), 3),
+        })
     for r in phases:
         r["of_raw_serial"] = round(r["images_per_s"] / serial["images_per_s"], 3)
         r["cpu_over_work"] = round(r["server_cpu_ms_per_image"] / work_ms, 2)
@@ -238,7 +275,8 @@ def run(args) -> dict:
         if peer is not None and r["server"] == "vitserve" and peer["images_per_s"]:
             r["over_triton"] = round(r["images_per_s"] / peer["images_per_s"], 2)
             r["p99_over_triton"] = round(r["latency"]["p99_ms"] / peer["latency"]["p99_ms"], 2)
-    return {"image_bytes": len(image), "settings": settings, "max_batch_size": batch, "raw_serial": serial, "phases": phases}
+    return {"image_bytes": len(image), "settings": settings, "max_batch_size": batch, "raw_serial": serial,
+            "phases": phases, "rounds": rounds}
 
 
 def table(result: dict) -> str:
@@ -270,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=3.0)
     p.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE",
                    help="a service setting for the run (VITSERVE_NAME), e.g. max_latency_ms=5000")
+    p.add_argument("--rounds", type=int, default=1, help="interleaved rounds over every server and protocol (median)")
+    p.add_argument("--litserve", action="store_true", help="also load LitServe's idiom around the same engine (base64 JSON)")
     p.add_argument("--triton", action="store_true",
                    help="also load Triton (PyTriton) serving the same engine and Preprocessor: make triton-peer first")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/vitserve-front-door"))

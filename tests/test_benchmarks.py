@@ -308,3 +308,21 @@ def test_compare_runs_every_peer_and_records_every_field(tiny_artifact, tmp_path
     md = (tmp_path / payload["figure"]).with_suffix(".md").read_text()
     assert "| bentoml-batching |" in md and "### Targets" in md
     assert "vitserve bench summary: compare" in out and "target vs_naive_throughput" in out
+
+
+def test_front_door_loads_every_protocol_and_the_litserve_peer(tiny_artifact, tmp_path, monkeypatch, capsys):
+    """`vitserve bench front-door` end to end on the tiny artifact: every protocol of ours answered (no refusals at
+    default settings), LitServe's idiom around the same engine answered too, each figure against raw serial."""
+    from benchmarks.cli import main
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    assert main(["front-door", "--artifact", str(tiny_artifact), "--concurrency", "4", "--duration", "1", "--warmup", "0.5",
+                 "--litserve", "--workdir", str(tmp_path / "work"), "--name", "front-door-test"]) == 0
+    payload = json.loads((tmp_path / f"front-door-test_{common.env_tag(common.environment())}.json").read_text())
+    phases = {(p["server"], p["protocol"]): p for p in payload["phases"]}
+    assert set(phases) == {*(("vitserve", p) for p in ("multipart", "raw", "base64", "v2-binary", "grpc")), ("litserve", "base64")}
+    for p in phases.values():
+        assert p["images_per_s"] > 0 and set(p["statuses"]) == {"200"}, p  # every request answered, none refused
+        assert p["server_cpu_ms_per_image"] > 0 and p["of_raw_serial"] > 0
+    assert payload["raw_serial"]["images_per_s"] > 0 and payload["raw_serial"]["decode_ms_per_image"] > 0
+    assert "vitserve bench summary: front door" in capsys.readouterr().out
