@@ -72,6 +72,7 @@ class Classifier:
         metrics.record_engine_selection(self.selection.attempts)
         self.gate = cpu_budget.CpuGate(self.threads.gate)
         self.preprocessor = Preprocessor(self.manifest.preprocessing)
+        self.gpu_decoder = self._gpu_decoder()
         self.max_batch_size, self.max_batch_reason, self.speed = self._max_batch()
         buckets = settings.batch_buckets or list(self.engine.batch_buckets)
         self.warmup_sizes = sorted({b for b in buckets if b <= self.max_batch_size} | {1, self.max_batch_size})
@@ -98,6 +99,18 @@ class Classifier:
             self.max_batch_reason, self.threads, self.warmup_sizes, time.perf_counter() - t0,
         )
 
+    def _gpu_decoder(self):
+        """nvJPEG on the engine's GPU when VITSERVE_GPU_DECODE asks and it can run here (service/gpu_decode.py)."""
+        if not self.settings.gpu_decode:
+            return None
+        from service import gpu_decode
+
+        why_not = gpu_decode.available(self.engine.device)
+        if why_not:
+            log.warning("VITSERVE_GPU_DECODE: decoding on the CPU instead: %s", why_not)
+            return None
+        return gpu_decode.GpuDecoder(self.preprocessor, device=self.engine.device)
+
     def _attach(self, path: str) -> None:
         """A front-end: the engine's facts from the engine process; decoding, admission and the door are ours."""
         from service.engine_process import RemoteEngine, RemoteSelection, fetch_facts
@@ -105,6 +118,7 @@ class Classifier:
         # The engine process loads, checks and warms the engine meanwhile; if it refuses, so does this front-end.
         facts = fetch_facts(path, timeout_s=900, refusal_file=os.environ.get("VITSERVE_REFUSAL_FILE"))
         self.engine, self.selection = RemoteEngine(facts), RemoteSelection(facts)
+        self.gpu_decoder = None  # front-ends decode on the CPU; the GPU is the engine process's
         # No engine here; the front-ends share the cores for decoding (the engine process has them for its engine).
         s = self.settings
         share = max(1, cpu_budget.available_cores() // s.workers)
@@ -230,6 +244,8 @@ class Classifier:
             t = time.perf_counter()
             if self.engine_socket is not None:  # (H, W, 3) uint8: the engine process normalises whole frames
                 x = self.preprocessor.decode_uint8(data, max_pixels=self.settings.max_image_pixels, index=index)
+            elif self.gpu_decoder is not None:
+                x = self.gpu_decoder(data, max_pixels=self.settings.max_image_pixels, index=index)
             else:
                 x = self.preprocessor.from_bytes(data, max_pixels=self.settings.max_image_pixels, index=index)
             return x, time.perf_counter() - t

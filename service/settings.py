@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     cpu_cores: int = Field(0, ge=0, description="cores this worker may use; 0 = its CPU affinity capped by the cgroup quota")
     decode_threads: int = Field(0, ge=0, description="decode/preprocess threads; 0 = the CPU budget's rule (every core)")
     intra_op_threads: int = Field(0, ge=0, description="CPU engine threads; 0 = the CPU budget's rule (every core)")
+    gpu_decode: bool = Field(
+        False, description="decode JPEGs with nvJPEG and resize/normalise on the engine's GPU (torchvision); off until "
+        "the GPU check has measured its parity and speed on your GPU",
+    )
     cpu_gate: bool | None = Field(
         None, description="decode and the CPU engine take turns on the cores; unset = on for CPU engines, off for GPU ones"
     )
