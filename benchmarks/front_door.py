@@ -227,7 +227,7 @@ def run(args) -> dict:
     settings = dict(kv.split("=", 1) for kv in args.setting)
     rounds: list[dict] = []
     with ExitStack() as stack:
-        ours = stack.enter_context(running_vitserve(args.artifact, args.workdir, **settings))
+        ours = stack.enter_context(running_vitserve(args.artifact, args.workdir, cpus=args.server_cpus, **settings))
         batch = json.loads(__import__("httpx").get(f"{ours.url}/info", timeout=10).text)["limits"]["max_batch_size"]
         servers = [("vitserve", ours, args.protocols)]
         if args.triton:  # the same engine, Preprocessor, batch limit and batching window behind Triton's front-ends
@@ -275,7 +275,7 @@ def run(args) -> dict:
         if peer is not None and r["server"] == "vitserve" and peer["images_per_s"]:
             r["over_triton"] = round(r["images_per_s"] / peer["images_per_s"], 2)
             r["p99_over_triton"] = round(r["latency"]["p99_ms"] / peer["latency"]["p99_ms"], 2)
-    return {"image_bytes": len(image), "settings": settings, "max_batch_size": batch, "raw_serial": serial,
+    return {"image_bytes": len(image), "settings": settings, "server_cpus": args.server_cpus, "max_batch_size": batch, "raw_serial": serial,
             "phases": phases, "rounds": rounds}
 
 
@@ -308,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=3.0)
     p.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE",
                    help="a service setting for the run (VITSERVE_NAME), e.g. max_latency_ms=5000")
+    p.add_argument("--server-cpus", default=None, metavar="LIST",
+                   help="pin our server to these cores (taskset -c LIST): how throughput grows with the cores it gets")
     p.add_argument("--rounds", type=int, default=1, help="interleaved rounds over every server and protocol (median)")
     p.add_argument("--litserve", action="store_true", help="also load LitServe's idiom around the same engine (base64 JSON)")
     p.add_argument("--triton", action="store_true",

@@ -90,14 +90,17 @@ def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
 
 
 @contextmanager
-def running_vitserve(artifact: Path, workdir: Path, *args: str, **settings):
+def running_vitserve(artifact: Path, workdir: Path, *args: str, cpus: str | None = None, **settings):
     """Our service exactly as users start it: `vitserve serve` (→ `bentoml serve service.app:VitServe`), on free HTTP
-    and gRPC ports (the server gets ``.grpc_address``). Extra ``args`` go to `vitserve serve`."""
+    and gRPC ports (the server gets ``.grpc_address``). Extra ``args`` go to `vitserve serve`; ``cpus`` (taskset's
+    list, e.g. "0" or "0,1") pins every process of the server to those cores, as a container's cpuset would."""
     port = free_port()
     settings.setdefault("grpc_port", free_port())  # never the shared default 8001: SO_REUSEPORT would let two servers share it
     env = {**_base_env(workdir), **{f"VITSERVE_{k.upper()}": str(v) for k, v in settings.items()}}
     cmd = [sys.executable, str(ROOT / "vitserve.py"), "serve", "--artifact", str(artifact), "--host", "127.0.0.1",
            "--port", str(port), *args]
+    if cpus:
+        cmd = ["taskset", "-c", cpus, *cmd]
     with running("vitserve", cmd, env, workdir, port) as server:
         server.grpc_address = f"127.0.0.1:{settings['grpc_port']}"
         yield server

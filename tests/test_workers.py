@@ -1,7 +1,7 @@
 """Several front-end processes, one engine process (VITSERVE_WORKERS=2, service/engine_process.py), on a real
 `vitserve serve`: requests that reach different front-ends share the one batcher's batches, over HTTP and gRPC, with
-the same answers as one process gives, the metrics of every process merged, and a refusal at startup still stops the
-whole server."""
+the same answers as one process gives, API keys checked by every front-end, the metrics of every process merged, and
+a refusal at startup still stops the whole server. (SIGTERM's drain: tests/test_service.py, with 1 and 2 workers.)"""
 
 from __future__ import annotations
 
@@ -24,6 +24,10 @@ from tests.server import metric_value, running_server
 pytestmark = pytest.mark.timeout(300)
 
 
+KEY = "front-end-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
 def connection_per_process(url: str, image: bytes, want: int = 2, tries: int = 200) -> dict[str, http.client.HTTPConnection]:
     """Kept-alive connections, one answered by each of ``want`` front-end processes (the kernel picks the process that
     accepts a connection; its X-Vitserve-Process header says which did)."""
@@ -31,7 +35,7 @@ def connection_per_process(url: str, image: bytes, want: int = 2, tries: int = 2
     found: dict[str, http.client.HTTPConnection] = {}
     for _ in range(tries):
         c = http.client.HTTPConnection(host, int(port), timeout=30)
-        c.request("POST", "/classify", body=image, headers={"Content-Type": "image/jpeg"})
+        c.request("POST", "/classify", body=image, headers={"Content-Type": "image/jpeg", **AUTH})
         r = c.getresponse()
         r.read()
         assert r.status == 200
@@ -48,15 +52,15 @@ def connection_per_process(url: str, image: bytes, want: int = 2, tries: int = 2
 def test_two_front_ends_share_the_engine_process_batches(tiny_artifact, tmp_path, photo_bytes):
     jpegs = [d for _, d in photo_bytes if d[:3] == b"\xff\xd8\xff"]
     # A long batching window, so that requests sent at once through both front-ends meet in one batch.
-    with running_server(tiny_artifact, tmp_path, workers=2, max_wait_ms=300, max_batch_size=8) as s:
+    with running_server(tiny_artifact, tmp_path, workers=2, max_wait_ms=300, max_batch_size=8, api_keys=KEY) as s:
         connections = connection_per_process(s.url, jpegs[0])
-        info = httpx.get(f"{s.url}/info", timeout=10).json()
+        info = httpx.get(f"{s.url}/info", headers=AUTH, timeout=10).json()
         engine_pid = info["engine"]["process"]
         assert engine_pid not in connections  # the engine runs in a process of its own
 
         def classify(args) -> tuple[str, str, dict]:
             c, image = args
-            c.request("POST", "/classify", body=image, headers={"Content-Type": "image/jpeg"})
+            c.request("POST", "/classify", body=image, headers={"Content-Type": "image/jpeg", **AUTH})
             r = c.getresponse()
             body = json.loads(r.read())
             assert r.status == 200, body
@@ -78,7 +82,13 @@ def test_two_front_ends_share_the_engine_process_batches(tiny_artifact, tmp_path
         req.inputs.add(name="image", datatype="BYTES", shape=[1])
         req.raw_input_contents.append(struct.pack("<I", len(jpegs[1])) + jpegs[1])
         stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(s.grpc_address))
-        response = stub.ModelInfer(req, timeout=30)
+        with pytest.raises(grpc.RpcError) as refused:  # every front-end checks the key
+            stub.ModelInfer(req, timeout=30)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        for _ in range(4):  # new connections, whichever front-end takes them
+            r = httpx.post(f"{s.url}/classify", content=jpegs[1], headers={"content-type": "image/jpeg"}, timeout=30)
+            assert r.status_code == 401 and r.json()["error"]["type"] == "unauthenticated"
+        response = stub.ModelInfer(req, timeout=30, metadata=[("authorization", f"Bearer {KEY}")])
         probs = np.frombuffer(response.raw_output_contents[0], "<f4")
         assert int(np.argmax(probs)) == top_a["top1"]["index"]
 
