@@ -890,7 +890,7 @@ def gpu_decode(photos, pre, batch: int, min_seconds: float) -> dict:
     served = np.stack([pre.from_bytes(p.data, max_pixels=50_000_000) for p in photos])
     diff = np.abs(ours - served) / np.abs(pre.scale.reshape(1, 3, 1, 1))  # in uint8 steps
     return {"batch": batch, "decode_images_per_s": round(batch / only["median_s"], 1),
-            "decode_and_preprocess_images_per_s": round(batch / full["median_s"], 1), "resample": decoder._mode,
+            "decode_and_preprocess_images_per_s": round(batch / full["median_s"], 1), "resample": decoder.mode,
             "pixels_vs_service": {"mean_abs_diff_uint8": round(float(diff.mean()), 3), "max_abs_diff_uint8": round(float(diff.max()), 1)}}
 
 

@@ -36,6 +36,7 @@ import time
 
 import numpy as np
 
+from service.batcher import BatchStats
 from service.errors import ERROR_TABLE, EngineFailure, ServiceError, ShuttingDown
 
 log = logging.getLogger("vitserve.engine")
@@ -260,8 +261,6 @@ class RemoteBatcher:
         return 1.0
 
     async def submit(self, pixels: np.ndarray, deadline: float):
-        from service.batcher import BatchStats
-
         if self._closed:
             raise ShuttingDown("the server is shutting down and accepts no new work")
         await self._connected

@@ -36,7 +36,7 @@ class GpuDecoder:
         self._torch = torch
         self._scale = torch.from_numpy(pre.scale).to(device)
         self._offset = torch.from_numpy(pre.offset).to(device)
-        self._mode = pre.spec.resample if pre.spec.resample in ("bilinear", "bicubic", "nearest") else "bilinear"
+        self.mode = pre.spec.resample if pre.spec.resample in ("bilinear", "bicubic", "nearest") else "bilinear"
 
     def resize_crop_normalize(self, chw):
         """(3, H, W) uint8 on the device → (3, h, w) float32 model input: the Preprocessor's steps, as tensor ops
@@ -52,8 +52,8 @@ class GpuDecoder:
             size = (max(1, round(h * scale)), max(1, round(w * scale)))
         x = chw.unsqueeze(0).float()
         if size != (h, w):
-            x = F.interpolate(x, size=size, mode=self._mode, antialias=self._mode != "nearest",
-                              align_corners=False if self._mode != "nearest" else None)
+            x = F.interpolate(x, size=size, mode=self.mode, antialias=self.mode != "nearest",
+                              align_corners=False if self.mode != "nearest" else None)
             x = x.round().clamp(0, 255)
         if s.center_crop is not None:
             ch, cw = s.center_crop

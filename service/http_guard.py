@@ -1,5 +1,5 @@
-"""What every HTTP request meets first, before BentoML's middlewares and our routes: the API key, the inference routes
-(service/http_inference.py, with the door's admission), the body limit; then a JSON 404 for paths no route matches."""
+"""What every HTTP request meets first, before BentoML's middlewares and our routes: the API key, the body limit, the
+inference routes (service/http_inference.py, with the door's admission); then a JSON 404 for paths no route matches."""
 
 from __future__ import annotations
 
@@ -52,11 +52,10 @@ class BodyLimit:
 TIMEOUT_HEADERS = (b"x-vitserve-timeout-ms", b"x-envoy-expected-rq-timeout-ms")  # ours, and what Envoy/Istio send upstream
 
 
-def client_timeout_s(headers: list[tuple[bytes, bytes]]) -> float | None:
-    """The client's own deadline, in seconds from now, from the first timeout header it sent."""
-    found = dict(headers)
+def client_timeout_s(headers: dict[bytes, bytes]) -> float | None:
+    """The client's own deadline, in seconds from now, from the first timeout header it sent (ASGI names, lower case)."""
     for name in TIMEOUT_HEADERS:
-        value = found.get(name)
+        value = headers.get(name)
         if value is not None:
             try:
                 ms = float(value)
@@ -98,15 +97,15 @@ class JsonNotFound:
 
 
 def guard(app: ASGIApp, get_classifier: Callable[[], Classifier], settings) -> ASGIApp:
-    """What every HTTP request meets first, cheapest refusals first: the API key (when keys are set), then either the
-    inference routes (service/http_inference.py: body size, the door's admission, the whole request) or, for every
-    other path, the body limit and BentoML's app with our JSON 404. Wrapped around the *whole* server app (BentoML's
+    """What every HTTP request meets first, cheapest refusals first: the API key (when keys are set), the body limit,
+    then either the inference routes (service/http_inference.py: the door's admission, the whole request) or, for
+    every other path, BentoML's app with our JSON 404. Wrapped around the *whole* server app (BentoML's
     middlewares included), so an inference request costs none of the stack behind it, and a refused one a header
     parse: under overload on a model whose HTTP handling is the bottleneck, refusals are most of the traffic."""
     from service.auth import ApiKeys, HttpAuth
     from service.http_inference import InferenceRoutes
 
-    rest = BodyLimit(JsonNotFound(app), max_bytes=lambda: settings.max_body_bytes, protocol_of=protocol_of)
-    inner = InferenceRoutes(rest, get_classifier, settings.max_body_bytes)
+    inner = BodyLimit(InferenceRoutes(JsonNotFound(app), get_classifier), max_bytes=lambda: settings.max_body_bytes,
+                      protocol_of=protocol_of)
     keys = ApiKeys(settings.keys)
     return HttpAuth(inner, keys=keys, metrics_open=settings.metrics_public) if keys.enabled else inner

@@ -10,9 +10,9 @@ Why not FastAPI routes behind BentoML: profiled at saturation on the demo model 
 middlewares and FastAPI's routing, dependency solving and form parsing (each upload spooled to a temporary file, each
 read a thread hop) took about a third of the event loop's time per request, more than the image's decode. Here a
 request is read once, multipart is parsed by python-multipart's parser on the buffered body (~25 µs for a 60 KB
-JPEG), and answered with two ASGI messages. What BentoML's stack gave these routes is kept here: the body limit,
-errors in our shape, and the request metrics (``vitserve_*``; BentoML's own request counters no longer see them).
-The OpenAPI document still describes them (service/http_api.py).
+JPEG), and answered with two ASGI messages. What BentoML's stack gave these routes is kept: the body limit (in front,
+service/http_guard.py), errors in our shape, and the request metrics (``vitserve_*``; BentoML's own request counters
+no longer see them). The OpenAPI document still describes them (service/http_api.py).
 """
 
 from __future__ import annotations
@@ -31,12 +31,10 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service import metrics, v2
-from service.errors import (
-    EmptyRequest, InvalidParameter, MalformedRequest, MethodNotAllowed, PayloadTooLarge, ServiceError, ShuttingDown, UnsupportedImage,
-    error_body, error_headers, http_status, v2_error_body,
-)  # fmt: skip
-from service.http_errors import JSON_API, V2_HTTP
+from service.errors import EmptyRequest, InvalidParameter, MalformedRequest, MethodNotAllowed, ServiceError, UnsupportedImage
+from service.http_errors import JSON_API, V2_HTTP, error_parts
 from service.http_guard import client_timeout_s
+from service.v2_http_api import parse_request, render_response
 
 if TYPE_CHECKING:
     from service.classifier import Classification, Classifier
@@ -51,22 +49,14 @@ class ClientDisconnected(ConnectionError):
 
 
 # ---- the wire -----------------------------------------------------------------------------------------------------------
-def _headers(scope: Scope) -> dict[bytes, bytes]:
-    return dict(scope["headers"])  # ASGI servers give header names lower-cased
-
-
-async def read_body(receive: Receive, limit: int) -> bytes:
-    """The whole body, refused past ``limit`` bytes (a declared Content-Length over it was refused before reading)."""
-    chunks, size = [], 0
+async def read_body(receive: Receive) -> bytes:
+    """The whole body (the body limit in front, service/http_guard.py, refuses one too large while it streams)."""
+    chunks = []
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientDisconnected("client disconnected while sending its body")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
+        chunks.append(message.get("body", b""))
         if not message.get("more_body"):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
@@ -90,12 +80,9 @@ async def send_response(send: Send, status: int, body: bytes, content_type: byte
 
 
 def error_answer(exc: BaseException, protocol: str) -> tuple[int, bytes, dict[str, str]]:
-    """Status, body and headers of an error, from the one table (service/errors.py), in the protocol's shape."""
-    body = (v2_error_body if protocol == V2_HTTP else error_body)(exc)
-    headers = error_headers(exc)
-    if isinstance(exc, ShuttingDown):
-        headers["Connection"] = "close"  # reconnect (to another replica), don't reuse this one
-    return http_status(exc), json.dumps(body).encode(), headers
+    """Status, body and headers of an error, from the one table, as service/http_errors.py renders it."""
+    status, body, headers = error_parts(exc, protocol)
+    return status, json.dumps(body).encode(), headers
 
 
 # ---- request bodies → images ------------------------------------------------------------------------------------------------
@@ -210,16 +197,12 @@ def v2_infer_path(path: str) -> tuple[str, str] | None:
     return None
 
 
-def is_inference_path(path: str) -> bool:
-    return path in ("/classify", "/classify/base64") or v2_infer_path(path) is not None
-
-
 # ---- the routes -----------------------------------------------------------------------------------------------------------------
 class InferenceRoutes:
     """Every HTTP inference request, start to answer; anything else goes on to ``app`` (BentoML's stack)."""
 
-    def __init__(self, app: ASGIApp, get_classifier: Callable[[], Classifier], max_body_bytes: int):
-        self.app, self.get_classifier, self.max_body_bytes = app, get_classifier, max_body_bytes
+    def __init__(self, app: ASGIApp, get_classifier: Callable[[], Classifier]):
+        self.app, self.get_classifier = app, get_classifier
         self._model: v2.Model | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -234,19 +217,16 @@ class InferenceRoutes:
             status, body, extra = error_answer(MethodNotAllowed(f"{scope['method']} {path}: this route takes POST"), protocol)
             return await send_response(send, status, body, headers={**extra, "Allow": "POST"})
         clf = self.get_classifier()
-        headers = _headers(scope)
+        headers = dict(scope["headers"])  # ASGI servers give header names lower-cased
         t0 = time.perf_counter()
         status, body, content_type, extra = 500, b"", b"application/json", None
         ticket, raw = None, None
         with metrics.accounted(protocol) as outcome:
             try:
-                declared = headers.get(b"content-length")
-                if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-                    raise PayloadTooLarge(f"request body is {int(declared)} bytes; the limit is {self.max_body_bytes}")
                 # The door (service/admission.py), before a byte of the body is read.
                 clf.check_accepting()
-                ticket = clf.admission.admit(protocol, client_timeout_s=client_timeout_s(scope["headers"]))
-                raw = await read_body(receive, self.max_body_bytes)
+                ticket = clf.admission.admit(protocol, client_timeout_s=client_timeout_s(headers))
+                raw = await read_body(receive)
                 if v2_target is None:
                     result = await self._classify(clf, scope, headers, raw, ticket)
                     status, body, extra = 200, classify_body(clf, result), timing_headers(result, time.perf_counter() - t0)
@@ -286,8 +266,6 @@ class InferenceRoutes:
         return await clf.classify(images, top_k, protocol=JSON_API, ticket=ticket)
 
     async def _v2_infer(self, clf: Classifier, target: tuple[str, str], headers: dict[bytes, bytes], raw: bytes, ticket):
-        from service.v2_http_api import parse_request, render_response
-
         if self._model is None or self._model.clf is not clf:
             self._model = v2.Model(clf)
         model = self._model
