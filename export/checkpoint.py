@@ -294,9 +294,9 @@ def timm_to_hf_state_dict(weights: dict[str, torch.Tensor], layers: int) -> dict
 
 def timm_preprocessing(pretrained_cfg: dict, image_size: int) -> Preprocessing:
     """timm's eval transform (timm.data.transforms_imagenet_eval) as the manifest's Preprocessing: resize to
-    floor(size / crop_pct), then centre-crop `size`. crop_mode "center" keeps the aspect (shortest edge; torchvision
-    truncates the long side where the service rounds it, at most a pixel apart), "squash" resizes both sides; "border"
-    pads with the mean colour, which the service does not do, and is refused."""
+    floor(size / crop_pct), then centre-crop `size`. crop_mode "center" keeps the aspect (shortest edge, the long side
+    truncated and the crop's origin rounded, as torchvision computes both), "squash" resizes both sides; "border" pads
+    with the mean colour, which the service does not do, and is refused."""
     interpolation = pretrained_cfg.get("interpolation") or "bilinear"
     if interpolation not in TIMM_INTERPOLATIONS:
         raise ValueError(f"timm interpolation {interpolation!r} is not one of {', '.join(TIMM_INTERPOLATIONS)}")
@@ -306,7 +306,7 @@ def timm_preprocessing(pretrained_cfg: dict, image_size: int) -> Preprocessing:
         raise ValueError(f"timm crop_mode {mode!r} is not supported (center and squash are)")
     return Preprocessing(
         resize_mode="shortest_edge" if mode == "center" else "exact", resize_size=(scaled, scaled),
-        center_crop=(image_size, image_size), resample=interpolation,
+        center_crop=(image_size, image_size), crop_offset="round", resample=interpolation,
         mean=tuple(pretrained_cfg.get("mean") or TIMM_DEFAULT_MEAN),
         std=tuple(pretrained_cfg.get("std") or TIMM_DEFAULT_STD),
     )  # fmt: skip

@@ -45,6 +45,11 @@ class Preprocessing(_Strict):
     )
     resize_size: tuple[int, int]
     center_crop: tuple[int, int] | None = Field(default=None, description="(H, W) crop after resize, or none")
+    crop_offset: Literal["round", "floor"] = Field(
+        default="round",
+        description="where the centre crop starts when the excess is odd: round = int(round(excess / 2)), torchvision's "
+        "and timm's rule; floor = excess // 2, transformers' image processors' rule.",
+    )
     resample: Literal["nearest", "bilinear", "bicubic", "lanczos"] = "bilinear"
     rescale_factor: float = 1 / 255
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -99,6 +104,7 @@ class Preprocessing(_Strict):
             resize_mode=mode,
             resize_size=resize,
             center_crop=crop,
+            crop_offset="floor",  # transformers' center_crop: (size - crop) // 2
             resample=resample_names.get(cfg.get("resample", 2), "bilinear"),
             rescale_factor=cfg.get("rescale_factor", 1 / 255) if cfg.get("do_rescale", True) else 1.0,
             mean=tuple(cfg.get("image_mean", (0.5, 0.5, 0.5))) if normalize else (0.0, 0.0, 0.0),

@@ -40,25 +40,20 @@ class GpuDecoder:
 
     def resize_crop_normalize(self, chw):
         """(3, H, W) uint8 on the device → (3, h, w) float32 model input: the Preprocessor's steps, as tensor ops
-        (sizes as service/preprocess.py computes them; values rounded to uint8 after resizing, as Pillow's are)."""
+        (sizes from the Preprocessor's resized_size and crop_origin; values rounded to uint8 after resizing, as Pillow's are)."""
         import torch.nn.functional as F
 
-        s = self.pre.spec
         _, h, w = chw.shape
-        if s.resize_mode == "exact":
-            size = tuple(s.resize_size)
-        else:
-            scale = s.resize_size[0] / min(w, h)
-            size = (max(1, round(h * scale)), max(1, round(w * scale)))
+        new_w, new_h = self.pre.resized_size(w, h)
         x = chw.unsqueeze(0).float()
-        if size != (h, w):
-            x = F.interpolate(x, size=size, mode=self.mode, antialias=self.mode != "nearest",
+        if (new_h, new_w) != (h, w):
+            x = F.interpolate(x, size=(new_h, new_w), mode=self.mode, antialias=self.mode != "nearest",
                               align_corners=False if self.mode != "nearest" else None)
             x = x.round().clamp(0, 255)
-        if s.center_crop is not None:
-            ch, cw = s.center_crop
+        if self.pre.spec.center_crop is not None:
+            ch, cw = self.pre.spec.center_crop
             h, w = x.shape[-2:]
-            left, top = int(round((w - cw) / 2.0)), int(round((h - ch) / 2.0))
+            left, top = self.pre.crop_origin(w, h)
             pad = (max(0, -left), max(0, left + cw - w), max(0, -top), max(0, top + ch - h))  # black where it exceeds
             if any(pad):
                 x = F.pad(x, pad)

@@ -111,23 +111,42 @@ class Preprocessor:
         self._scale = (spec.rescale_factor / std).reshape(3, 1, 1).astype(np.float32)
         self._offset = (-np.asarray(spec.mean, dtype=np.float32) / std).reshape(3, 1, 1).astype(np.float32)
 
-    def resize_and_crop(self, img: Image.Image) -> Image.Image:
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """(W, H) of an image of ``width`` × ``height`` after the manifest's resize. Shortest edge: the short side
+        becomes ``resize_size[0]`` and the long side is *truncated*, ``int(size * long / short)``, as torchvision's
+        ``Resize``, timm's eval transform (which is torchvision's) and transformers' ``get_resize_output_image_size``
+        all compute it (integer floor division here: the same value without float rounding)."""
         s = self.spec
         if s.resize_mode == "exact":
             h, w = s.resize_size
-            if img.size != (w, h):
-                img = img.resize((w, h), self._resample)
-        else:
-            short = s.resize_size[0]
-            w, h = img.size
-            scale = short / min(w, h)
-            new = (max(1, round(w * scale)), max(1, round(h * scale)))
-            if new != img.size:
-                img = img.resize(new, self._resample)
-        if s.center_crop is not None:
-            ch, cw = s.center_crop
-            w, h = img.size
-            left, top = int(round((w - cw) / 2.0)), int(round((h - ch) / 2.0))
+            return w, h
+        short = s.resize_size[0]
+        if width <= height:
+            return short, max(1, height * short // width)
+        return max(1, width * short // height), short
+
+    def crop_origin(self, width: int, height: int) -> tuple[int, int]:
+        """(left, top) of the centre crop in a resized image of ``width`` × ``height`` (negative: the crop exceeds the
+        image and is padded with black there, as torchvision pads ``(crop - size) // 2`` before the origin). Where
+        the excess is odd the libraries differ, so the manifest names its source's rule: ``round`` is torchvision's
+        and timm's ``int(round(excess / 2))`` (Python's round, half to even), ``floor`` is transformers' ``excess // 2``."""
+        ch, cw = self.spec.center_crop
+        floor = self.spec.crop_offset == "floor"
+
+        def origin(excess: int) -> int:
+            if excess < 0:
+                return -((-excess) // 2)
+            return excess // 2 if floor else int(round(excess / 2.0))
+
+        return origin(width - cw), origin(height - ch)
+
+    def resize_and_crop(self, img: Image.Image) -> Image.Image:
+        size = self.resized_size(*img.size)
+        if size != img.size:
+            img = img.resize(size, self._resample)
+        if self.spec.center_crop is not None:
+            ch, cw = self.spec.center_crop
+            left, top = self.crop_origin(*img.size)
             img = img.crop((left, top, left + cw, top + ch))  # pads with black where the crop exceeds
         return img
 

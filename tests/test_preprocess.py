@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 import pytest
@@ -87,6 +88,69 @@ def test_shortest_edge_and_center_crop():
                          mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
     x = Preprocessor(spec)(gradient(100, 50))
     assert x.shape == (3, 32, 32)
+
+
+# Landscape, portrait, square and odd sizes, chosen so that the long side's float quotient has a fractional part of
+# more and of less than one half (round and truncate disagree on the first) and the crop's excess is odd and even.
+ASPECTS = [(640, 480), (480, 640), (300, 300), (257, 191), (191, 333), (1001, 750), (97, 31)]
+
+
+def photo(width: int, height: int) -> Image.Image:
+    """A real photograph (scikit-image's astronaut) at ``width`` × ``height``: texture everywhere, so a crop shifted
+    by a pixel or a resize a pixel off shows up in every row."""
+    from skimage import data
+
+    return Image.fromarray(data.astronaut()).resize((width, height), Image.Resampling.BICUBIC)
+
+
+@pytest.mark.parametrize("size", ASPECTS, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_shortest_edge_matches_transformers(size):
+    """A shortest-edge + centre-crop processor from transformers (its PIL backend, the one that runs without
+    torchvision), read into our manifest by ``Preprocessing.from_hf``: the same tensor as transformers' own."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    processor = CLIPImageProcessorPil(size={"shortest_edge": 248}, crop_size={"height": 224, "width": 224})
+    spec = Preprocessing.from_hf(processor.to_dict(), 224)
+    assert (spec.resize_mode, spec.crop_offset) == ("shortest_edge", "floor")
+    img = photo(*size)
+    theirs = processor(img, return_tensors="np")["pixel_values"][0]
+    ours = Preprocessor(spec)(img)
+    assert ours.shape == theirs.shape == (3, 224, 224)
+    assert np.abs(ours - theirs).max() < 1e-5
+
+
+@pytest.mark.parametrize("crop_pct,image_size", [(0.875, 224), (0.9, 224), (0.95, 384), (1.0, 384), (0.96, 256)])
+def test_shortest_edge_sizes_follow_timm(crop_pct, image_size):
+    """timm's eval transform, from its documented formula: Resize(floor(img_size / crop_pct)) then
+    CenterCrop(img_size), both torchvision's: the long side int(size * long / short), the crop's origin
+    int(round(excess / 2))."""
+    from export.checkpoint import timm_preprocessing
+
+    pre = Preprocessor(timm_preprocessing({"crop_pct": crop_pct, "interpolation": "bicubic"}, image_size))
+    scale_size = math.floor(image_size / crop_pct)
+    for w, h in ASPECTS:
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = scale_size, int(scale_size * long / short)
+        expected = (new_short, new_long) if w <= h else (new_long, new_short)
+        assert pre.resized_size(w, h) == expected
+        rw, rh = expected
+        left, top = int(round((rw - image_size) / 2.0)), int(round((rh - image_size) / 2.0))
+        assert pre.crop_origin(rw, rh) == (left, top)
+        # torchvision's Resize and CenterCrop on a PIL image are PIL's resize and crop at those numbers: same pixels.
+        img = photo(w, h)
+        theirs = img.resize(expected, Image.Resampling.BICUBIC).crop((left, top, left + image_size, top + image_size))
+        assert np.array_equal(np.asarray(pre.resize_and_crop(img)), np.asarray(theirs))
+
+
+def test_crop_origin_rules_differ_only_on_odd_excess():
+    """The two libraries' crop rules, side by side: equal for an even excess, a pixel apart for some odd ones."""
+    base = dict(resize_mode="shortest_edge", resize_size=(256, 256), center_crop=(224, 224))
+    rounding = Preprocessor(Preprocessing(**base, crop_offset="round"))
+    flooring = Preprocessor(Preprocessing(**base, crop_offset="floor"))
+    assert rounding.crop_origin(340, 256) == flooring.crop_origin(340, 256) == (58, 16)
+    assert rounding.crop_origin(331, 256) == (54, 16) and flooring.crop_origin(331, 256) == (53, 16)  # 107 / 2
+    assert rounding.crop_origin(329, 256) == flooring.crop_origin(329, 256) == (52, 16)  # 105 / 2: half to even
+    assert rounding.crop_origin(200, 256)[0] == flooring.crop_origin(200, 256)[0] == -12  # padded, as torchvision does
 
 
 def test_not_an_image():

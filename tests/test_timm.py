@@ -149,7 +149,10 @@ def test_finetune_takes_a_timm_base(hf_and_timm):
 def test_export_of_a_timm_checkpoint_passes_its_gate_with_timm_preprocessing(hf_and_timm, tmp_path):
     _, timm_dir = hf_and_timm
     out = tmp_path / "artifact"
-    proc = run_cli("export", str(timm_dir), "--output", str(out), "--max-images", GATE_IMAGES,
+    # 1,000 gate images, not the suite's 400: at 400 the gate's 95 % bound passes only with no disagreement at all, and
+    # this random model's smallest top-two gap over those photos is 0.001 logits against FP16's ~0.005 error (the gap
+    # scales with the head, so does the error): one genuine near-tie then fails an export that is right.
+    proc = run_cli("export", str(timm_dir), "--output", str(out), "--max-images", "1000",
                    "--calibration-images", "64", "--max-batch", "16", "--cpu-candidates", "fp32")  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "parity gate: PASS" in proc.stdout
