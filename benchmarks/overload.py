@@ -231,7 +231,10 @@ def table(result: dict) -> str:
             f"{r['rss_mb']['start'] if r['rss_mb'] else '-'} → {r['rss_mb']['max'] if r['rss_mb'] else '-'} | {r['counters_exact']} |")
     u, sat = result["unloaded"], result["saturation"]
     lines.append(f"\nUnloaded (1 client): p50 {u['latency']['p50_ms']} ms, p99 {u['latency']['p99_ms']} ms. Saturation "
-                 f"({sat['concurrency']} clients, closed loop): {sat['images_per_s']} img/s.")
+                 f"({sat['concurrency']} clients, closed loop): {sat['images_per_s']} img/s, p99 {sat['latency'].get('p99_ms')} ms.")
+    if (st := result.get("storm")) is not None:
+        lines.append(f"\nRetry storm ({st['concurrency']} closed-loop clients resending at once): goodput {st['images_per_s']} img/s "
+                     f"({st['goodput_over_saturation']} of saturation), answered p99 {st['latency']['p99_ms']} ms, statuses {st['statuses']}.")
     return "\n".join(lines)
 
 
@@ -249,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--saturation", type=float, default=None, help="skip measuring: saturation in img/s")
     p.add_argument("--timeout", type=float, default=30.0, help="client timeout per request, seconds")
     p.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE", help="VITSERVE_* settings for the server")
+    p.add_argument("--storm", type=int, default=64,
+                   help="then this many closed-loop clients that resend at once on a refusal (0: skip)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default="overload")
     p.add_argument("--no-write", action="store_true")
@@ -280,7 +285,18 @@ async def measure(base: str, args, pid: int | None, sat: dict) -> dict:
         print(f"{m:g}x: goodput {r['goodput_images_per_s']} img/s ({r['goodput_over_saturation']}), p99 {r['accepted_latency']['p99_ms']} ms, "
               f"statuses {r['statuses']}, counters exact {r['counters_exact']}", flush=True)
         phases[f"{m:g}"] = r
-    return {"unloaded": unloaded, "saturation": sat, "phases": phases}
+    storm = None
+    if args.storm:
+        # Closed-loop clients that resend at once whatever they get (load tools and naive clients ignore Retry-After):
+        # every refusal comes straight back, so what a refusal costs is what goodput loses.
+        await asyncio.sleep(3)
+        before = await asyncio.to_thread(_counters, base)
+        storm = await closed(base, bodies, concurrency=args.storm, duration_s=args.duration)
+        storm["goodput_over_saturation"] = round(storm["images_per_s"] / sat["images_per_s"], 3)
+        storm["server_counted"] = dict(sorted((await asyncio.to_thread(_counters, base) - before).items()))
+        print(f"storm of {args.storm} clients retrying at once: goodput {storm['images_per_s']} img/s "
+              f"({storm['goodput_over_saturation']}), statuses {storm['statuses']}", flush=True)
+    return {"unloaded": unloaded, "saturation": sat, "phases": phases, "storm": storm}
 
 
 def _git_sha(project: Path) -> str:
@@ -339,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = [(f"{m}x", f"goodput {r['goodput_over_saturation']:.2f} of saturation, p99 {r['accepted_latency']['p99_ms']} ms "
                       f"({r['p99_over_unloaded_p99']}x unloaded), unanswered {sum(r['unanswered'].values())}, 504 {r['statuses'].get('504', 0)}")
             for m, r in result["phases"].items()]
+    if (st := result.get("storm")) is not None:
+        rows.append((f"storm x{st['concurrency']}", f"goodput {st['goodput_over_saturation']:.2f} of saturation, "
+                                                   f"{st['statuses'].get('429', 0)} refusals"))
     return finish("overload", payload, rows, table=md, name=None if args.no_write else args.name)
 
 

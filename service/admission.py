@@ -139,9 +139,9 @@ class Admission:
             elif predicted > budget:
                 why = f"predicted {predicted * 1000:.0f} ms to answer exceeds the request's deadline of {budget * 1000:.0f} ms"
             if why:
-                metrics.ADMISSIONS.labels(protocol=protocol, decision="refused").inc()
+                metrics.labelled(metrics.ADMISSIONS, protocol, "refused").inc()
                 raise Overloaded(f"overloaded: {why}; retry later", retry_after_s=self._retry_after_s())
-        metrics.ADMISSIONS.labels(protocol=protocol, decision="admitted").inc()
+        metrics.labelled(metrics.ADMISSIONS, protocol, "admitted").inc()
         metrics.ADMISSION_PREDICTED_SECONDS.observe(predicted)
         ticket = Ticket(images=estimate, ahead=self.work, predicted_s=predicted, deadline=now + budget,
                         limited=self.work + 2 * estimate > self.limit, admitted_at=now, waited_s=self.loop_lag_s)

@@ -23,6 +23,10 @@ from service.settings import Settings
 
 log = logging.getLogger("vitserve.service")
 _settings = Settings()  # read once at import: the decorator below needs the timeout
+# uvicorn formats an access-log call for every response whenever "uvicorn.access" has a handler, and through the root
+# logger BentoML configures it always has one, though at WARNING level nothing is ever written: a few µs per answer
+# and per refusal for nothing. BentoML's own access log (``access_log`` above) is a different logger.
+logging.getLogger("uvicorn.access").propagate = False
 REFUSAL_FILE_ENV = "VITSERVE_REFUSAL_FILE"
 ENGINE_SOCKET_ENV = "VITSERVE_ENGINE_SOCKET"  # set by the deployment hook for the workers when there are several
 

@@ -311,7 +311,7 @@ class Classifier:
 
     def _decoding(self, images: int) -> None:
         self.decoding += images
-        metrics.WORK_IN_FLIGHT.labels(stage="decoding").set(self.decoding)
+        metrics.labelled(metrics.WORK_IN_FLIGHT, "decoding").set(self.decoding)
 
     async def classify_pixels(self, pixels: np.ndarray, top_k: int | None = None, protocol: str = "v2-http",
                               ticket: Ticket | None = None) -> Classification:
@@ -337,7 +337,7 @@ class Classifier:
         top = rank(probs, self.manifest.labels, k)
         post_s = time.perf_counter() - t_inferred
         metrics.POSTPROCESS_SECONDS.observe(post_s)
-        metrics.IMAGES.labels(protocol=protocol).inc(len(pixels))
+        metrics.labelled(metrics.IMAGES, protocol).inc(len(pixels))
         return Classification(
             probabilities=probs.astype(np.float32),
             top=top,
