@@ -9,6 +9,8 @@
     vitserve bench gpu-check [--dry-run]               # the whole GPU proof in one run (README "GPU check")
     vitserve bench predict --images DIR                 # vitserve predict vs the raw engine on a folder
     vitserve bench autoscale                           # the shipped autoscaling rule, simulated on our measured curve
+    vitserve bench fuzz                                # atheris on every request parser, 1,000,000 runs each
+    vitserve bench soak                                # 30 min at 70 % of saturation: leaks and drift, minute by minute
     vitserve bench flops --config vit-large             # FLOPs per image of a config or checkpoint
 """
 
@@ -32,6 +34,8 @@ SUBCOMMANDS = {
     "gpu-check": ("benchmarks.gpu_check", "the GPU path proven in one prepared run (<= 9 min): engines, GPU tests, memory, decode, service; --dry-run on CPU"),
     "predict": ("benchmarks.predict_throughput", "vitserve predict against the raw engine on one folder: img/s of each"),
     "autoscale": ("benchmarks.autoscale", "simulated replicas under the shipped KEDA rule vs a CPU rule: time over the SLO, replica-hours"),
+    "soak": ("benchmarks.soak", "30 min at 70 % of saturation, every protocol and some bad requests: RSS, fds, threads, p99 per minute"),
+    "fuzz": ("benchmarks.fuzz", "atheris (coverage-guided) on every request parser from valid seeds: executions, coverage, crashes"),
     "flops": ("benchmarks.cli", "FLOPs per image of a ViT config or checkpoint"),
 }
 

@@ -21,7 +21,9 @@ from grpc_reflection.v1alpha import reflection
 from service import metrics, v2
 from service.auth import OPEN_GRPC_SERVICES, ApiKeys
 from service.classifier import Classifier
-from service.errors import InvalidParameter, ServiceError, Unauthenticated, error_message, grpc_code
+from google.protobuf.message import DecodeError
+
+from service.errors import InvalidParameter, MalformedRequest, ServiceError, Unauthenticated, error_message, grpc_code
 from service.protos import grpc_service_pb2 as pb
 from service.protos import grpc_service_pb2_grpc as pb_grpc
 from service.settings import Settings
@@ -38,6 +40,65 @@ async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
         # grpc-retry-pushback-ms is what gRPC's own retry policy honours; retry-after for everyone else.
         context.set_trailing_metadata((("retry-after", str(seconds)), ("grpc-retry-pushback-ms", str(seconds * 1000))))
     await context.abort(grpc.StatusCode[grpc_code(exc)], error_message(exc))
+
+
+class Undecodable:
+    """A request message protobuf could not parse. gRPC's own deserializer raising would answer UNKNOWN with the
+    Python exception's text (a 5xx for a client's mistake); this stands in for the message, and the method answers
+    INVALID_ARGUMENT from the error table instead."""
+
+    def __init__(self, message_type: str, error: Exception):
+        self.error = MalformedRequest(f"the request is not a valid {message_type} message: {error}")
+
+
+def decode(message_class):
+    """``message_class.FromString`` that returns :class:`Undecodable` instead of raising."""
+
+    def parse(data: bytes):
+        try:
+            return message_class.FromString(data)
+        except DecodeError as e:
+            return Undecodable(message_class.DESCRIPTOR.full_name, e)
+
+    return parse
+
+
+def _answer_undecodable(behaviour):
+    async def call(request, context):
+        if isinstance(request, Undecodable):
+            if behaviour.__name__ == "ModelInfer":  # the one counted RPC
+                metrics.record_outcome(PROTOCOL, request.error, 0.0)
+            await abort(context, request.error)
+        return await behaviour(request, context)
+
+    return call
+
+
+class _Captured:
+    """Stands in for a server to receive the generated stubs' method handlers (``add_*_to_server``)."""
+
+    def add_generic_rpc_handlers(self, handlers) -> None: ...
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self.handlers = handlers
+
+
+def add_servicer(servicer, server) -> None:
+    """The generated registration, with every unary method's request parsed by :func:`decode` (the generated stubs
+    take ``FromString`` as is). Streaming methods keep the generated handlers."""
+    captured = _Captured()
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, captured)
+    handlers = dict(captured.handlers)
+    for method in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
+        if method.client_streaming or method.server_streaming:
+            continue
+        request, response = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            _answer_undecodable(getattr(servicer, method.name)), request_deserializer=decode(request),
+            response_serializer=response.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 def _param(p: pb.InferParameter):
@@ -186,7 +247,7 @@ class GrpcFrontEnd:
                 ("grpc.so_reuseport", 1),  # several workers bind the same port (Linux shares connections among them)
             ],
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(clf), self.server)
+        add_servicer(InferenceServicer(clf), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

@@ -183,10 +183,10 @@ def _count(t: Tensor, input_size: tuple[int, int]) -> int:
     return t.shape[0]
 
 
-async def infer(model: Model, inputs: list[Tensor], outputs: list[RequestedOutput], protocol: str,
-                ticket: Ticket | None = None) -> tuple[list[Tensor], Classification]:
-    """Validate a v2 request, classify through the shared Classifier (so every protocol shares its batches, limits,
-    admission and metrics), and build the requested output tensors. ``ticket``: the request's admission."""
+def validate(inputs: list[Tensor], outputs: list[RequestedOutput], labels: int,
+             input_size: tuple[int, int]) -> tuple[Tensor, int, int]:
+    """A parsed v2 request, checked before any image is read: its one input tensor, its image count, and the top-k
+    its outputs ask for. Raises the error table's exceptions (fuzzed by ``vitserve bench fuzz``)."""
     if not inputs:
         raise EmptyRequest("no input tensor in the request")
     if len(inputs) > 1:
@@ -194,13 +194,21 @@ async def infer(model: Model, inputs: list[Tensor], outputs: list[RequestedOutpu
     for o in outputs:
         if o.name != PROBABILITIES_OUTPUT:
             raise InvalidParameter(f"unknown output '{o.name}'; this model returns '{PROBABILITIES_OUTPUT}'")
-        if o.classification is not None and not 1 <= o.classification <= len(model.labels):
-            raise InvalidParameter(f"classification must be between 1 and {len(model.labels)} (the labels), got {o.classification}")
+        if o.classification is not None and not 1 <= o.classification <= labels:
+            raise InvalidParameter(f"classification must be between 1 and {labels} (the labels), got {o.classification}")
     (t,) = inputs
-    n = _count(t, model.clf.input_size)
+    n = _count(t, input_size)
     if n == 0:
         raise EmptyRequest(f"input '{t.name}' has no elements")
     k = max((o.classification or 1 for o in outputs), default=1)  # the classifier checks 1 <= k <= labels
+    return t, n, k
+
+
+async def infer(model: Model, inputs: list[Tensor], outputs: list[RequestedOutput], protocol: str,
+                ticket: Ticket | None = None) -> tuple[list[Tensor], Classification]:
+    """Validate a v2 request, classify through the shared Classifier (so every protocol shares its batches, limits,
+    admission and metrics), and build the requested output tensors. ``ticket``: the request's admission."""
+    t, n, k = validate(inputs, outputs, len(model.labels), model.clf.input_size)
     if t.name == IMAGE_INPUT:
         result = await model.clf.classify(t.data, top_k=k, protocol=protocol, ticket=ticket)
     else:

@@ -231,6 +231,14 @@ def test_hostile_grpc_requests_get_their_codes_and_the_server_lives_on(server, m
             got, details = grpc_code(s.ModelInfer, request)
             assert got.name == code and message in details, (name, got, details)
         assert alongside.result().outputs[0].name == "probabilities"
+    # Bytes that are not a ModelInferRequest at all: INVALID_ARGUMENT from the error table (gRPC's own deserializer
+    # would answer UNKNOWN with a Python exception's text), for every unary method.
+    channel = grpc.insecure_channel(server.grpc_address)
+    for method in ("ModelInfer", "ModelMetadata"):
+        raw = channel.unary_unary(f"/inference.GRPCInferenceService/{method}")
+        got, details = grpc_code(raw, b"\xff\xff\xff not protobuf")
+        assert got.name == "INVALID_ARGUMENT" and "is not a valid inference." in details, (method, got, details)
+    channel.close()
     assert s.ServerLive(pb.ServerLiveRequest(), timeout=10).live
     assert probabilities(s.ModelInfer(good, timeout=30)).shape == (1, 10)
     # The same mistakes over KServe v2 HTTP give the same messages (one error table, one protocol core).
@@ -242,6 +250,7 @@ def test_hostile_grpc_requests_get_their_codes_and_the_server_lives_on(server, m
     after = server.metrics()
     delta = lambda reason: metric_value(after, "vitserve_rejections_total", protocol="grpc", reason=reason) - metric_value(before, "vitserve_rejections_total", protocol="grpc", reason=reason)  # noqa: E731
     assert delta("unsupported_image") == 1 and delta("too_many_images") == 1 and delta("not_found") == 1
+    assert delta("malformed_request") == 1  # the undecodable ModelInfer (ModelMetadata is not a counted RPC)
     assert delta("empty_request") == 1 and delta("invalid_parameter") == 5
 
 
