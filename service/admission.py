@@ -1,7 +1,8 @@
 """The door: one admission decision per request, before its body is read, shared by every front-end.
 
 The work in the building is counted in images, every stage included: bodies being read (a request whose body is not
-read yet counts as the mean images per request until it is), images decoding, queued, and in the engine. Two rules:
+read yet counts as the mean images per request until it is), images decoding, queued, and in the engine; bodies still
+being read count for at most one full batch, so slow uploads cannot hold the door shut. Two rules:
 
 1. **A limit on that work, learned from latency** (AIMD, as TCP and Netflix's concurrency-limits do): a request is
    admitted while ``work + its images <= limit``. Each answer within 3/4 of the latency bound adds ``1/limit`` (one
@@ -134,7 +135,10 @@ class Admission:
         predicted = self.predict(estimate)
         if self.work > 0:
             why = None
-            if self.work + estimate > self.limit:
+            # Bodies still being read hold at most one batch of the limit: slow uploads (a phone on a bad network, or
+            # a client trickling on purpose until the minimum body rate cuts it off) cannot fill the building.
+            held = self.work - max(0.0, self.reading - self.max_batch)
+            if held + estimate > self.limit:
                 why = f"{self.work:.0f} images in flight, the limit that keeps answers within {self.bound_s * 1000:.0f} ms is {self.limit:.0f}"
             elif predicted > budget:
                 why = f"predicted {predicted * 1000:.0f} ms to answer exceeds the request's deadline of {budget * 1000:.0f} ms"

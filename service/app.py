@@ -19,6 +19,7 @@ from pathlib import Path
 
 import bentoml
 
+from service.http_header_deadline import install as install_header_deadline
 from service.settings import Settings
 
 log = logging.getLogger("vitserve.service")
@@ -189,6 +190,11 @@ class VitServe:
     def __is_ready__(self) -> bool:
         return self.classifier.ready
 
+    def __is_alive__(self) -> bool:
+        """/livez: false once the engine failed too many calls in a row or stayed stalled past its limit
+        (VITSERVE_ENGINE_FAILURES_BEFORE_RESTART, VITSERVE_ENGINE_STALLED_RESTART_S): the orchestrator restarts us."""
+        return self.classifier.alive
+
 
 def _serve_behind_the_guard() -> None:
     """Every HTTP request meets service.http_guard.guard (API key, body size, admission) before BentoML's own
@@ -206,3 +212,6 @@ def _serve_behind_the_guard() -> None:
 
 
 _serve_behind_the_guard()
+# Slow request headers are cut off below ASGI, in uvicorn's protocol (service/http_header_deadline.py); slow bodies in
+# the inference routes (service/http_inference.py read_body).
+install_header_deadline(_settings.header_timeout_s)

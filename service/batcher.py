@@ -13,7 +13,13 @@ flight per engine while the next one is assembled on the event loop. Rules:
 - an image whose deadline passed while queued fails with ``DeadlineExceeded`` and is never computed;
 - an image whose caller went away (future cancelled) is dropped before computing;
 - batches are padded up to the next configured bucket for fixed-shape engines; padding rows are discarded;
-- results are matched to callers by position in the batch, so completion order never mixes them up.
+- results are matched to callers by position in the batch, so completion order never mixes them up;
+- an engine call that raises fails only its batch's requests (``EngineFailure``); the next batch runs;
+- an engine call that outlives the **watchdog** fails its batch's requests the same way and everything queued behind
+  it, and the batcher is *stalled*: new work is refused (``EngineStalled``, 503) until the call returns, since the
+  engine runs one call at a time and Python cannot interrupt a thread inside a native call;
+- :class:`EngineHealth` keeps what readiness and liveness need: stalled or not, and failed calls in a row (a pod
+  whose engine keeps failing, or stays stalled, is better restarted by its orchestrator than left answering 5xx).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.errors import DeadlineExceeded, EngineFailure, Overloaded, ShuttingDown
+from service.errors import DeadlineExceeded, EngineFailure, EngineStalled, Overloaded, ShuttingDown
 
 
 @dataclass
@@ -52,6 +58,32 @@ class _Item:
 DECODE_HOLD_S = 0.05
 
 
+@dataclass
+class EngineHealth:
+    """What the batcher has seen of its engine. ``stalled_since``: when the watchdog gave up on a call that has not
+    returned yet. Not alive (restart me) after ``max_failures`` failed calls in a row, or when stalled for
+    ``restart_after_s``."""
+
+    max_failures: int = 3
+    restart_after_s: float = 60.0
+    failures_in_a_row: int = 0
+    stalled_since: float | None = None
+
+    @property
+    def stalled(self) -> bool:
+        return self.stalled_since is not None
+
+    @property
+    def alive(self) -> bool:
+        if self.failures_in_a_row >= self.max_failures:
+            return False
+        return self.stalled_since is None or time.monotonic() - self.stalled_since < self.restart_after_s
+
+    def describe(self) -> dict:
+        return {"alive": self.alive, "stalled": self.stalled, "failures_in_a_row": self.failures_in_a_row,
+                "max_failures": self.max_failures}
+
+
 class BatcherHooks:
     """Observation points; the service plugs Prometheus in here. Defaults do nothing."""
 
@@ -60,6 +92,8 @@ class BatcherHooks:
     def batch(self, size: int, padded_to: int, seconds: float) -> None: ...
     def expired(self, count: int) -> None: ...
     def running(self, images: int) -> None: ...
+    def engine_failed(self, kind: str) -> None: ...  # kind: "raised" or "watchdog"
+    def engine_stalled(self, stalled: bool) -> None: ...
 
 
 class Batcher:
@@ -72,6 +106,9 @@ class Batcher:
         queue_capacity: int,
         buckets: Sequence[int] = (),
         hooks: BatcherHooks | None = None,
+        watchdog_s: float | None = None,
+        health: EngineHealth | None = None,
+        on_stall: Callable[[], None] | None = None,
     ):
         if max_batch_size < 1 or queue_capacity < 1:
             raise ValueError("max_batch_size and queue_capacity must be at least 1")
@@ -83,6 +120,9 @@ class Batcher:
         if self.buckets and self.buckets[-1] < max_batch_size:
             self.buckets += (max_batch_size,)
         self.hooks = hooks or BatcherHooks()
+        self.watchdog_s = watchdog_s  # None: an engine call may take as long as it takes
+        self.health = health or EngineHealth()
+        self._on_stall = on_stall  # e.g. the CPU gate lets decodes go on without the hung batch
         self._pending: collections.deque[_Item] = collections.deque()
         self._wake = asyncio.Event()
         self._busy = False
@@ -114,6 +154,14 @@ class Batcher:
         if images < 0:
             self._wake.set()
 
+    def check_engine(self) -> None:
+        """Refuse new work while the engine is stalled (raises ``EngineStalled``)."""
+        if self.health.stalled:
+            raise EngineStalled(
+                f"the engine has not returned from a call for {time.monotonic() - self.health.stalled_since:.0f} s "
+                f"(watchdog {self.watchdog_s:.1f} s); retry on another replica", retry_after_s=self.watchdog_s,
+            )
+
     def retry_after_s(self) -> float:
         """A client-facing estimate of how long the current queue takes to clear."""
         per_batch = self._batch_seconds_ewma or 0.1
@@ -123,6 +171,7 @@ class Batcher:
         """(N, 3, H, W) → ((N, L) logits, per-image stats). All N images are admitted or none is."""
         if self._closed:
             raise ShuttingDown("the server is shutting down and accepts no new work")
+        self.check_engine()
         n = len(pixels)
         if len(self._pending) + n > self.queue_capacity:
             raise Overloaded(
@@ -224,20 +273,53 @@ class Batcher:
             x = np.stack([it.pixels for it in batch])  # (n, 3, H, W)
             if padded > n:
                 x = np.concatenate([x, np.zeros((padded - n, *x.shape[1:]), dtype=x.dtype)])
-            loop = asyncio.get_running_loop()
-            logits = await loop.run_in_executor(self._executor, self._run_batch, x)
+            call = asyncio.get_running_loop().run_in_executor(self._executor, self._run_batch, x)
+            done, _ = await asyncio.wait({call}, timeout=self.watchdog_s)
+            if not done:
+                await self._stall(batch, call)
+                return
+            logits = call.result()
             elapsed = time.monotonic() - started
             self.hooks.batch(n, padded, elapsed)
             self._batch_seconds_ewma = elapsed if self._batch_seconds_ewma is None else 0.8 * self._batch_seconds_ewma + 0.2 * elapsed
+            self.health.failures_in_a_row = 0
             for i, item in enumerate(batch):
                 if not item.future.done():
                     stats = BatchStats(queue_wait_s=started - item.enqueued, inference_s=elapsed, batch_size=n, batch_id=batch_id)
                     item.future.set_result((logits[i], stats))
         except Exception as e:  # noqa: BLE001 - an engine failure fails this batch's requests, not the loop
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(EngineFailure(f"inference failed: {type(e).__name__}"))
+            self.health.failures_in_a_row += 1
+            self.hooks.engine_failed("raised")
+            self._fail(batch, EngineFailure(f"inference failed: {type(e).__name__}"))
         finally:
             self.hooks.running(0)
             self._busy = False
             self._wake.set()
+
+    async def _stall(self, batch: list[_Item], call: asyncio.Future) -> None:
+        """The watchdog fired: fail this batch and everything queued, refuse new work until ``call`` returns (its
+        result is dropped), then serve again. ``_busy`` stays set meanwhile: the engine takes one call at a time."""
+        self.health.failures_in_a_row += 1
+        self.health.stalled_since = time.monotonic()
+        self.hooks.engine_failed("watchdog")
+        self.hooks.engine_stalled(True)
+        if self._on_stall is not None:
+            self._on_stall()
+        self._fail(batch, EngineFailure(f"inference did not return within the engine watchdog's {self.watchdog_s:.1f} s"))
+        queued = list(self._pending)
+        self._pending.clear()
+        self.hooks.queue_depth(0)
+        self._fail(queued, EngineFailure("the engine stalled on an earlier batch; not computed"))
+        try:
+            await asyncio.wait({call})
+            if not call.cancelled():
+                call.exception()  # retrieved: a late failure of an abandoned call is already counted
+        finally:
+            self.health.stalled_since = None
+            self.hooks.engine_stalled(False)
+
+    @staticmethod
+    def _fail(items: list[_Item], error: Exception) -> None:
+        for item in items:
+            if not item.future.done():
+                item.future.set_exception(error)

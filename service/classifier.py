@@ -22,7 +22,7 @@ import numpy as np
 from service import cpu_budget, hardware, metrics
 from service.admission import Admission, Ticket
 from service.artifact import SpeedCurve, load_artifact
-from service.batcher import Batcher, BatchStats
+from service.batcher import Batcher, BatchStats, EngineHealth
 from service.engines import select_engine, speed_curve
 from service.errors import EmptyRequest, InvalidParameter, NotReady, ShuttingDown, TooManyImages
 from service.preprocess import Preprocessor
@@ -80,10 +80,15 @@ class Classifier:
         self.buckets = buckets
         self._decode_pool = ThreadPoolExecutor(max_workers=self.threads.decode_threads, thread_name_prefix="vitserve-decode")
         self.decoding = 0  # images in the decode pool now (a stage of the work admission counts)
+        timing = self._warm_and_time()
         self.admission = Admission(
-            **self._warm_and_time(), max_batch=self.max_batch_size, request_timeout_s=settings.request_timeout_s,
+            **timing, max_batch=self.max_batch_size, request_timeout_s=settings.request_timeout_s,
             max_latency_s=None if settings.max_latency_ms is None else settings.max_latency_ms / 1000,
         )  # fmt: skip
+        # A generous multiple of what a full batch took here: a busy CPU slows batches several-fold, a hang is forever.
+        self.watchdog_s = settings.engine_watchdog_s or max(10.0, 20 * timing["full_batch_s"])
+        self.engine_health = EngineHealth(max_failures=settings.engine_failures_before_restart,
+                                          restart_after_s=settings.engine_stalled_restart_s)
         self.batcher: Batcher | None = None
         self.draining = False
         self.in_flight = 0  # requests between check and answer: the drain waits for this to reach 0
@@ -132,6 +137,8 @@ class Classifier:
             **facts["admission"], max_batch=self.max_batch_size, request_timeout_s=self.settings.request_timeout_s,
             max_latency_s=None if self.settings.max_latency_ms is None else self.settings.max_latency_ms / 1000,
         )  # fmt: skip
+        # The engine process runs the watchdog and counts failures (its batcher); a front-end's own stays healthy.
+        self.watchdog_s, self.engine_health = None, EngineHealth()
         self.batcher = None
         self.draining = False
         self.in_flight = 0
@@ -207,6 +214,9 @@ class Classifier:
             queue_capacity=self.settings.queue_capacity,
             buckets=self.buckets,
             hooks=metrics.PrometheusBatcherHooks(self.engine.name),
+            watchdog_s=self.watchdog_s,
+            health=self.engine_health,
+            on_stall=self.gate.abandon_engine,
         )
         self.batcher.start()
         self._loop_watch = asyncio.get_running_loop().create_task(self.admission.watch_loop(), name="vitserve-loop-lag")
@@ -214,7 +224,12 @@ class Classifier:
 
     @property
     def ready(self) -> bool:
-        return self.batcher is not None and not self.draining
+        return self.batcher is not None and not self.draining and not self.engine_health.stalled
+
+    @property
+    def alive(self) -> bool:
+        """False once the engine has failed too often in a row or stayed stalled too long: restart this process."""
+        return self.engine_health.alive
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -262,6 +277,7 @@ class Classifier:
             raise ShuttingDown("the server is shutting down; retry on another replica")
         if self.batcher is None:
             raise NotReady("the model is still loading")
+        self.batcher.check_engine()  # a stalled engine: 503 before the body is read
 
     def check_request(self, count: int, top_k: int | None, ticket: Ticket | None = None) -> int:
         """Validate what can be validated before reading image bytes; returns the effective top_k. The request's

@@ -117,6 +117,14 @@ class CpuGate:
                 self._engine_running = False
                 self._cv.notify_all()
 
+    def abandon_engine(self) -> None:
+        """The engine watchdog gave up on the running batch (service/batcher.py): decodes stop waiting for it, or a
+        hung engine call would hold every decode too. The batcher starts no other batch until that call returns."""
+        with self._cv:
+            self._engine_running = False
+            self._engine_waiting_since = None
+            self._cv.notify_all()
+
     def _decode_may_start(self) -> bool:
         if self._engine_running:
             return False

@@ -260,6 +260,10 @@ class RemoteBatcher:
     def retry_after_s(self) -> float:
         return 1.0
 
+    def check_engine(self) -> None:
+        """The engine's watchdog runs in the engine process: a stalled engine refuses there (EngineStalled comes back
+        in the answer frame), so a front-end has nothing to check before reading a body."""
+
     async def submit(self, pixels: np.ndarray, deadline: float):
         if self._closed:
             raise ShuttingDown("the server is shutting down and accepts no new work")

@@ -80,6 +80,13 @@ class Overloaded(ServiceError):
     type = "overloaded"
 
 
+class RequestTimeout(ServiceError):
+    """The client sent its request headers or body too slowly (a header deadline, a minimum body rate): answered 408
+    and the connection closed, as nginx's client_header_timeout / client_body_timeout and Apache's mod_reqtimeout do."""
+
+    type = "request_timeout"
+
+
 class NotReady(ServiceError):
     type = "not_ready"
 
@@ -93,7 +100,15 @@ class DeadlineExceeded(ServiceError):
 
 
 class EngineFailure(ServiceError):
+    """The engine call computing this request's batch raised, or did not return within the watchdog's limit."""
+
     type = "engine_failure"
+
+
+class EngineStalled(ServiceError):
+    """An engine call has outlived the watchdog and has not returned yet: this replica computes nothing until it does."""
+
+    type = "engine_stalled"
 
 
 # The single error table: HTTP status and gRPC code side by side. Client mistakes are all 4xx / INVALID_ARGUMENT-like;
@@ -104,6 +119,7 @@ ERROR_TABLE: dict[type[ServiceError], tuple[int, str]] = {
     Unauthenticated: (401, "UNAUTHENTICATED"),
     NotFound: (404, "NOT_FOUND"),
     MethodNotAllowed: (405, "UNIMPLEMENTED"),
+    RequestTimeout: (408, "DEADLINE_EXCEEDED"),
     PayloadTooLarge: (413, "RESOURCE_EXHAUSTED"),  # what gRPC itself answers for a message over its limit
     TooManyImages: (413, "INVALID_ARGUMENT"),
     UnsupportedImage: (415, "INVALID_ARGUMENT"),
@@ -113,6 +129,7 @@ ERROR_TABLE: dict[type[ServiceError], tuple[int, str]] = {
     Overloaded: (429, "RESOURCE_EXHAUSTED"),
     EngineFailure: (500, "INTERNAL"),
     NotReady: (503, "UNAVAILABLE"),
+    EngineStalled: (503, "UNAVAILABLE"),
     ShuttingDown: (503, "UNAVAILABLE"),
     DeadlineExceeded: (504, "DEADLINE_EXCEEDED"),
 }

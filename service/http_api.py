@@ -144,6 +144,7 @@ def describe(clf: Classifier) -> dict:
         },
         "cpu_budget": clf.threads.describe(),
         "admission": clf.admission.describe(),
+        "engine_health": {**clf.engine_health.describe(), "watchdog_s": clf.watchdog_s},
         "limits": {
             "max_batch_size": clf.max_batch_size,
             "max_batch_size_reason": clf.max_batch_reason,

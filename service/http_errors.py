@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fastapi.responses import JSONResponse
 
-from service.errors import ShuttingDown, error_body, error_headers, http_status, v2_error_body
+from service.errors import RequestTimeout, ShuttingDown, error_body, error_headers, http_status, v2_error_body
 
 JSON_API = "http"  # the metrics' protocol label of our JSON API
 V2_HTTP = "v2-http"  # ... and of KServe v2 over HTTP
@@ -23,6 +23,8 @@ def error_parts(exc: BaseException, protocol: str = JSON_API) -> tuple[int, dict
     headers = error_headers(exc)
     if isinstance(exc, ShuttingDown):
         headers["Connection"] = "close"  # reconnect (to another replica), don't reuse this one
+    elif isinstance(exc, RequestTimeout):
+        headers["Connection"] = "close"  # the rest of a slow body is never read
     return http_status(exc), body(exc), headers
 
 

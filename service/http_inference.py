@@ -17,6 +17,7 @@ no longer see them). The OpenAPI document still describes them (service/http_api
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -31,7 +32,8 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service import metrics, v2
-from service.errors import EmptyRequest, InvalidParameter, MalformedRequest, MethodNotAllowed, ServiceError, UnsupportedImage
+from service.errors import (EmptyRequest, InvalidParameter, MalformedRequest, MethodNotAllowed, RequestTimeout, ServiceError,
+                            UnsupportedImage)
 from service.http_errors import JSON_API, V2_HTTP, error_parts
 from service.http_guard import client_timeout_s
 from service.v2_http_api import parse_request, render_response
@@ -49,16 +51,32 @@ class ClientDisconnected(ConnectionError):
 
 
 # ---- the wire -----------------------------------------------------------------------------------------------------------
-async def read_body(receive: Receive) -> bytes:
-    """The whole body (the body limit in front, service/http_guard.py, refuses one too large while it streams)."""
-    chunks = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnected("client disconnected while sending its body")
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body"):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+async def read_body(receive: Receive, grace_s: float, min_rate: float) -> bytes:
+    """The whole body (the body limit in front, service/http_guard.py, refuses one too large while it streams), within
+    ``grace_s`` plus a second per ``min_rate`` bytes received (Apache mod_reqtimeout's ``body=grace,MinRate=rate``): a
+    slow client gets ``RequestTimeout`` (408) instead of holding a connection and the door's capacity forever. One
+    loop timer, moved as bytes arrive: a body that came with its headers costs no more than before."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    chunks, received = [], 0
+    try:
+        async with asyncio.timeout_at(start + grace_s) as deadline:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientDisconnected("client disconnected while sending its body")
+                chunk = message.get("body", b"")
+                chunks.append(chunk)
+                if not message.get("more_body"):
+                    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                received += len(chunk)
+                deadline.reschedule(start + grace_s + received / min_rate)
+    except TimeoutError:
+        metrics.labelled(metrics.SLOW_CLIENTS, "body").inc()
+        raise RequestTimeout(
+            f"the request body arrived too slowly: {received} bytes in {loop.time() - start:.1f} s (after {grace_s:g} s a "
+            f"body must keep up {min_rate:g} bytes/s)"
+        ) from None
 
 
 async def drain_body(receive: Receive) -> None:
@@ -226,7 +244,7 @@ class InferenceRoutes:
                 # The door (service/admission.py), before a byte of the body is read.
                 clf.check_accepting()
                 ticket = clf.admission.admit(protocol, client_timeout_s=client_timeout_s(headers))
-                raw = await read_body(receive)
+                raw = await read_body(receive, clf.settings.body_grace_s, clf.settings.body_min_rate)
                 if v2_target is None:
                     result = await self._classify(clf, scope, headers, raw, ticket)
                     status, body, extra = 200, classify_body(clf, result), timing_headers(result, time.perf_counter() - t0)
@@ -238,7 +256,8 @@ class InferenceRoutes:
             except ServiceError as exc:
                 outcome.fail(exc)
                 status, body, extra = error_answer(exc, protocol)
-                if raw is None and extra.get("Connection") == "close":  # only a draining replica closes
+                if raw is None and extra.get("Connection") == "close" and not isinstance(exc, RequestTimeout):
+                    # a draining replica reads the body first: closing on unread bytes resets the connection
                     await drain_body(receive)
             finally:
                 if ticket is not None:

@@ -47,6 +47,16 @@ REQUESTS = Counter(
 )
 IMAGES = Counter("vitserve_images", "Images classified", ["protocol"])
 REJECTIONS = Counter("vitserve_rejections", "Requests refused, by reason (the error type)", ["protocol", "reason"])
+SLOW_CLIENTS = Counter(
+    "vitserve_slow_clients", "Requests cut off with 408 for sending too slowly, by what was late: headers or body", ["stage"]
+)
+ENGINE_FAILURES = Counter(
+    "vitserve_engine_failures", "Engine calls that failed their batch: raised, or outlived the watchdog", ["engine", "kind"]
+)
+ENGINE_STALLED = Gauge(
+    "vitserve_engine_stalled", "1 while an engine call outlives the watchdog (the replica refuses work with 503)",
+    multiprocess_mode="max",
+)
 EXPIRED = Counter("vitserve_deadline_expired_images", "Images whose deadline passed while queued (never computed)")
 PADDING = Counter("vitserve_batch_padding_images", "Rows of zeros added to reach a batch bucket", ["engine"])
 QUEUE_DEPTH = Gauge("vitserve_queue_depth", "Images waiting in the batch queue", multiprocess_mode="livesum")
@@ -158,6 +168,7 @@ def accounted(protocol: str) -> Iterator[Outcome]:
 
 class PrometheusBatcherHooks(BatcherHooks):
     def __init__(self, engine_name: str):
+        self._engine = engine_name
         self._inference = INFERENCE_SECONDS.labels(engine=engine_name)
         self._batch = BATCH_SIZE.labels(engine=engine_name)
         self._padding = PADDING.labels(engine=engine_name)
@@ -180,3 +191,9 @@ class PrometheusBatcherHooks(BatcherHooks):
 
     def expired(self, count: int) -> None:
         EXPIRED.inc(count)
+
+    def engine_failed(self, kind: str) -> None:
+        labelled(ENGINE_FAILURES, self._engine, kind).inc()
+
+    def engine_stalled(self, stalled: bool) -> None:
+        ENGINE_STALLED.set(1 if stalled else 0)

@@ -39,6 +39,26 @@ class Settings(BaseSettings):
         description="refuse (429) at the door a request predicted to take longer than this to answer; unset = "
         "max(3 × the measured unloaded latency, unloaded + one full batch)",
     )
+    header_timeout_s: float = Field(
+        20.0, gt=0, description="a request's headers must arrive within this long of its first byte (or of the connection "
+        "opening); else 408 and the connection closes (nginx client_header_timeout, Apache mod_reqtimeout header=20)",
+    )
+    body_grace_s: float = Field(
+        10.0, gt=0, description="a request body may take this long, plus one second per body_min_rate bytes received; "
+        "else 408 and the connection closes (Apache mod_reqtimeout body=10,MinRate=500)",
+    )
+    body_min_rate: float = Field(500.0, gt=0, description="bytes/s a body must keep up after body_grace_s (see there)")
+    engine_watchdog_s: float | None = Field(
+        None, gt=0,
+        description="an engine call running longer fails its batch (500 engine_failure) and the replica refuses work "
+        "(503 engine_stalled, not ready) until the call returns; default max(10 s, 20 x a full batch's time at startup)",
+    )
+    engine_failures_before_restart: int = Field(
+        3, ge=1, description="failed engine calls in a row (raised or watchdog) after which /livez fails, so the pod restarts"
+    )
+    engine_stalled_restart_s: float = Field(
+        120.0, gt=0, description="an engine call stalled past the watchdog this long makes /livez fail"
+    )
     max_images_per_request: int = Field(32, ge=1, description="more images in one request → 413")
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="larger request bodies → 413")
     max_image_pixels: int = Field(40_000_000, ge=1, description="larger images (width×height) → 422, before decoding")

@@ -43,3 +43,100 @@ def test_padding_and_expiries_are_counted():
     assert logits.shape == (3, 2)  # padding rows discarded
     assert counter("vitserve_batch_padding_images_total", engine=engine) - padding0 == 1
     assert counter("vitserve_deadline_expired_images_total") - expired0 == 2
+
+
+# ---- a failing engine fails only its own batch ------------------------------------------------------------------------------
+class FaultyEngine:
+    """``run`` as an engine: the first value of ``faults`` decides each call ("ok", "raise", or a float: sleep that
+    long, then answer). A thread event lets a test end a hang at a moment it chooses."""
+
+    def __init__(self, *faults):
+        self.faults = list(faults)
+        self.calls = 0
+        self.release = __import__("threading").Event()
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        fault = self.faults.pop(0) if self.faults else "ok"
+        if fault == "raise":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        if fault == "hang":
+            self.release.wait(30)
+        return x.reshape(len(x), -1)[:, :2].copy()
+
+
+PIXELS = np.ones((1, 3, 2, 2), np.float32)
+
+
+def test_an_engine_that_raises_fails_only_its_batch_and_the_next_batch_serves():
+    from service.errors import EngineFailure
+
+    engine = FaultyEngine("raise")
+    failed0 = counter("vitserve_engine_failures_total", engine="test-raise", kind="raised")
+
+    async def scenario():
+        b = Batcher(engine, max_batch_size=4, max_wait_s=0.001, queue_capacity=16, hooks=metrics.PrometheusBatcherHooks("test-raise"))
+        b.start()
+        with pytest.raises(EngineFailure, match="inference failed: RuntimeError"):
+            await b.submit(PIXELS, time.monotonic() + 5)
+        assert b.health.failures_in_a_row == 1 and b.health.alive
+        logits, _ = await b.submit(PIXELS, time.monotonic() + 5)
+        assert b.health.failures_in_a_row == 0  # a success resets the count
+        return logits
+
+    assert asyncio.run(scenario()).shape == (1, 2)
+    assert counter("vitserve_engine_failures_total", engine="test-raise", kind="raised") - failed0 == 1
+
+
+def test_failures_in_a_row_end_liveness():
+    from service.batcher import EngineHealth
+    from service.errors import EngineFailure
+
+    async def scenario():
+        b = Batcher(FaultyEngine("raise", "raise", "raise"), max_batch_size=4, max_wait_s=0.001, queue_capacity=16,
+                    health=EngineHealth(max_failures=3))
+        b.start()
+        alive = []
+        for _ in range(3):
+            with pytest.raises(EngineFailure):
+                await b.submit(PIXELS, time.monotonic() + 5)
+            alive.append(b.health.alive)
+        return alive
+
+    assert asyncio.run(scenario()) == [True, True, False]
+
+
+def test_a_hung_engine_call_trips_the_watchdog_stalls_the_batcher_and_it_recovers():
+    from service.errors import EngineFailure, EngineStalled
+
+    engine = FaultyEngine("hang")
+    abandoned = []
+
+    async def scenario():
+        b = Batcher(engine, max_batch_size=1, max_wait_s=0.001, queue_capacity=16, watchdog_s=0.2,
+                    on_stall=lambda: abandoned.append(True))
+        b.start()
+        hung = asyncio.ensure_future(b.submit(PIXELS, time.monotonic() + 5))
+        await asyncio.sleep(0.05)
+        queued = asyncio.ensure_future(b.submit(PIXELS, time.monotonic() + 5))  # behind the hung batch
+        t0 = time.monotonic()
+        with pytest.raises(EngineFailure, match="watchdog"):
+            await hung
+        fired_after = time.monotonic() - t0
+        with pytest.raises(EngineFailure, match="stalled"):
+            await queued
+        assert b.health.stalled and abandoned == [True]
+        with pytest.raises(EngineStalled) as refused:
+            await b.submit(PIXELS, time.monotonic() + 5)
+        assert refused.value.retry_after_s == 0.2
+        engine.release.set()  # the call returns at last
+        for _ in range(100):
+            if not b.health.stalled:
+                break
+            await asyncio.sleep(0.01)
+        logits, _ = await b.submit(PIXELS, time.monotonic() + 5)
+        return fired_after, logits
+
+    fired_after, logits = asyncio.run(scenario())
+    assert fired_after < 1.0 and logits.shape == (1, 2)
+    assert engine.calls == 2  # the queued request was never computed

@@ -223,7 +223,8 @@ def test_hpa_reads_the_adapters_rules_with_kedas_thresholds():
 @needs_kubectl
 def test_alerts_read_metrics_the_service_exports():
     rules = [r for g in kind("gpu", "PrometheusRule")["spec"]["groups"] for r in g["rules"]]
-    assert {r["alert"] for r in rules} == {"VitserveHighP99Latency", "VitserveRefusingRequests", "VitserveNotReady"}
+    assert {r["alert"] for r in rules} == {"VitserveHighP99Latency", "VitserveRefusingRequests", "VitserveNotReady",
+                                          "VitserveEngineFailing"}
     for rule in rules:
         assert metric_names(rule["expr"]) and metric_names(rule["expr"]) <= EXPORTED_METRICS, rule["expr"]
 

@@ -45,6 +45,8 @@ def test_the_limit_refuses_with_retry_advice_and_learns_from_latency():
     a = door(max_latency_s=0.25, max_batch=1)
     a.limit = 4.0
     admitted = [a.admit("http") for _ in range(4)]
+    for t in admitted:
+        a.settle(t, 1)  # their bodies are read: all four count against the limit
     with pytest.raises(Overloaded) as refused:
         a.admit("http")
     assert "limit" in refused.value.message and refused.value.retry_after_s >= 1.0
@@ -62,6 +64,23 @@ def test_the_limit_refuses_with_retry_advice_and_learns_from_latency():
     a.admit("http")  # room again
 
 
+def test_bodies_still_being_read_hold_at_most_one_batch_of_the_door():
+    """Slow uploads (admitted, body not read yet) count for one full batch at most: requests that arrive complete are
+    still admitted while any number of them trickle, until the minimum body rate cuts them off."""
+    a = door(max_batch=4)  # floor: 8 images
+    a.limit = a.floor
+    trickling = [a.admit("http") for _ in range(8)]  # never settled: their bodies are still arriving
+    assert a.reading == pytest.approx(8) and a.work == pytest.approx(8)
+    complete = [a.admit("http") for _ in range(4)]  # the other half of the limit is still open
+    for t in complete:
+        a.settle(t, 1)
+    with pytest.raises(Overloaded):
+        a.admit("http")  # 4 (held by the readers) + 4 settled = the limit
+    for t in trickling:  # 408: their work leaves the building
+        a.release(t, answered=False)
+    assert a.reading == 0 and a.work == pytest.approx(4)
+
+
 def test_two_full_batches_are_always_admitted_however_slow_the_answers():
     """A batching engine needs its best batch queued while the last one runs: 2 × max_batch closed-loop clients are
     all served, even when every answer is over the bound, and the bound itself is what that much work costs."""
@@ -75,6 +94,8 @@ def test_two_full_batches_are_always_admitted_however_slow_the_answers():
             a._last_backoff = -1e9  # every answer a separate signal: the limit backs off as far as it can
     assert a.limit == pytest.approx(32.0)
     tickets = [a.admit("http") for _ in range(32)]
+    for t in tickets:
+        a.settle(t, 1)  # bodies read (unread ones would hold one batch at most)
     with pytest.raises(Overloaded):
         a.admit("http")  # the 33rd image is beyond the floor, and answers are over the bound
     free = door(max_batch=16, unloaded_s=0.01)
