@@ -2,6 +2,7 @@
 
     vitserve bench fuzz                               # 1,000,000 executions per parser, results committed
     vitserve bench fuzz --runs 2000 --no-write        # the short run the test suite does
+    vitserve bench fuzz --jobs 2                      # two parsers at a time
 
 Each target is the server's own parsing code, from bytes on the wire to the checks that run before an image is
 decoded: multipart (python-multipart's parser as the routes drive it), base64 JSON, KServe v2 JSON and its binary
@@ -172,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vitserve bench fuzz", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--targets", default=",".join(TARGETS), help="comma-separated: " + ", ".join(TARGETS))
     p.add_argument("--runs", type=int, default=1_000_000, help="executions per parser")
+    p.add_argument("--jobs", type=int, default=1, help="parsers fuzzed at once (each is one process)")
     p.add_argument("--workdir", type=Path, default=None, help="corpora and crash files (default: a temporary folder)")
     p.add_argument("--name", default="fuzz")
     p.add_argument("--no-write", action="store_true")
@@ -198,14 +200,18 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown targets: {', '.join(sorted(unknown))}; choose from {', '.join(TARGETS)}")
     with tempfile.TemporaryDirectory(prefix="vitserve-fuzz-") as tmp:
         workdir = args.workdir or Path(tmp)
-        results = []
-        for target in targets:
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(target: str) -> dict:
             r = run_target(target, args.runs, workdir)
             print(f"  {target:>10}: {r['executions']:,} executions in {r['seconds']} s, cov {r['coverage_edges']}, "
                   f"crashes {r['crashes']}", flush=True)
             if r["crashes"] or r["exit_code"]:
                 print(r["log_tail"], file=sys.stderr)
-            results.append(r)
+            return r
+
+        with ThreadPoolExecutor(max(1, args.jobs)) as pool:  # threads only wait: each parser is its own process
+            results = list(pool.map(one, targets))
     payload = {"benchmark": "fuzz", "command": command_line("fuzz", argv), "environment": environment(), "runs": args.runs,
                "results": results}
     rows = [(r["target"], f"{r['executions']:,} runs, {r['crashes']} crashes, cov {r['coverage_edges']}") for r in results]

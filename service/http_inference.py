@@ -22,6 +22,7 @@ import base64
 import binascii
 import json
 import os
+import re
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from service.classifier import Classification, Classifier
 
 IMAGE_FIELD, TOP_K_FIELD = b"images", b"top_k"
+_INTEGER = re.compile(r"-?[0-9]+")
 PROCESS = str(os.getpid())
 V2_HEADER_LENGTH = b"inference-header-content-length"
 
@@ -173,7 +175,8 @@ def parse_top_k(value: object) -> int | None:
         return None
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    # ASCII digits only: str.isdigit() also accepts "³", which int() then rejects (found by `vitserve bench fuzz`).
+    if isinstance(value, str) and _INTEGER.fullmatch(value.strip()):
         return int(value)
     raise InvalidParameter(f"top_k: must be an integer, got {value!r}")
 

@@ -44,7 +44,8 @@ def parse_request(body: bytes, header_length: str | None) -> tuple[list[v2.Tenso
     if header_length == "0":  # raw binary request: the body is one image
         return [v2.Tensor(v2.IMAGE_INPUT, "BYTES", [1], [body])], [], True, None
     if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        # ASCII digits only: str.isdigit() is also true of "³86", which int() rejects (found by `vitserve bench fuzz`).
+        if not (header_length.isascii() and header_length.isdigit()) or int(header_length) > len(body):
             raise MalformedRequest(f"Inference-Header-Content-Length {header_length!r} does not fit a {len(body)}-byte body")
         head, binary = body[: int(header_length)], memoryview(body)[int(header_length) :]
     else:
