@@ -116,7 +116,7 @@ def minute_table(records: list[dict], stats: list[dict], t0: float) -> list[dict
 def verdict(rows: list[dict], warmup: int = 1) -> dict:
     import statistics
 
-    steady = rows[warmup:]
+    steady = rows[min(warmup, len(rows) - 1):]  # a rehearsal of one minute has no warm-up to drop
     first, last = steady[: min(5, len(steady))], steady[-min(5, len(steady)):]
     p99 = lambda rs: statistics.median(r["p99_ms"] for r in rs if r["p99_ms"] is not None)  # noqa: E731
     statuses = Counter()
