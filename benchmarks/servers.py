@@ -52,8 +52,31 @@ def _base_env(workdir: Path) -> dict[str, str]:
 @contextmanager
 def running(name: str, cmd: list[str], env: dict[str, str], workdir: Path, port: int, ready_timeout: float = 300,
             ready_path: str = "/readyz"):
+    """Start ``cmd``, wait for ``ready_path`` to answer 200, yield the server, always stop it. A start that fails with
+    "Address already in use" is retried once: BentoML's process manager picks its own internal ports the way
+    ``free_port`` does (bind to 0, release, bind again later), so another process starting meanwhile can take one
+    first (seen once in a CI run: its ZeroMQ endpoint)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    log = workdir / f"{name}-{port}.log"
+    for attempt in (1, 2):
+        try:
+            server = _start(name, cmd, env, workdir, port, ready_timeout, ready_path, attempt)
+            break
+        except _PortTaken:
+            if attempt == 2:
+                raise
+    try:
+        yield server
+    finally:
+        stop(server.proc)
+
+
+class _PortTaken(RuntimeError):
+    pass
+
+
+def _start(name: str, cmd: list[str], env: dict[str, str], workdir: Path, port: int, ready_timeout: float,
+           ready_path: str, attempt: int) -> Server:
+    log = workdir / (f"{name}-{port}.log" if attempt == 1 else f"{name}-{port}-{attempt}.log")
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     server = Server(name, proc, f"http://127.0.0.1:{port}", log)
@@ -61,18 +84,20 @@ def running(name: str, cmd: list[str], env: dict[str, str], workdir: Path, port:
         deadline = time.monotonic() + ready_timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with {proc.returncode} before ready:\n{server.output()[-4000:]}")
+                output = server.output()
+                error = _PortTaken if "Address already in use" in output else RuntimeError
+                raise error(f"{name} exited with {proc.returncode} before ready:\n{output[-4000:]}")
             try:
                 if httpx.get(f"{server.url}{ready_path}", timeout=2, trust_env=False).status_code == 200:
-                    break
+                    return server
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{name} not ready after {ready_timeout}s:\n{server.output()[-4000:]}")
             time.sleep(0.3)
-        yield server
-    finally:
+    except BaseException:
         stop(proc)
+        raise
 
 
 def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
