@@ -3,6 +3,7 @@
     vitserve bench front-door                                  # demo artifact, c=16, default settings
     vitserve bench front-door --concurrency 8,16,32 --protocols multipart,grpc --duration 10
     vitserve bench front-door --triton --litserve --rounds 3   # + the peers, interleaved: make triton-peer first
+    vitserve bench front-door --floor --protocols raw,grpc     # + the transports' own CPU floor
     vitserve bench front-door --setting workers=2              # any service setting, here two front-end processes
 
 One 640×480 JPEG per request, closed loop, the client on the same machine. It measures, in one run:
@@ -17,6 +18,9 @@ One 640×480 JPEG per request, closed loop, the client on the same machine. It m
 - the same for the peers that speak the protocol, serving the same engine with the same Preprocessor: Triton
   (benchmarks/peers/triton_pytriton.py: v2 binary and gRPC) and LitServe's idiom (benchmarks/peers/litserve_peer.py:
   base64 JSON);
+- with ``--floor``, the transports alone (benchmarks/peers/transport_floor.py: uvicorn and grpc.aio answering a fixed
+  result, no decode or engine) loaded by the same clients: the server CPU per call that any Python front-end on
+  these cores pays before its work;
 - the ratio of each to raw serial, CPU per image over (decode + engine share), and ours over Triton's.
 
 The client is hand-written for HTTP (pre-built request bytes over kept-alive sockets, a few tens of µs per request)
@@ -223,7 +227,7 @@ async def closed_loop(protocol: str, url: str, grpc_target: str | None, pid: int
 
 
 # ---- the run ---------------------------------------------------------------------------------------------------------------------
-PEER_PROTOCOLS = {"triton": ("v2-binary", "grpc"), "litserve": ("base64",)}  # what each peer speaks of ours
+PEER_PROTOCOLS = {"triton": ("v2-binary", "grpc"), "litserve": ("base64",), "floor": ("raw", "grpc")}  # what each speaks of ours
 
 
 def run(args) -> dict:
@@ -254,6 +258,13 @@ def run(args) -> dict:
                                               args.workdir, port, ready_path="/health"))
             lit.grpc_address = None
             servers.append(("litserve", lit, [p for p in args.protocols if p in PEER_PROTOCOLS["litserve"]]))
+        if args.floor:  # the transports alone, fixed answers (benchmarks/peers/transport_floor.py)
+            port, grpc_port = free_port(), free_port()
+            cmd = [sys.executable, "-m", "benchmarks.peers.transport_floor", "--port", str(port), "--grpc-port", str(grpc_port)]
+            floor = stack.enter_context(running("floor", cmd, {**os.environ, "PYTHONUNBUFFERED": "1"}, args.workdir, port,
+                                                ready_path="/health"))
+            floor.grpc_address = f"127.0.0.1:{grpc_port}"
+            servers.append(("floor", floor, [p for p in args.protocols if p in PEER_PROTOCOLS["floor"]]))
         for i in range(args.rounds):
             for concurrency in args.concurrency:
                 for name, server, protocols in servers:
@@ -329,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--litserve", action="store_true", help="also load LitServe's idiom around the same engine (base64 JSON)")
     p.add_argument("--triton", action="store_true",
                    help="also load Triton (PyTriton) serving the same engine and Preprocessor: make triton-peer first")
+    p.add_argument("--floor", action="store_true",
+                   help="also load the transports alone (uvicorn and grpc.aio answering fixed results) for their CPU floor")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/vitserve-front-door"))
     p.add_argument("--name", default="front-door_demo")
     p.add_argument("--no-write", action="store_true")

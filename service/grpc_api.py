@@ -241,7 +241,8 @@ class GrpcFrontEnd:
     def __init__(self, clf: Classifier, settings: Settings, keys: ApiKeys):
         self.settings = settings
         self.server = grpc.aio.server(
-            interceptors=[_ApiKeyCheck(keys)],
+            # Only when keys are on: an interceptor is one more coroutine on every call (~30 µs of the loop here).
+            interceptors=[_ApiKeyCheck(keys)] if keys.enabled else [],
             options=[
                 ("grpc.max_receive_message_length", settings.max_body_bytes),  # the HTTP body limit, here too
                 ("grpc.so_reuseport", 1),  # several workers bind the same port (Linux shares connections among them)
