@@ -75,7 +75,7 @@ serve: install
 test: install data clients perf-analyzer
 	BENTOML_DO_NOT_TRACK=True $(BIN)/python -m pytest
 
-# Rebuild the embedded demo model from Fashion-MNIST: the exact recipe (README "The demo model"), ~12 min on
+# Rebuild the embedded demo model from Fashion-MNIST: the exact recipe (docs/finetune.md "The demo model"), ~12 min on
 # 2 CPU cores. torchrun runs two DDP processes on CPU here; on GPUs the same command uses one per GPU.
 demo-model: install data
 	$(BIN)/python -m demo.fashion_mnist --out data/fashion-mnist
@@ -93,16 +93,16 @@ demo-artifact: install data
 	$(BIN)/vitserve export runs/demo-checkpoint --output service/demo_artifact --force --name fashion-mnist-vit \
 	  --calibration-dir data/fashion-mnist/test --max-images 1024 --max-batch 64
 
-# The CPU comparison table in the README: our service vs the raw engine, BentoML's batchable idiom and a naive
+# The CPU comparison table in docs/results.md: our service vs the raw engine, BentoML's batchable idiom and a naive
 # pipeline() service, same model (ViT-S/16, random weights), same machine, one run (~6 min on 2 quiet cores).
 bench: install
 	BENTOML_DO_NOT_TRACK=True $(BIN)/vitserve bench compare --config vit-small
 
-# Overload on the demo model: 1x, 2x and 5x its saturation for 60 s each (README "Overload"), ~4 min.
+# Overload on the demo model: 1x, 2x and 5x its saturation for 60 s each (docs/serving.md "Overload"), ~4 min.
 overload: install
 	BENTOML_DO_NOT_TRACK=True $(BIN)/vitserve bench overload
 
-# The GPU path proven in one prepared run (README "GPU check"): <= 9 min on one H100/H200, every result into one folder.
+# The GPU path proven in one prepared run (docs/verification.md "GPU check"): <= 9 min on one H100/H200, every result into one folder.
 # Needs no .venv: a GPU machine keeps its own torch stack (run `make gpu-wheels` here first and carry .whl/ along).
 # DRY_RUN=1 rehearses the same script on CPU with a tiny ViT (< 2 min on 2 cores; tests/test_gpu_check.py runs it too).
 CHECK_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)

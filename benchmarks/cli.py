@@ -6,7 +6,7 @@
     vitserve bench compare --config vit-small          # ours vs raw engine vs BentoML-idiomatic vs naive peer
     vitserve bench int8 --config vit-small             # INT8 schemes: img/s by batch and parity, old against new
     vitserve bench overload                            # 1x/2x/5x saturation on the demo: goodput, p99, refusals
-    vitserve bench gpu-check [--dry-run]               # the whole GPU proof in one run (README "GPU check")
+    vitserve bench gpu-check [--dry-run]               # the whole GPU proof in one run (docs/verification.md "GPU check")
     vitserve bench predict --images DIR                 # vitserve predict vs the raw engine on a folder
     vitserve bench autoscale                           # the shipped autoscaling rule, simulated on our measured curve
     vitserve bench fuzz                                # atheris on every request parser, 1,000,000 runs each

@@ -70,7 +70,7 @@ class TrainConfig:
     epochs: int = arg(1, "passes over the training set (model card: 1-15)", "optimisation")
     learning_rate: float = arg(5e-5, "peak learning rate (model card: 1e-6..1e-4)", "optimisation", aliases=["--lr"])
     eval_steps: int = arg(1, "evaluate every N epochs (and always after the last)", "optimisation")
-    optimizer: str = arg("adamw", "optimizer (README: which suits what)", "optimisation", choices=OPTIMIZERS)
+    optimizer: str = arg("adamw", "optimizer (docs/finetune.md: which suits what)", "optimisation", choices=OPTIMIZERS)
     sam: bool = arg(
         False, "wrap the optimizer in Sharpness-Aware Minimization (2 forward/backward per step)", "optimisation"
     )

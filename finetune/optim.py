@@ -3,7 +3,7 @@
 torch ships AdamW, SGD and Adafactor. It has no LAMB, LARS or SAM, and no library that provides them installs
 without touching the pinned torch here, so each is written out below (~30 lines each) after its paper.
 
-Which suits what (also in README.md, "Optimizers: which suits what"): AdamW is the safe default for fine-tuning
+Which suits what (also in docs/finetune.md, "Optimizers: which suits what"): AdamW is the safe default for fine-tuning
 ViTs. SGD with momentum is how the ViT paper fine-tunes, but only with lr 0.003-0.03, warmup and clipping; at
 AdamW-sized rates it barely moves. Adafactor keeps factored second moments: least optimizer memory for ViT-L. LAMB
 and LARS scale each layer's step to the layer's weight norm, made for very large batches (many GPUs); they want

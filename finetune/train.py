@@ -12,7 +12,7 @@ dev machine: 2.4 min, 68 % test top-1):
     python -m finetune --train-dir /tmp/fm/train --test-dir /tmp/fm/test --base /tmp/tiny --output /tmp/run \
         --epochs 5 --batch-size 32 --lr 1e-3 --num-workers 0
 
-The full demo (60,000 images, ~88-89 %, ~11 min on 2 cores) is in README.md, "The demo model".
+The full demo (60,000 images, ~88-89 %, ~11 min on 2 cores) is in docs/finetune.md, "The demo model".
 
 RUN_DIR afterwards: checkpoint/ (HF folder + vitserve_calibration.json), train_state/ (for --resume), split.json,
 args.json, metrics.json, report/.

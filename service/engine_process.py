@@ -4,7 +4,7 @@
     front-end worker                                                        ├─ Unix socket ─→ engine process:
     ...                                                                    ─┘                 normalise → batcher → engine
 
-Why: one process's event loop spends ~0.7 ms per image on sockets, parsing and hand-offs (README "The front door"),
+Why: one process's event loop spends ~0.7 ms per image on sockets, parsing and hand-offs (docs/serving.md "The front door"),
 which caps it at a fraction of what a GPU engine does; more front-end processes multiply that, while batches still
 form in one place, so the engine sees one queue and its best batch. Each front-end sends a request's images as one
 frame of resized uint8 pixels (a quarter of float32's bytes; the engine process normalises the whole frame in one

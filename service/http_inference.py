@@ -6,7 +6,7 @@ render, in one place per request.
     POST /classify/base64          JSON ``{"images": [base64, ...], "top_k": k}``
     POST /v2/models/{name}[/versions/{v}]/infer     KServe v2 JSON, and Triton's binary tensor extension
 
-Why not FastAPI routes behind BentoML: profiled at saturation on the demo model (README "The front door"), BentoML's
+Why not FastAPI routes behind BentoML: profiled at saturation on the demo model (docs/serving.md "The front door"), BentoML's
 middlewares and FastAPI's routing, dependency solving and form parsing (each upload spooled to a temporary file, each
 read a thread hop) took about a third of the event loop's time per request, more than the image's decode. Here a
 request is read once, multipart is parsed by python-multipart's parser on the buffered body (~25 µs for a 60 KB

@@ -1,4 +1,4 @@
-"""Every service setting, typed, from ``VITSERVE_*`` environment variables (the README lists them)."""
+"""Every service setting, typed, from ``VITSERVE_*`` environment variables (docs/serving.md lists them)."""
 
 from __future__ import annotations
 
