@@ -60,10 +60,13 @@ protos: install
 
 # Debian packages the tests use: real data for the fine-tune tests and the demo model (dataset-fashion-mnist, MIT
 # licensed), qemu-user, whose qemu-x86_64 runs the INT8 engines on an emulated AVX2 CPU (tests/test_int8.py), and
-# libb64-0d, which perf_analyzer links (tests/test_perf_analyzer.py).
-APT_TEST_PACKAGES := dataset-fashion-mnist qemu-user libb64-0d
+# libb64-0d, which perf_analyzer links (tests/test_perf_analyzer.py), chromium, the real browser that drives the
+# service's page (tests/test_web_page.py), and prometheus, whose promtool parses every PromQL expression we ship
+# (tests/test_monitoring.py).
+APT_TEST_PACKAGES := dataset-fashion-mnist qemu-user libb64-0d chromium prometheus
 data:
-	@if [ ! -f $(FASHION_MNIST) ] || ! command -v qemu-x86_64 >/dev/null || [ ! -e /usr/lib/x86_64-linux-gnu/libb64.so.0d ]; then \
+	@if [ ! -f $(FASHION_MNIST) ] || ! command -v qemu-x86_64 >/dev/null || [ ! -e /usr/lib/x86_64-linux-gnu/libb64.so.0d ] \
+	    || ! command -v chromium >/dev/null || ! command -v promtool >/dev/null; then \
 	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_TEST_PACKAGES) >/dev/null; \
 	  else echo "note: install Debian's $(APT_TEST_PACKAGES) for the Fashion-MNIST and cross-CPU tests (they skip without them)"; fi; \

@@ -33,6 +33,7 @@ from service import hardware
 from service.artifact import (
     GOLDEN_NAME,
     EngineFile,
+    Evaluation,
     GoldenSet,
     Manifest,
     ModelInfo,
@@ -263,7 +264,23 @@ class _Export:
                             num_parameters=sum(p.numel() for p in c.model.parameters())),
             labels=c.labels, preprocessing=c.preprocessing, temperature=c.temperature, engines=engines, golden=golden,
             source=SourceInfo(checkpoint=o.checkpoint, sha256=c.source_sha256), versions=_versions(), export_report=report,
+            evaluation=run_evaluation(Path(o.checkpoint)),
         )  # fmt: skip
+
+
+def run_evaluation(checkpoint: Path) -> Evaluation | None:
+    """The held-out figures of the fine-tune run that wrote ``checkpoint`` (RUN/checkpoint → RUN/metrics.json): the
+    test set's when it had one, else validation's at the best epoch. None for checkpoints from elsewhere."""
+    metrics_file = checkpoint.parent / "metrics.json"
+    if not checkpoint.is_dir() or not metrics_file.is_file():
+        return None
+    metrics = json.loads(metrics_file.read_text())
+    split, figures = ("test", metrics.get("test")) if metrics.get("test") else ("validation", (metrics.get("final") or {}).get("val"))
+    if not figures:
+        return None  # a run that has not finished
+    return Evaluation(split=split, images=figures["num_samples"], top1=figures["top1"], top5=figures["top5"],
+                      macro_f1=figures["macro_f1"], ece=figures["ece"], confusion=figures.get("confusion"),
+                      source=str(metrics_file))
 
 
 def export_artifact(opts: ExportOptions) -> ExportResult:

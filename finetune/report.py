@@ -119,3 +119,73 @@ def rollout_overlays(examples: list, captions: list[str], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+# --- the run's report as one file ----------------------------------------------------------------------------------
+# Written with html.escape rather than a template engine: one page of fixed structure, and no new dependency.
+IMAGES = (  # (file in report/, caption), in reading order; missing ones are skipped
+    ("training_curves.png", "Training curves: loss and learning rate per logged step, validation top-1 per epoch"),
+    ("confusion_matrix.png", "Confusion matrix on validation (best checkpoint), rows normalised to recall"),
+    ("test_confusion_matrix.png", "Confusion matrix on the test set"),
+    ("reliability_diagram.png", "Reliability diagram: accuracy against confidence, before and after temperature scaling"),
+    ("attention_entropy.png", "Attention entropy per head (C collapsed, D duplicate)"),
+    ("attention_rollout.png", "Attention rollout on validation images"),
+)
+REPORT_CSS = (
+    "body{font:15px/1.45 system-ui,sans-serif;max-width:64rem;margin:0 auto;padding:1rem;color:#1b1f24}"
+    "table{border-collapse:collapse;margin:.5rem 0 1rem}th,td{padding:.2rem .6rem;border-bottom:1px solid #d7dbe0;"
+    "text-align:right}th:first-child,td:first-child{text-align:left}img{max-width:100%;height:auto}"
+    "figure{margin:1rem 0}figcaption{color:#5b6470;font-size:.9rem}.muted{color:#5b6470}"
+)
+
+
+def html_report(out: Path, metrics: dict, title: str) -> Path:
+    """OUT/index.html: the whole report in one self-contained file (figures embedded as data: URIs, no scripts), to
+    open from disk or attach to a ticket. ``metrics`` is metrics.json's content."""
+    import base64
+    from html import escape
+
+    def table(rows: list[dict], columns: list[str]) -> str:
+        head = "".join(f"<th>{escape(c)}</th>" for c in columns)
+        body = "".join("<tr>" + "".join(f"<td>{escape(cell(r.get(c)))}</td>" for c in columns) + "</tr>" for r in rows)
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+    def cell(value) -> str:
+        return f"{value:.4f}" if isinstance(value, float) else "" if value is None else str(value)
+
+    parts = [f"<h1>{escape(title)}</h1>"]
+    final, test = metrics.get("final") or {}, metrics.get("test")
+    summary = []
+    if final:
+        summary.append({"split": f"validation (best epoch {final['best_epoch']})", **final["val"]})
+    if test:
+        summary.append({"split": "test", **test})
+    if summary:
+        parts += ["<h2>Summary</h2>", table(summary, ["split", "num_samples", "top1", "top5", "macro_f1", "ece", "loss"])]
+    if final.get("calibration"):
+        c = final["calibration"]
+        parts.append(f"<p>Calibration: {escape(str(c.get('decision')))}, temperature {cell(c.get('temperature'))}, "
+                     f"ECE {cell(c.get('ece_before'))} → {cell(c.get('ece_after'))}.</p>")
+    if metrics.get("history"):
+        rows = [{"epoch": h["epoch"], **h["val"]} for h in metrics["history"]]
+        parts += ["<h2>Validation per epoch</h2>", table(rows, ["epoch", "top1", "top5", "macro_f1", "ece", "loss"])]
+    for stem, heading in (("per_class", "Per class, validation"), ("test_per_class", "Per class, test")):
+        if (out / f"{stem}.json").is_file():
+            rows = json.loads((out / f"{stem}.json").read_text())
+            parts += [f"<h2>{heading}</h2>", table(rows, ["label", "precision", "recall", "f1", "support"])]
+    if (out / "attention.json").is_file():
+        flagged = json.loads((out / "attention.json").read_text())["flagged"]
+        lines = "".join(f"<li>block {f['layer']} head {f['head']}: {escape(', '.join(f['why']))}</li>" for f in flagged)
+        parts += ["<h2>Attention heads</h2>", f"<ul>{lines}</ul>" if lines else "<p>No collapsed or duplicate heads.</p>"]
+    for name, caption in IMAGES:
+        if (out / name).is_file():
+            data = base64.b64encode((out / name).read_bytes()).decode()
+            parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{escape(caption)}">'
+                         f"<figcaption>{escape(caption)}</figcaption></figure>")
+    page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
+            f'content="width=device-width, initial-scale=1"><title>{escape(title)}</title><style>{REPORT_CSS}</style>'
+            f'</head><body>{"".join(parts)}<p class="muted">Written by vitserve finetune; the PNG, CSV and JSON files '
+            f"beside this one hold the same figures.</p></body></html>\n")
+    path = out / "index.html"
+    path.write_text(page)
+    return path

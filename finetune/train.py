@@ -622,7 +622,8 @@ def finish(run_dir: Path, device, classes: list[str], m: Model, loaders: Loaders
         test = evaluate_test(t_logits, t_labels, classes, temperature, out)
     attention_report(best, loaders.val, m.scale, m.offset, classes, out)
     write_metrics(run_dir, state, final, test)
-    print(f"checkpoint: {ckpt}  report: {out}")
+    page = report.html_report(out, {"final": final, "test": test, "history": state.history}, f"Fine-tune report: {run_dir.name}")
+    print(f"checkpoint: {ckpt}  report: {page}")
 
 
 def calibrate(ckpt: Path, logits: torch.Tensor, labels: torch.Tensor, best_epoch: int) -> dict:
@@ -630,7 +631,8 @@ def calibrate(ckpt: Path, logits: torch.Tensor, labels: torch.Tensor, best_epoch
     returns metrics.json's "final"."""
     cal = calibration.calibrate(logits, labels, source="validation")
     calibration.write(ckpt, cal)
-    final = {"best_epoch": best_epoch, "val": evaluate.metrics(logits, labels), "calibration": cal}
+    val = {**evaluate.metrics(logits, labels), "confusion": evaluate.confusion(logits, labels).tolist()}
+    final = {"best_epoch": best_epoch, "val": val, "calibration": cal}
     print(
         f"best epoch {best_epoch}: val top-1 {final['val']['top1']:.4f}; calibration: {cal['decision']} "
         f"(ECE {cal['ece_before']:.4f} -> {cal['ece_after']:.4f})"
@@ -645,7 +647,9 @@ def evaluate_test(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]
     test = evaluate.metrics(logits, labels)
     test["ece_calibrated"] = calibration.ece(logits, labels, temperature)
     test["nll_calibrated"] = calibration.nll(logits, labels, temperature)
-    report.confusion_matrix(evaluate.confusion(logits, labels), classes, out / "test_confusion_matrix.png", "test")
+    confusion = evaluate.confusion(logits, labels)
+    test["confusion"] = confusion.tolist()  # counts, for the artifact's model card (export reads metrics.json)
+    report.confusion_matrix(confusion, classes, out / "test_confusion_matrix.png", "test")
     report.per_class_files(evaluate.per_class(logits, labels, classes), out / "test_per_class")
     print(
         f"test: top-1 {test['top1']:.4f} top-5 {test['top5']:.4f} macro-F1 {test['macro_f1']:.4f} "

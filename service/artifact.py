@@ -229,6 +229,19 @@ class SourceInfo(_Strict):
     sha256: str = Field(description="sha256 over the checkpoint's weight files, in name order")
 
 
+class Evaluation(_Strict):
+    """How well the fine-tuned model did on held-out images (fine-tune's metrics.json), for the model card."""
+
+    split: Literal["test", "validation"]
+    images: int
+    top1: float
+    top5: float
+    macro_f1: float
+    ece: float = Field(description="expected calibration error before temperature scaling")
+    confusion: list[list[int]] | None = Field(default=None, description="counts, row = true class, column = predicted")
+    source: str = Field(description="the fine-tune run's metrics.json it was read from")
+
+
 class Manifest(_Strict):
     schema_version: Literal[1, 2, 3] = SCHEMA_VERSION
     model: ModelInfo
@@ -241,6 +254,7 @@ class Manifest(_Strict):
     versions: dict[str, str | None]
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
     export_report: dict = Field(default_factory=dict, description="e.g. the CPU engine choice and its timings")
+    evaluation: Evaluation | None = Field(default=None, description="the fine-tune run's held-out figures, when known")
 
     @model_validator(mode="before")
     @classmethod

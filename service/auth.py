@@ -17,8 +17,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service import metrics
 from service.errors import Unauthenticated
+from service.web_page import PATHS as PAGE_PATHS
 
-OPEN_PATHS = frozenset({"/livez", "/readyz", "/v2/health/live", "/v2/health/ready"})
+# The page's files are open too: they hold no data (what the page shows comes from the API, which asks for the key).
+OPEN_PATHS = frozenset({"/livez", "/readyz", "/v2/health/live", "/v2/health/ready"}) | PAGE_PATHS
 OPEN_GRPC_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 

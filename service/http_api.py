@@ -137,6 +137,9 @@ def describe(clf: Classifier) -> dict:
         "engine": clf.engine.describe(),
         # Every engine tried, in order, with its startup-check figures on this machine (skipped ones too).
         "engine_selection": [a.summary() for a in clf.selection.attempts],
+        # Each engine file's export gate against the FP32 model (the manifest's parity record), for the model card.
+        "gate": [{"file": e.file, "precision": e.precision, "device": e.device, **gate_figures(e.parity)} for e in m.engines],
+        "evaluation": m.evaluation.model_dump() if m.evaluation is not None else None,
         "protocols": {
             "http": {"json": "/classify", "kserve_v2": "/v2"},
             "grpc": {"port": s.grpc_port or None, "service": "inference.GRPCInferenceService", "tls": s.grpc_tls_cert is not None},
@@ -154,6 +157,14 @@ def describe(clf: Classifier) -> dict:
             "request_timeout_s": s.request_timeout_s,
         },
     }
+
+
+def gate_figures(parity) -> dict:
+    if parity is None:
+        return {"passed": None}
+    return {"passed": parity.passed, "images": parity.images, "top1_agreement": parity.top1_agreement,
+            "top1_agreement_ci95_low": parity.top1_agreement_ci95[0] if parity.top1_agreement_ci95 else None,
+            "max_abs_logit_diff": parity.max_abs_logit_diff}
 
 
 def add_error_handlers(app: FastAPI) -> None:

@@ -105,7 +105,9 @@ def guard(app: ASGIApp, get_classifier: Callable[[], Classifier], settings) -> A
     from service.auth import ApiKeys, HttpAuth
     from service.http_inference import InferenceRoutes
 
-    inner = BodyLimit(InferenceRoutes(JsonNotFound(app), get_classifier), max_bytes=lambda: settings.max_body_bytes,
+    from service.web_page import WebPage
+
+    inner = BodyLimit(InferenceRoutes(WebPage(JsonNotFound(app)), get_classifier), max_bytes=lambda: settings.max_body_bytes,
                       protocol_of=protocol_of)
     keys = ApiKeys(settings.keys)
     return HttpAuth(inner, keys=keys, metrics_open=settings.metrics_public) if keys.enabled else inner
