@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from finetune.config import UsageError
-from predict import summary
+from predict import shard, summary
 from predict.folder import list_files
 from predict.output import FORMATS, RowWriter, drop_partial_line, read_rows
 from predict.run import open_classifier, score, settings_for
@@ -48,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="larger images get an image_too_large row, as in the service")
     p.add_argument("--no-startup-check", dest="startup_check", action="store_false",
                    help="skip re-checking the golden set through the engine on this machine")
+    split = p.add_mutually_exclusive_group()
+    split.add_argument("--shard", metavar="I/N",
+                       help="score only shard I of N (0-based) into OUTPUT's part (preds.shard-0000I-of-0000N.csv); "
+                       "in a Kubernetes Indexed Job it defaults to JOB_COMPLETION_INDEX of JOB_COMPLETIONS")
+    split.add_argument("--merge-shards", type=int, metavar="N",
+                       help="merge the N parts written with --shard into OUTPUT, checking every file was scored exactly once")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="skip files already in --output (after an interruption) and append the rest")
     again.add_argument("--force", action="store_true", help="overwrite an existing --output")
@@ -131,12 +137,29 @@ def summarize(args, clf, files: list[str], timing: dict) -> dict:
     return out
 
 
+def our_files(output: Path, count: int | None) -> list[Path]:
+    """What this command writes for ``output`` (and, split N ways, every part), never scored as input."""
+    outputs = [output, *(shard.parts(output, count) if count else [])]
+    return [path for out in outputs for path in (out, *summary.report_paths(out).values())]
+
+
 def run(args, log) -> int:
+    merged = args.output
+    split = shard.parse(args.shard) if args.shard else None if args.merge_shards else shard.from_environment()
+    if args.merge_shards is not None and args.merge_shards < 1:
+        raise UsageError(f"--merge-shards must be at least 1, got {args.merge_shards}")
+    if split is not None:
+        args.output = split.part(merged)  # this shard's part: resumed, forced and summarised on its own
     settings, labels = check_usage(args)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    files = list_files(args.images_dir, exclude=[args.output, *summary.report_paths(args.output).values()])
+    files = list_files(args.images_dir, exclude=our_files(merged, split.count if split else args.merge_shards))
     if not files:
         raise UsageError(f"{args.images_dir}: no files to score (hidden files and folders are skipped)")
+    if args.merge_shards:
+        return merge(args, labels, files, log)
+    if split is not None:
+        files = [f for f in files if split.owns(f)]
+        log(f"shard {split}: {len(files)} files → {args.output}")
     done = {r.file for r in previous_rows(args, labels, log)}
     start = time.perf_counter()
     clf = open_classifier(settings)
@@ -157,6 +180,32 @@ def run(args, log) -> int:
     out = summarize(args, clf, files, timing)
     print("\n".join(summary.describe(out) + ["wrote " + ", ".join(out["written"])]))
     return 1 if out["counts"]["failed"] else 0
+
+
+def merge(args, labels: list[str], files: list[str], log) -> int:
+    """OUTPUT from the N parts: every listed file's row exactly once (sorted by file), and the summary's counts and
+    class figures over them."""
+    count = args.merge_shards
+    listed = set(files)
+    rows_by_shard = []
+    for part in shard.parts(args.output, count):
+        if not part.exists():
+            raise UsageError(f"{part} does not exist: run that shard (--shard I/{count}) first")
+        rows_by_shard.append([r for r in read_rows(part, labels, args.top_k) if r.file in listed])
+    rows = sorted(shard.check_complete(files, rows_by_shard, count), key=lambda r: r.file)
+    if args.output.exists():
+        args.output.unlink()  # --force (check_usage refused it otherwise); --resume has nothing to resume here
+    with RowWriter(args.output, args.top_k) as writer:
+        writer.write(rows)
+    paths = summary.report_paths(args.output)
+    out = {"images_dir": str(args.images_dir.resolve()), "output": str(args.output.resolve()), "shards": count,
+           "top_k": args.top_k, "counts": summary.counts(rows), **summary.class_figures(rows, files, labels, args.top_k, paths)}
+    paths["summary.json"].write_text(json.dumps(out, indent=2) + "\n")
+    c = out["counts"]
+    print(f"merged {count} shards: {c['files']} files ({c['scored']} scored, {c['failed']} failed), each exactly once → {args.output}")
+    if "accuracy" in out:
+        print(f"accuracy {out['accuracy']:.2%} over {out['metrics']['num_samples']} scored images in {out['classes']} class folders")
+    return 1 if c["failed"] else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -264,6 +264,9 @@ def test_class_folders_give_finetune_metrics_that_agree_with_the_rows(tiny_artif
         ("top-k too large", "--top-k must be between 1 and 10"),
         ("resume another top-k", "not written by `vitserve predict` with this artifact and --top-k 3"),
         ("empty folder", "no files to score"),
+        ("shard out of range", "--shard 3/3: I must be between 0 and N-1"),
+        ("shard not I/N", "expected I/N"),
+        ("merge before the shards ran", "preds.shard-00000-of-00002.csv does not exist: run that shard"),
     ],
 )
 def test_bad_usage_exits_2_with_a_clear_message(case, message, tiny_artifact, photo_bytes, tmp_path, capsys):
@@ -280,6 +283,9 @@ def test_bad_usage_exits_2_with_a_clear_message(case, message, tiny_artifact, ph
         "top-k too large": [images, "--output", out, "--top-k", 11],
         "resume another top-k": [images, "--output", out, "--top-k", 3, "--resume"],
         "empty folder": [empty, "--output", out],
+        "shard out of range": [images, "--output", out, "--shard", "3/3"],
+        "shard not I/N": [images, "--output", out, "--shard", "first"],
+        "merge before the shards ran": [images, "--output", out, "--merge-shards", 2],
     }[case]
     if case in ("output exists", "resume another top-k"):
         out.write_text("file,label_1,score_1,label_2,score_2,label_3,score_3,label_4,score_4,label_5,score_5,error\n")
@@ -291,8 +297,73 @@ def test_bad_usage_exits_2_with_a_clear_message(case, message, tiny_artifact, ph
     assert err.startswith("error: ") and message in err, err
 
 
+def test_an_indexed_job_pod_without_the_shard_count_is_refused(tiny_artifact, photo_bytes, tmp_path, monkeypatch, capsys):
+    from predict.cli import main
+
+    write_files(tmp_path / "images", {"a.png": photo_bytes[0][1]})
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "1")
+    monkeypatch.delenv("JOB_COMPLETIONS", raising=False)
+    assert main([str(tmp_path / "images"), "--output", str(tmp_path / "p.csv"), "--artifact", str(tiny_artifact)]) == 2
+    assert "JOB_COMPLETION_INDEX is set but JOB_COMPLETIONS is not" in capsys.readouterr().err
+
+
 def test_bad_usage_exit_code_of_the_real_command(tmp_path):
     missing = predict(tmp_path / "nope", "--output", tmp_path / "p.csv")
     assert missing.returncode == 2 and f"error: {tmp_path / 'nope'}: no such folder" in missing.stderr
     both = predict(tmp_path, "--output", tmp_path / "p.csv", "--resume", "--force")
     assert both.returncode == 2 and "not allowed with argument" in both.stderr
+
+
+def test_three_shards_as_an_indexed_job_then_merge_equal_one_unsharded_run(slow_folder, tiny_artifact, tmp_path):
+    """Three processes with JOB_COMPLETION_INDEX 0..2 (as an Indexed Job's pods), one killed midway and re-run with
+    --resume, then the merge: every file scored exactly once, the same rows as one unsharded run."""
+    from predict.shard import Shard
+
+    out, reference = tmp_path / "preds.csv", tmp_path / "reference.csv"
+    args = [str(slow_folder), "--artifact", str(tiny_artifact), "--batch-size", "2", "--output", str(out)]
+    env = lambda i: {**os.environ, "JOB_COMPLETION_INDEX": str(i), "JOB_COMPLETIONS": "3"}  # noqa: E731
+    parts = [Shard(i, 3).part(out) for i in range(3)]
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "vitserve.py"), "predict", *args], cwd=ROOT, env=env(i),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(3)]  # fmt: skip
+    try:
+        wait_for_rows(parts[1], 2, procs[1])
+        procs[1].send_signal(signal.SIGKILL)
+    finally:
+        procs[1].kill()
+        procs[1].communicate()
+    for p in (procs[0], procs[2]):
+        stdout, stderr = p.communicate(timeout=600)
+        assert p.returncode == 0, stdout.decode() + stderr.decode()
+    owned = {i: sorted(f for f in map(lambda r: r["file"], csv_rows(parts[i]))) for i in range(3)}
+    assert all(Shard(i, 3).owns(f) for i in owned for f in owned[i])
+    assert 2 <= len(owned[1]) < 60 - len(owned[0]) - len(owned[2]), "the kill did not land midway"
+
+    incomplete = run_cli("predict", *args, "--merge-shards", "3")
+    assert incomplete.returncode == 2 and "shard 1/3 lacks" in incomplete.stderr, incomplete.stderr
+    resumed = subprocess.run([sys.executable, str(ROOT / "vitserve.py"), "predict", *args, "--resume"], cwd=ROOT,
+                             env=env(1), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    merged = run_cli("predict", *args, "--merge-shards", "3")
+    assert merged.returncode == 0, merged.stdout + merged.stderr
+    assert "merged 3 shards: 60 files (60 scored, 0 failed), each exactly once" in merged.stdout
+
+    whole = run_cli("predict", *args[:-1], str(reference))
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+    rows, want = csv_rows(out), {r["file"]: top_of(r, 5) for r in csv_rows(reference)}
+    assert [r["file"] for r in rows] == sorted(want) and len(rows) == 60  # each file once, in one file
+    for row in rows:
+        labels, scores = top_of(row, 5)
+        assert labels == want[row["file"]][0], row["file"]
+        np.testing.assert_allclose(scores, want[row["file"]][1], **SCORE_TOLERANCE)
+    assert json.loads(out.with_name("preds.summary.json").read_text())["counts"]["files"] == 60
+
+
+def test_a_shard_is_a_fixed_share_and_the_shards_cover_every_file_once():
+    from predict.shard import Shard, parse
+
+    files = [f"class_{i % 7}/img_{i}.jpg" for i in range(3000)]
+    owners = [[i for i in range(5) if Shard(i, 5).owns(f)] for f in files]
+    assert all(len(o) == 1 for o in owners)
+    sizes = Counter(o[0] for o in owners)
+    assert min(sizes.values()) > 0.8 * 600 and max(sizes.values()) < 1.2 * 600, sizes  # balanced
+    assert parse("2/5") == Shard(2, 5) and Shard(2, 5).part(Path("out/p.jsonl")) == Path("out/p.shard-00002-of-00005.jsonl")
