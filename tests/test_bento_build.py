@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from PIL import Image
 
 from service.artifact import read_manifest
 from tests.server import ROOT, free_port, stop
@@ -72,6 +73,7 @@ def test_bentoml_build_then_serve_the_bento(tmp_path, tiny_artifact):
     assert (bento_src / "service" / "app.py").is_file()
     assert (bento_src / "artifacts" / "tiny" / "manifest.json").is_file()
     check_image_recipe(bento_src.parent, gpu=False)
+    predicts_from_its_own_sources(bento_src, tiny_artifact, tmp_path)
 
     port, grpc_port = free_port(), free_port()
     proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", tag, "--port", str(port), "--host", "127.0.0.1"],
@@ -98,3 +100,24 @@ def test_bentoml_build_then_serve_the_bento(tmp_path, tiny_artifact):
         assert ready.ready  # the Bento's packages carry the gRPC front-end too
     finally:
         stop(proc)
+
+
+def predicts_from_its_own_sources(bento_src: Path, artifact: Path, tmp_path: Path) -> None:
+    """`vitserve predict` runs from the Bento's sources alone (the batch Job's command): every project module it
+    imports is a file inside the Bento, none is picked up from this checkout."""
+    images = tmp_path / "predict-images"
+    images.mkdir()
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(images / "red.png")
+    out = tmp_path / "predict-out" / "preds.csv"
+    script = (
+        "import sys; sys.path.insert(0, '.')\n"
+        "from predict.cli import main\n"
+        f"code = main([{str(images)!r}, '--artifact', {str(artifact)!r}, '--output', {str(out)!r}, '--shard', '0/1'])\n"
+        "mods = [m.__file__ for m in list(sys.modules.values()) if getattr(m, '__file__', None)]\n"
+        f"outside = [f for f in mods if f.startswith({str(ROOT)!r} + '/') and not f.startswith(({str(bento_src)!r}, sys.prefix))]\n"
+        "print('OUTSIDE', outside[:10]); sys.exit(code)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], cwd=bento_src, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "OUTSIDE []" in run.stdout, run.stdout
+    assert out.with_name("preds.shard-00000-of-00001.csv").read_text().count("red.png") == 1

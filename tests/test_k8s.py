@@ -277,3 +277,92 @@ def test_vitserve_serves_as_the_hardened_pod_runs(tmp_path, photo_bytes):
         assert any(p.stat().st_uid == 1034 for p in home.rglob("*"))
     finally:
         shutil.rmtree(home, ignore_errors=True)
+
+
+# ---- batch prediction: an Indexed Job and its merge -----------------------------------------------------------------
+JOBS = ["predict", "predict-gpu", "predict-merge"]
+
+
+@cache
+def render_job(name: str) -> dict:
+    out = subprocess.run(["kubectl", "kustomize", str(K8S / "jobs" / name)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    [job] = [d for d in yaml.safe_load_all(out.stdout) if d]
+    return job
+
+
+@needs_kubectl
+@pytest.mark.parametrize("name", JOBS)
+def test_batch_jobs_pass_strict_validation_and_run_the_hardened_pod(name):
+    import kubernetes_validate
+    from bentoml._internal.container.generate import BENTO_UID_GID
+
+    job = render_job(name)
+    kubernetes_validate.validate(job, kubernetes_validate.latest_version(), strict=True)
+    pod = job["spec"]["template"]["spec"]
+    serving = kind("cpu", "Deployment")["spec"]["template"]["spec"]
+    assert pod["securityContext"] == serving["securityContext"] and pod["securityContext"]["runAsUser"] == BENTO_UID_GID
+    assert pod["automountServiceAccountToken"] is False and pod["restartPolicy"] == "Never"
+    [c] = pod["containers"]
+    assert c["securityContext"] == container("cpu")["securityContext"]
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]]
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert env["TMPDIR"] == "/tmp" and env["HOME"].startswith("/tmp/")  # the only writable paths: volumes
+    assert "python vitserve.py predict /data/images --output /data/predictions/preds.csv" in c["command"][-1]
+
+
+@needs_kubectl
+def test_the_indexed_job_and_the_merge_agree_on_the_number_of_shards():
+    job, merge = render_job("predict"), render_job("predict-merge")
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed" and spec["backoffLimitPerIndex"] >= 1
+    [c] = spec["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert int(env["JOB_COMPLETIONS"]) == spec["completions"]  # Kubernetes passes only JOB_COMPLETION_INDEX
+    assert f"--merge-shards {spec['completions']}" in merge["spec"]["template"]["spec"]["containers"][0]["command"][-1]
+    assert "--resume" in c["command"][-1]  # a replaced pod continues its part
+    assert any(r["action"] == "FailJob" and r["onExitCodes"]["values"] == [2] for r in spec["podFailurePolicy"]["rules"])
+
+
+@needs_kubectl
+def test_the_gpu_job_places_one_gpu_pod_on_gpu_nodes():
+    pod = render_job("predict-gpu")["spec"]["template"]["spec"]
+    [c] = pod["containers"]
+    assert c["image"] == "vitserve:gpu" and c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert pod["nodeSelector"] and any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
+
+
+def render_all(name: str) -> list[dict]:
+    out = subprocess.run(["kubectl", "kustomize", str(K8S / "jobs" / name)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+@needs_kubectl
+def test_the_multi_node_finetune_job_finds_its_rendezvous_and_runs_the_hardened_pod():
+    import kubernetes_validate
+
+    docs = render_all("finetune")
+    for doc in docs:
+        kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
+    [job] = [d for d in docs if d["kind"] == "Job"]
+    [service] = [d for d in docs if d["kind"] == "Service"]
+    spec, pod = job["spec"], job["spec"]["template"]["spec"]
+    [c] = pod["containers"]
+    env = {e["name"]: e["value"] for e in c["env"]}
+    script = " ".join(c["command"])
+    assert spec["completionMode"] == "Indexed" and spec["parallelism"] == spec["completions"] == int(env["NNODES"])
+    assert int(env["GPUS_PER_NODE"]) == c["resources"]["limits"]["nvidia.com/gpu"]
+    # Index 0's stable name, through the headless Service every pod is a subdomain of.
+    assert service["spec"]["clusterIP"] == "None" and pod["subdomain"] == service["metadata"]["name"]
+    assert service["spec"]["selector"] == {"batch.kubernetes.io/job-name": job["metadata"]["name"]}
+    assert f"--rdzv-endpoint {job['metadata']['name']}-0.{service['metadata']['name']}:29400" in script
+    assert "--rdzv-backend c10d" in script and '--nnodes "$NNODES"' in script and "-m finetune" in script
+    assert '[ -d "$RUN_DIR/train_state" ] && resume="--resume"' in script  # a retried pod continues the run
+    serving = kind("gpu", "Deployment")["spec"]["template"]["spec"]
+    assert pod["securityContext"] == serving["securityContext"]
+    assert c["securityContext"] == container("gpu")["securityContext"]
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    assert env["RUN_DIR"].startswith("/runs/") and "persistentVolumeClaim" in {v["name"]: v for v in pod["volumes"]}[mounts["/runs"]]
