@@ -21,7 +21,7 @@ import random
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from PIL import Image
 
 from finetune.config import UsageError
 from finetune.plan import DEFAULT_BASE, dataset_advice
+from finetune.storage import Folder
 from service.artifact import Preprocessing
 from service.errors import ServiceError
 from service.preprocess import Preprocessor, decode_image
@@ -45,7 +46,7 @@ MAX_TRAINING_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
 class Scan:
     """What is in one image folder."""
 
-    root: Path
+    root: Folder  # local or remote (finetune.storage)
     classes: list[str]
     samples: list[tuple[str, int]]  # (path relative to root, label index), sorted
     sha256: dict[str, str]  # relative path -> hex digest of the file bytes
@@ -57,11 +58,11 @@ class Scan:
         return [c[i] for i in range(len(self.classes))]
 
 
-def check_image(path: Path) -> tuple[str | None, str | None]:
+def check_image(folder: Folder, rel: str) -> tuple[str | None, str | None]:
     """(sha256, None) for an image the service would decode, (None, reason) otherwise. Decodes the whole file with
     the service's decoder: `verify()` alone misses truncated data, and a file named .jpg may be anything."""
     try:
-        data = path.read_bytes()
+        data = folder.read(rel)
         if not data:
             return None, "empty file"
         img = decode_image(data, max_pixels=MAX_TRAINING_PIXELS)
@@ -77,10 +78,10 @@ def check_image(path: Path) -> tuple[str | None, str | None]:
 def scan_folder(root: str | os.PathLike, classes: list[str] | None = None, threads: int = 4) -> Scan:
     """Find and check every image under root/<class>/. `classes` fixes the label order (validation and test
     folders use the training folder's classes)."""
-    root = Path(root)
-    if not root.is_dir():
+    root = root if isinstance(root, Folder) else Folder(root)
+    if not root.exists():
         raise UsageError(f"{root}: not a folder")
-    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    found = root.subfolders()
     if classes is None:
         classes = found
         if len(classes) < 2:
@@ -91,15 +92,16 @@ def scan_folder(root: str | os.PathLike, classes: list[str] | None = None, threa
     index = {name: i for i, name in enumerate(classes)}
 
     candidates, ignored = [], []
-    for name in found:
-        for path in sorted((root / name).rglob("*")):
-            if not path.is_file() or any(part.startswith(".") for part in path.relative_to(root).parts):
-                continue
-            rel = path.relative_to(root).as_posix()
-            (candidates if path.suffix.lower() in IMAGE_EXTENSIONS else ignored).append((rel, index[name]))
+    # Class by class, each in path order (part by part): the order samples had when folders were walked locally, so
+    # a split is the same whatever the storage.
+    for rel in sorted(root.files(exclude=[]), key=lambda rel: PurePosixPath(rel).parts):  # hidden ones left out
+        name = rel.split("/", 1)[0]
+        if "/" not in rel or name not in index:
+            continue  # a file beside the class folders
+        (candidates if Path(rel).suffix.lower() in IMAGE_EXTENSIONS else ignored).append((rel, index[name]))
 
-    with ThreadPoolExecutor(max(1, threads)) as pool:  # decoding is mostly in C and releases the GIL
-        checked = list(pool.map(lambda c: check_image(root / c[0]), candidates))
+    with ThreadPoolExecutor(max(1, threads)) as pool:  # decoding is mostly in C and releases the GIL; reads wait on I/O
+        checked = list(pool.map(lambda c: check_image(root, c[0]), candidates))
     samples, sha, corrupt = [], {}, []
     for (rel, label), (digest, reason) in zip(candidates, checked):
         if digest is None:
@@ -133,7 +135,7 @@ def describe(
     """Report corrupt files, small and imbalanced classes, train/val duplicates and the model card's dataset-size
     advice for `base`, the model being fine-tuned (finetune.plan.dataset_advice)."""
     for rel, reason in train.corrupt:
-        warn(f"skipping unreadable file {train.root / rel} ({reason})")
+        warn(f"skipping unreadable file {train.root}/{rel} ({reason})")
     if train.ignored:
         shown = ", ".join(train.ignored[:5]) + (" ..." if len(train.ignored) > 5 else "")
         warn(f"ignoring {len(train.ignored)} file(s) without an image extension in {train.root}: {shown}")
@@ -185,8 +187,8 @@ def exact_resize(image_size: int) -> Preprocessing:
 class ImageFolderDataset(torch.utils.data.Dataset):
     """(uint8 image (3, H, W), label) pairs, decoded, resized and cropped by the service's own code."""
 
-    def __init__(self, root: Path, samples: list[tuple[str, int]], spec: Preprocessing | int):
-        self.root, self.samples = Path(root), samples
+    def __init__(self, root: Folder | Path, samples: list[tuple[str, int]], spec: Preprocessing | int):
+        self.root, self.samples = root if isinstance(root, Folder) else Folder(root), samples
         self.spec = exact_resize(spec) if isinstance(spec, int) else spec
         self.preprocessor = Preprocessor(self.spec)
 
@@ -195,7 +197,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         rel, label = self.samples[i]
-        hwc = self.preprocessor.decode_uint8((self.root / rel).read_bytes(), max_pixels=MAX_TRAINING_PIXELS, index=i)
+        hwc = self.preprocessor.decode_uint8(self.root.read(rel), max_pixels=MAX_TRAINING_PIXELS, index=i)
         return torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1))), label  # (3, H, W) uint8
 
 

@@ -551,6 +551,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory", type=float, default=None, help="GiB available for training (default: the GPU's)")
     p.add_argument("--images", type=int, default=None, help="training images, for the model card's dataset-size advice")
     p.add_argument("--serve-batch", type=int, default=32, help="batch for serving memory")
+    scale = p.add_argument_group("beyond one GPU (finetune/plan_scale.py)")
+    scale.add_argument("--nodes", type=int, default=1, help="fine-tune on this many nodes (torchrun --nnodes)")
+    scale.add_argument("--gpus-per-node", type=int, default=1, help="processes (GPUs) per node")
+    scale.add_argument("--epochs", type=int, default=1, help="epochs, for the wall time (with --images)")
+    scale.add_argument("--predict-images", type=int, default=None, help="images to score as a batch Job")
+    scale.add_argument("--pods", type=int, default=1, help="pods (shards) of that Job")
+    scale.add_argument("--pod-images-per-s", type=float, default=None,
+                       help="a pod's measured img/s (default: the engine's estimate on --gpu)")
     p.add_argument("--json", action="store_true", help="print the estimates as JSON")
     return p
 
@@ -583,8 +591,27 @@ def plan(args: argparse.Namespace) -> dict:
                         "bf16": GPUS[name].bf16} for name in gpus},
         "dataset_advice": dataset_advice(args.images, source)[1] if args.images else None,
         "fit_gib": fit_gib, "fit": fit_lines(shape, setup, int(fit_gib * GiB)) if fit_gib else None,
-        "serve_batch": args.serve_batch,
+        "serve_batch": args.serve_batch, **scale_out(args, shape, setup),
     }  # fmt: skip
+
+
+def scale_out(args: argparse.Namespace, shape: VitShape, setup: Setup) -> dict:
+    """The multi-node fine-tune and batch-prediction estimates, on --gpu (default the first of the table's)."""
+    from finetune import plan_scale
+
+    gpu = args.gpu or DEFAULT_GPUS[-1]
+    out: dict = {}
+    if args.nodes > 1 or args.gpus_per_node > 1:
+        out["multi_node"] = {**plan_scale.training_scale(training_images_per_s(shape, setup, GPUS[gpu]), args.nodes,
+                                                         args.gpus_per_node, setup.batch, args.images, args.epochs),
+                             "gpu": GPUS[gpu].name}  # fmt: skip
+        out["images_for_scale"] = args.images
+    if args.predict_images:
+        measured = args.pod_images_per_s is not None
+        rate = args.pod_images_per_s if measured else serving_images_per_s(shape, GPUS[gpu])
+        out["prediction_job"] = {**plan_scale.prediction_job(args.predict_images, args.pods, rate, measured),
+                                 "gpu": GPUS[gpu].name}
+    return out
 
 
 def memory_dict(m: TrainingMemory) -> dict:
@@ -649,6 +676,10 @@ def format_report(r: dict) -> str:
                  "estimates, not measurements)")  # fmt: skip
     if r["fit"]:
         lines += ["", *r["fit"]]
+    from finetune.plan_scale import report_lines
+
+    if scaled := report_lines(r):
+        lines += ["", *scaled]
     lines += ["", *advice_lines(r)]
     return "\n".join(lines)
 
@@ -672,9 +703,10 @@ def advice_lines(r: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.batch_size < 1 or args.gradient_accumulation_steps < 1 or args.lora_r < 1:
-        print("vitserve plan: error: --batch-size, --gradient-accumulation-steps and --lora-r must be >= 1",
-              file=sys.stderr)  # fmt: skip
+    if min(args.batch_size, args.gradient_accumulation_steps, args.lora_r, args.nodes, args.gpus_per_node, args.epochs,
+           args.pods) < 1 or (args.pod_images_per_s is not None and args.pod_images_per_s <= 0):
+        print("vitserve plan: error: --batch-size, --gradient-accumulation-steps, --lora-r, --nodes, --gpus-per-node, "
+              "--epochs and --pods must be >= 1, --pod-images-per-s > 0", file=sys.stderr)  # fmt: skip
         return 2
     if not re.fullmatch(r"none|patch-embed|linear-probe|blocks:\d+", args.freeze):
         print(f"vitserve plan: error: --freeze {args.freeze!r}: expected none, patch-embed, blocks:N or linear-probe",

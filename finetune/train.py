@@ -43,6 +43,7 @@ from finetune import calibration, data, evaluate, optim, plan, report, runtime, 
 from finetune import model as model_lib
 from finetune.augment import BatchAugment
 from finetune.config import RESUME_SAFE, TrainConfig, UsageError, to_dict
+from finetune.storage import Folder
 
 CHECKPOINT_DIR = "checkpoint"
 EXIT_SIGTERM = 143  # 128 + SIGTERM, what a shell reports for a process ended by SIGTERM
@@ -75,9 +76,9 @@ class Splits:
     """The images of each split (prepare_data)."""
 
     classes: list[str]
-    train_root: Path
+    train_root: Folder
     train_samples: list[tuple[str, int]]
-    val_root: Path
+    val_root: Folder
     val_samples: list[tuple[str, int]]
     test_scan: data.Scan | None = None  # scanned after split.json is written
 
@@ -282,7 +283,7 @@ def prepare_data(cfg: TrainConfig, rt: runtime.Runtime, resuming: bool) -> Split
 
 def warn_unreadable(rt: runtime.Runtime, scan: data.Scan) -> None:
     for rel, reason in scan.corrupt:
-        rt.warn(f"skipping unreadable file {scan.root / rel} ({reason})")
+        rt.warn(f"skipping unreadable file {scan.root}/{rel} ({reason})")
 
 
 def write_split(cfg: TrainConfig, rt: runtime.Runtime, splits: Splits, resuming: bool) -> None:

@@ -12,7 +12,7 @@ left out: here the batches are simply consecutive files.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -56,10 +56,10 @@ def open_classifier(settings):
         raise UsageError(str(e)) from None
 
 
-def _decode(clf, path: Path) -> np.ndarray | ServiceError:
+def _decode(clf, read: Callable[[str], bytes], file: str) -> np.ndarray | ServiceError:
     """(3, H, W) float32 exactly as the service decodes a request's image, or the error it would answer."""
     try:
-        data = path.read_bytes()  # outside the gate: waiting on the disk does not hold the CPU from the engine
+        data = read(file)  # outside the gate: waiting on the disk or network does not hold the CPU from the engine
     except OSError as e:
         return UnreadableFile(f"cannot read the file: {e.strerror or e}")
     try:
@@ -89,8 +89,8 @@ def _rows(clf, files: list[str], decoded: list[np.ndarray | ServiceError], top_k
     ]
 
 
-def score(clf, root: Path, files: list[str], top_k: int) -> Iterator[list[Row]]:
-    """Rows for ``files`` (relative to ``root``), one list per engine batch of ``clf.max_batch_size``, in order.
+def score(clf, read: Callable[[str], bytes], files: list[str], top_k: int) -> Iterator[list[Row]]:
+    """Rows for ``files`` (their bytes from ``read``), one list per engine batch of ``clf.max_batch_size``, in order.
     The next batch decodes in the pool while the engine runs this one."""
     size = clf.max_batch_size
     batches = [files[i : i + size] for i in range(0, len(files), size)]
@@ -99,7 +99,7 @@ def score(clf, root: Path, files: list[str], top_k: int) -> Iterator[list[Row]]:
     try:
         for i, batch in enumerate(batches):
             for ahead in batches[i + len(queued) : i + 1 + DECODE_AHEAD]:
-                queued.append([pool.submit(_decode, clf, root / file) for file in ahead])
+                queued.append([pool.submit(_decode, clf, read, file) for file in ahead])
             decoded = [f.result() for f in queued.popleft()]
             yield _rows(clf, batch, decoded, top_k)
     finally:

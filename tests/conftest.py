@@ -83,3 +83,23 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(no_gpu)
         if item.get_closest_marker("tensorrt") and not have_trt:
             item.add_marker(no_trt)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server on a free port (moto's, over HTTP); the environment a client needs to use it."""
+    moto_server = pytest.importorskip("moto.server", reason="needs moto[server] (make install)")
+    import boto3
+
+    from benchmarks.servers import free_port
+
+    port = free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}"}  # fsspec's per-protocol setting from the environment
+    client = boto3.client("s3", endpoint_url=env["FSSPEC_S3_ENDPOINT_URL"], aws_access_key_id="testing",
+                          aws_secret_access_key="testing", region_name="us-east-1")
+    client.create_bucket(Bucket="photos")
+    yield env, client
+    server.stop()

@@ -280,3 +280,65 @@ def test_every_optimizer_option_runs_end_to_end(squares, tiny_base, tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert all(np.isfinite(r["loss"]) for r in metrics["train_log"])
     assert metrics["best"]["metric"] == "loss" and len(metrics["history"]) == 2
+
+
+# --- across nodes ---------------------------------------------------------------------------------------------------
+def test_two_nodes_over_a_loopback_rendezvous_train_the_same_weights_as_one_node_with_two_processes(squares, tiny_base, tmp_path):
+    """`torchrun --nnodes 2` as a second machine runs it: two launchers, one process each, meeting at a c10d
+    rendezvous over loopback (gloo), against one launcher with two processes. Same ranks, same shards, same weights."""
+    from benchmarks.servers import free_port
+
+    def args(out: Path) -> list[str]:
+        return ["-m", "finetune", "--train-dir", str(squares), "--val-split", "0.25", "--base", str(tiny_base),
+                "--output", str(out), "--epochs", "2", "--batch-size", "4", "--augment", "none", "--num-workers", "0"]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run"]
+    one = subprocess.run([*launcher, "--standalone", "--nnodes", "1", "--nproc-per-node", "2", *args(tmp_path / "one")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+
+    port = free_port()
+    rendezvous = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+                  "--rdzv-id", "vitserve-two-nodes"]
+    nodes = [subprocess.Popen([*launcher, *rendezvous, *args(tmp_path / "two")], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), "\n".join(o[0][-2000:] + o[1][-2000:] for o in outputs)
+
+    a = load_file(tmp_path / "one" / "checkpoint" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "checkpoint" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), max((a[k] - b[k]).abs().max().item() for k in a)
+    # And they trained: the two processes' weights moved from the base.
+    base = load_file(tiny_base / "model.safetensors")
+    assert any(not torch.equal(a[k], base[k]) for k in a if k in base and a[k].shape == base[k].shape)
+    history = json.loads((tmp_path / "two" / "metrics.json").read_text())["history"]
+    assert json.loads((tmp_path / "one" / "metrics.json").read_text())["history"][-1]["val"] == history[-1]["val"]
+
+
+# --- from object storage --------------------------------------------------------------------------------------------
+def test_training_images_read_from_an_s3_bucket_train_the_same_weights_as_the_local_folder(s3_server, squares, tiny_base, tmp_path):
+    """The training folder as s3://bucket/prefix (a real S3-compatible server over HTTP, read through fsspec, item
+    by item): the same split, the same weights as from the same files on disk."""
+    env, client = s3_server
+    for path in sorted(squares.rglob("*.png")):
+        client.put_object(Bucket="photos", Key=f"train-squares/{path.relative_to(squares).as_posix()}", Body=path.read_bytes())
+
+    def finetune(train_dir: str, out: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(ROOT / "vitserve.py"), "finetune", "--train-dir", train_dir,
+                               "--val-split", "0.25", "--base", str(tiny_base), "--output", str(out), "--epochs", "1",
+                               "--batch-size", "4", "--augment", "none", "--num-workers", "0"],
+                              cwd=ROOT, env={**os.environ, **env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                              timeout=600)  # fmt: skip
+
+    remote = finetune("s3://photos/train-squares", tmp_path / "remote")
+    assert remote.returncode == 0, remote.stdout[-3000:] + remote.stderr[-3000:]
+    local = finetune(str(squares), tmp_path / "local")
+    assert local.returncode == 0, local.stdout[-3000:] + local.stderr[-3000:]
+    split = {name: json.loads((tmp_path / name / "split.json").read_text()) for name in ("remote", "local")}
+    assert split["remote"]["train_dir"] == "s3://photos/train-squares"
+    assert all(split["remote"][k] == split["local"][k] for k in ("classes", "train", "val")) and len(split["local"]["train"]) == 45
+    a = load_file(tmp_path / "remote" / "checkpoint" / "model.safetensors")
+    b = load_file(tmp_path / "local" / "checkpoint" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -291,3 +291,26 @@ def test_out_of_memory_message_without_a_gpu_keeps_the_remedies():
 
 if __name__ == "__main__":
     _measure_in_this_process(json.loads(sys.argv[1]))
+
+
+def test_multi_node_and_batch_job_estimates_follow_from_the_one_gpu_figures(capsys):
+    from finetune import plan_scale
+
+    args = ["--model", "vit-large", "--precision", "bf16", "--gpu", "a100", "--images", "100000", "--epochs", "3", "--json"]
+    assert plan.main([*args, "--nodes", "2", "--gpus-per-node", "4", "--predict-images", "10000000", "--pods", "100"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    one = r["gpus"]["a100"]["train_images_per_s"]
+    t = r["multi_node"]
+    assert t["gpus"] == 8 and t["global_batch"] == 32
+    assert t["images_per_s"] == pytest.approx(one * 8 * plan_scale.INTRA_NODE_EFFICIENCY * plan_scale.DDP_EFFICIENCY)
+    assert t["wall_s"] == pytest.approx(3 * 100_000 / t["images_per_s"]) and t["steps_per_epoch"] == 3125
+    p = r["prediction_job"]
+    assert p["images_per_pod"] == 100_000 and p["pod_rate_measured"] is False
+    assert p["pod_images_per_s"] == pytest.approx(r["gpus"]["a100"]["serve_images_per_s"])
+    assert p["wall_s"] == pytest.approx(plan_scale.POD_STARTUP_S + 100_000 / p["pod_images_per_s"])
+    # A measured pod rate replaces the estimate; one node with one GPU adds no multi-node section.
+    assert plan.main(["--predict-images", "1000", "--pods", "3", "--pod-images-per-s", "50"]) == 0
+    text = capsys.readouterr().out
+    assert "Batch prediction of 1,000 images on 3 pods" in text and "334 per pod at 50 img/s (measured)" in text
+    assert "Fine-tuning on" not in text
+    assert plan.main(["--nodes", "0"]) == 2
