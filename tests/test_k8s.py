@@ -310,7 +310,10 @@ def test_batch_jobs_pass_strict_validation_and_run_the_hardened_pod(name):
     assert "emptyDir" in volumes[mounts["/tmp"]]
     env = {e["name"]: e["value"] for e in c["env"]}
     assert env["TMPDIR"] == "/tmp" and env["HOME"].startswith("/tmp/")  # the only writable paths: volumes
-    assert "python vitserve.py predict /data/images --output /data/predictions/preds.csv" in c["command"][-1]
+    assert 'python vitserve.py predict "$IMAGES" --output "$OUTPUT"' in c["command"][-1]
+    assert env["IMAGES"] == "/data/images" and env["OUTPUT"] == "/data/predictions/preds.csv"  # or s3://... URLs
+    assert mounts["/data/images"] == "images" and [m for m in c["volumeMounts"] if m["name"] == "images"][0]["readOnly"]
+    assert c["envFrom"] == [{"secretRef": {"name": "vitserve-storage", "optional": True}}]  # bucket credentials, if any
 
 
 @needs_kubectl
