@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import typing
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +32,28 @@ def add_engine_options(p: argparse.ArgumentParser, s) -> None:
     p.add_argument("--engine", default=s.engine, choices=ENGINE_CHOICES, help="engine to run; auto picks the best for this machine")
 
 
+def add_setting_options(p: argparse.ArgumentParser, s, skip: tuple[str, ...] = ()) -> None:
+    """One option per Settings field (``--max-wait-ms`` for max_wait_ms), typed, defaulted (environment included)
+    and described by the field itself: settings are described once, in service/settings.py."""
+    for name, field in type(s).model_fields.items():
+        if name in skip:
+            continue
+        flag = "--" + name.replace("_", "-")
+        text = field.description.replace("%", "%%")  # argparse formats help with %
+        kind = typing.get_args(field.annotation) or (field.annotation,)
+        kind = next(t for t in kind if t is not type(None)) if type(None) in kind else field.annotation
+        default = getattr(s, name)
+        if kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
+        elif typing.get_origin(kind) is typing.Literal:
+            p.add_argument(flag, choices=typing.get_args(kind), default=default, help=text)
+        elif typing.get_origin(kind) is list:
+            p.add_argument(flag, type=lambda text: [int(x) for x in text.split(",") if x.strip()], default=default,
+                           metavar="N,N,...", help=text)
+        else:
+            p.add_argument(flag, type=kind, default=default, help=text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from service.settings import Settings
 
@@ -42,31 +66,26 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     add_engine_options(p, s)
-    p.add_argument("--host", default=s.host, help="address to bind (HTTP and gRPC)")
-    p.add_argument("--port", type=int, default=s.port, help="HTTP port")
-    p.add_argument("--grpc-port", type=int, default=s.grpc_port, help="gRPC port (0: no gRPC)")
-    p.add_argument("--workers", type=int, default=s.workers,
-                   help="front-end processes; more than 1 adds one engine process that owns the engine and the batcher")
-    p.add_argument("--max-batch-size", type=int, default=s.max_batch_size,
-                   help="largest batch (capped by the engine's); unset: the engine's fastest batch on this CPU, 32 on a GPU")
-    p.add_argument("--max-wait-ms", type=float, default=s.max_wait_ms, help="how long the oldest queued image waits for a fuller batch")
-    p.add_argument("--queue-capacity", type=int, default=s.queue_capacity, help="images that may wait; beyond: 429")
-    p.add_argument("--grace-period-s", type=float, default=s.grace_period_s, help="on SIGTERM, time to answer accepted requests")
-    p.add_argument("--max-latency-ms", type=float, default=s.max_latency_ms,
-                   help="refuse (429) at the door requests predicted to take longer; unset: max(3 x unloaded, unloaded + two full batches at the measured rate)")
-    p.add_argument("--keep-alive-s", type=int, default=s.keep_alive_s,
-                   help="idle HTTP keep-alive timeout; keep it above your load balancer's and clients' idle timeouts")
-    p.add_argument("--no-startup-check", dest="startup_check", action="store_false",
-                   help="skip re-checking the golden set through the engine on this machine before readiness")
+    add_setting_options(p, s, skip=("artifact", "engine"))
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",
-                   help="require this key on every request (repeatable; or VITSERVE_API_KEYS='k1,k2' or '@file')")
-    p.add_argument("--metrics-open", action=argparse.BooleanOptionalAction, default=None,
-                   help="serve /metrics without a key (default: open unless keys are set)")
+                   help="one API key (repeatable); joined into --api-keys")
     p.add_argument("--ssl-certfile", type=Path, default=None, help="HTTPS on the HTTP port (BentoML's own TLS), with --ssl-keyfile")
     p.add_argument("--ssl-keyfile", type=Path, default=None, help="private key for --ssl-certfile")
-    p.add_argument("--grpc-tls-cert", type=Path, default=s.grpc_tls_cert, help="TLS on the gRPC port: PEM certificate")
-    p.add_argument("--grpc-tls-key", type=Path, default=s.grpc_tls_key, help="TLS on the gRPC port: PEM private key")
     return p
+
+
+def setting_environment(args, settings_class) -> dict[str, str]:
+    """VITSERVE_* for every setting the options give a value (unset ones stay unset), paths made absolute."""
+    env = {}
+    for name in settings_class.model_fields:
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if isinstance(value, Path):
+            value = value.resolve()
+        env[f"VITSERVE_{name.upper()}"] = json.dumps(value) if isinstance(value, list) else \
+            str(value).lower() if isinstance(value, bool) else str(value)
+    return env
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,40 +99,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from service.settings import Settings
 
-    env = {
-        **os.environ,
-        "VITSERVE_ARTIFACT": str(args.artifact.resolve()),
-        "VITSERVE_ENGINE": args.engine,
-        "VITSERVE_HOST": args.host,
-        "VITSERVE_GRPC_PORT": str(args.grpc_port),
-        "VITSERVE_WORKERS": str(args.workers),
-        "VITSERVE_MAX_WAIT_MS": str(args.max_wait_ms),
-        "VITSERVE_QUEUE_CAPACITY": str(args.queue_capacity),
-        "VITSERVE_GRACE_PERIOD_S": str(args.grace_period_s),
-        "VITSERVE_KEEP_ALIVE_S": str(args.keep_alive_s),
-        "BENTOML_DO_NOT_TRACK": os.environ.get("BENTOML_DO_NOT_TRACK", "True"),
-    }
-    if args.max_batch_size is not None:
-        env["VITSERVE_MAX_BATCH_SIZE"] = str(args.max_batch_size)
-    if args.max_latency_ms is not None:
-        env["VITSERVE_MAX_LATENCY_MS"] = str(args.max_latency_ms)
-    if not args.startup_check:
-        env["VITSERVE_STARTUP_CHECK"] = "false"
     if args.api_key:
-        env["VITSERVE_API_KEYS"] = ",".join(args.api_key)
-    if args.metrics_open is not None:
-        env["VITSERVE_METRICS_OPEN"] = str(args.metrics_open).lower()
-    for name in ("grpc_tls_cert", "grpc_tls_key"):
-        if getattr(args, name) is not None:
-            env[f"VITSERVE_{name.upper()}"] = str(getattr(args, name).resolve())
+        args.api_keys = ",".join(args.api_key)
+    env = {**os.environ, **setting_environment(args, Settings),
+           "BENTOML_DO_NOT_TRACK": os.environ.get("BENTOML_DO_NOT_TRACK", "True")}
     try:
-        settings = Settings(**{k.removeprefix("VITSERVE_").lower(): v for k, v in env.items() if k.startswith("VITSERVE_")})
+        settings = Settings(**{name: getattr(args, name) for name in Settings.model_fields if getattr(args, name) is not None})
     except ValueError as e:  # pydantic's ValidationError: a bad value, an unreadable key file, half a TLS pair
         print(f"error: {e}", file=sys.stderr)
         return 2
     cmd = [
         sys.executable, "-m", "bentoml", "serve", "service.app:VitServe",
-        "--working-dir", str(ROOT), "--host", args.host, "--port", str(args.port),
+        "--working-dir", str(ROOT), "--host", settings.host, "--port", str(settings.port),
         "--timeout-graceful-shutdown", str(settings.server_shutdown_s),  # after our drain (see service/app.py)
         # Idle keep-alive connections outlive every client's and balancer's idle timeout, so they close first: a
         # server closing one just as a client reuses it leaves that request without an answer (a reset).
