@@ -140,3 +140,89 @@ def test_a_hung_engine_call_trips_the_watchdog_stalls_the_batcher_and_it_recover
     fired_after, logits = asyncio.run(scenario())
     assert fired_after < 1.0 and logits.shape == (1, 2)
     assert engine.calls == 2  # the queued request was never computed
+
+
+# ---- queue limits, cancellation and order ---------------------------------------------------------------------------
+def identity_rows(x: np.ndarray) -> np.ndarray:
+    """Each image's logits are its own first two values: a result that names the image it came from."""
+    return x.reshape(len(x), -1)[:, :2].copy()
+
+
+def images(values: list[float]) -> np.ndarray:
+    return np.stack([np.full((3, 2, 2), v, np.float32) for v in values])
+
+
+def test_a_full_queue_refuses_the_whole_request_and_admits_none_of_it():
+    from service.errors import Overloaded
+
+    async def scenario():
+        gate = asyncio.Event()
+
+        def blocked(x):  # the engine holds its first batch until the test says so: the queue fills behind it
+            asyncio.run_coroutine_threadsafe(gate.wait(), loop).result(10)
+            return identity_rows(x)
+
+        loop = asyncio.get_running_loop()
+        b = Batcher(blocked, max_batch_size=2, max_wait_s=0.0, queue_capacity=4)
+        b.start()
+        first = asyncio.ensure_future(b.submit(images([1, 2]), time.monotonic() + 30))  # taken by the engine
+        await asyncio.sleep(0.05)
+        queued = asyncio.ensure_future(b.submit(images([3, 4, 5]), time.monotonic() + 30))  # 3 of 4 places
+        await asyncio.sleep(0.05)
+        with pytest.raises(Overloaded, match="queue full"):
+            await b.submit(images([6, 7]), time.monotonic() + 30)  # 3 + 2 > 4: all or nothing
+        assert b.depth == 3  # nothing of the refused request was queued
+        gate.set()
+        a, c = await first, await queued
+        return a[0][:, 0].tolist(), c[0][:, 0].tolist()
+
+    assert asyncio.run(scenario()) == ([1, 2], [3, 4, 5])
+
+
+def test_a_cancelled_request_is_never_computed_and_the_others_are():
+    async def scenario():
+        seen: list[float] = []
+        gate = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def engine(x):
+            asyncio.run_coroutine_threadsafe(gate.wait(), loop).result(10)
+            seen.extend(x[:, 0, 0, 0].tolist())
+            return identity_rows(x)
+
+        b = Batcher(engine, max_batch_size=2, max_wait_s=0.0, queue_capacity=16)
+        b.start()
+        busy = asyncio.ensure_future(b.submit(images([1]), time.monotonic() + 30))
+        await asyncio.sleep(0.05)
+        gone = asyncio.ensure_future(b.submit(images([2, 3]), time.monotonic() + 30))
+        kept = asyncio.ensure_future(b.submit(images([4]), time.monotonic() + 30))
+        await asyncio.sleep(0.05)
+        gone.cancel()  # the client went away while its images were queued
+        gate.set()
+        await busy
+        result = await kept
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        return seen, result[0][:, 0].tolist()
+
+    seen, kept = asyncio.run(scenario())
+    assert seen == [1, 4] and kept == [4]
+
+
+def test_each_request_gets_its_own_images_results_in_order_whatever_batches_they_share():
+    async def scenario():
+        sizes: list[int] = []
+
+        def engine(x):
+            sizes.append(len(x))
+            return identity_rows(x)
+
+        b = Batcher(engine, max_batch_size=4, max_wait_s=0.005, queue_capacity=64)
+        b.start()
+        requests = [[10 * r + i for i in range(1 + r % 3)] for r in range(12)]  # 1-3 images each, 24 in all
+        answers = await asyncio.gather(*(b.submit(images(v), time.monotonic() + 30) for v in requests))
+        return requests, [a[0][:, 0].tolist() for a in answers], sizes
+
+    requests, answers, sizes = asyncio.run(scenario())
+    assert answers == [[float(v) for v in r] for r in requests]  # every request its own rows, in its own order
+    assert sum(sizes) == 24 and max(sizes) <= 4 and len(sizes) < 24  # batched, never beyond the limit

@@ -94,8 +94,14 @@ def test_decodes_and_a_cpu_batch_never_overlap_and_newcomers_go_first_only_brief
 
 def test_disabled_gate_lets_everything_run_together():
     gate = CpuGate(enabled=False)
-    with gate.engine(), gate.decode(), gate.decode():
-        pass  # no waiting at all
+    inside = threading.Event()
+
+    def hold_all() -> None:
+        with gate.engine(), gate.decode(), gate.decode():  # an enabled gate never lets these overlap
+            inside.set()
+
+    threading.Thread(target=hold_all, daemon=True).start()
+    assert inside.wait(10), "a disabled gate made the engine and two decodes wait for each other"
 
 
 def test_a_batch_waits_briefly_for_images_still_being_decoded():
