@@ -143,12 +143,12 @@ def __getattr__(name):
 
 
 def save_skimage_photos(path) -> Path:
-    """The photographs export's parity images (export/parity.py) and the load test (benchmarks/photos.py) take from
+    """The photographs export's parity images (export/gate_inputs.py) and the load test (benchmarks/photos.py) take from
     scikit-image, as the arrays ``skimage.data`` returns: for a machine that cannot install scikit-image."""
     from skimage import data
 
     from benchmarks.photos import COLOR_PHOTOS
-    from export.parity import _SKIMAGE_PHOTOS
+    from export.gate_inputs import _SKIMAGE_PHOTOS
 
     arrays = {}
     for name in sorted(set(_SKIMAGE_PHOTOS) | set(COLOR_PHOTOS)):
@@ -460,7 +460,7 @@ def _model_context(run: Run, key: str) -> ModelContext:
     from benchmarks.engine_sweep import engine_entry
     from benchmarks.models import checkpoint_shape, vit_flops
     from export.checkpoint import load_checkpoint
-    from export.parity import default_image_bytes, preprocess_images
+    from export.gate_inputs import default_image_bytes, preprocess_images
     from service.preprocess import Preprocessor
 
     timings = {}
@@ -489,7 +489,7 @@ def fp32_reference(model, pixels: np.ndarray, device: str) -> tuple[np.ndarray, 
     off, so that it is FP32 arithmetic; its first images are also run on the CPU, where export computes them."""
     import torch
 
-    from export.parity import reference_logits
+    from export.gate_inputs import reference_logits
     from service.parity import run_batched
 
     if device == "cpu":
@@ -748,7 +748,7 @@ def run_variants(run: Run, budget: Budget, ctx: ModelContext, variants: list[Var
 def model_facts(ctx: ModelContext) -> dict:
     return {"name": ctx.key, "checkpoint": str(ctx.checkpoint if ctx.key == "demo" else f"benchmarks.models.make_checkpoint({ctx.key!r})"),
             "random_weights": ctx.key != "demo", "shape": ctx.shape.__dict__, "gflop_per_image": round(ctx.flops / 1e9, 3),
-            "parity_images": {"count": len(ctx.pixels), "source": "export's default views of scikit-image's photographs (export.parity.default_image_bytes)"},
+            "parity_images": {"count": len(ctx.pixels), "source": "export's default views of scikit-image's photographs (export.gate_inputs.default_image_bytes)"},
             "reference": ctx.reference_info, "setup_s": ctx.setup_s}  # fmt: skip
 
 
@@ -921,36 +921,14 @@ def step_decode(run: Run, budget: Budget) -> dict:
 
 # ---- step: the service end to end ----------------------------------------------------------------------------------------
 def plain_asgi_app():
-    """uvicorn factory (``uvicorn benchmarks.gpu_check:plain_asgi_app --factory``): our HTTP app exactly as BentoML
-    mounts it (service.http_api.make_http_app), on the same Classifier, batcher, engines and metrics, plus the three
-    routes BentoML would add: /readyz, /livez and /metrics."""
-    import contextlib
+    """uvicorn factory (``uvicorn benchmarks.gpu_check:plain_asgi_app --factory``): service.standalone's app, our
+    HTTP service exactly as BentoML mounts it, without BentoML."""
     import logging
 
-    from fastapi import Response
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-    from service.classifier import Classifier
-    from service.http_api import make_http_app
-    from service.http_guard import guard
-    from service.settings import Settings
+    from service.standalone import app
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    settings = Settings()
-    classifier = Classifier(settings)  # verifies, loads, re-checks and warms the engine, as VitServe.__init__ does
-    app = make_http_app(lambda: classifier)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(_app):
-        classifier.start()
-        yield
-        await classifier.stop(settings.drain_s)
-
-    app.router.lifespan_context = lifespan
-    app.add_api_route("/readyz", lambda: Response(status_code=200 if classifier.ready else 503), methods=["GET"])
-    app.add_api_route("/livez", lambda: Response(status_code=200), methods=["GET"])
-    app.add_api_route("/metrics", lambda: Response(generate_latest(), media_type=CONTENT_TYPE_LATEST), methods=["GET"])
-    return guard(app, lambda: classifier, settings)  # API key, body size, admission: as in front of BentoML
+    return app()
 
 
 SERVERS = {"bentoml": "`vitserve serve` (BentoML)", "uvicorn": "our ASGI app under plain uvicorn (benchmarks.gpu_check.plain_asgi_app)"}

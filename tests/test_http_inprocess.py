@@ -1,0 +1,119 @@
+"""The in-process tier: our HTTP service (service.standalone: the app BentoML mounts, behind the same guard, on one
+Classifier with the tiny artifact's real engine) driven by httpx through ASGI, no server process. Error and format
+checks run here in seconds; what needs a real `bentoml serve` (batching across connections, signals, workers, the
+socket-level limits) stays in test_service.py and the other server tests."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from PIL import Image
+
+from tests.server import metric_value
+
+pytestmark = pytest.mark.anyio
+
+MAX_BODY = 3_000_000
+MAX_IMAGES = 8
+
+
+@pytest.fixture(scope="module")
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+async def client(anyio_backend, tiny_artifact):
+    from service.settings import Settings
+    from service.standalone import app
+
+    settings = Settings(artifact=tiny_artifact, grpc_port=0, decode_threads=2, max_latency_ms=10_000, max_wait_ms=25,
+                        max_body_bytes=MAX_BODY, max_images_per_request=MAX_IMAGES, max_image_pixels=4_000_000)
+    service = app(settings)
+    async with LifespanManager(service) as manager:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://vitserve") as c:
+            yield c
+
+
+def png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+async def post_images(client: httpx.AsyncClient, images: list[tuple[str, bytes]], **params) -> httpx.Response:
+    files = [("images", (name, data, "application/octet-stream")) for name, data in images]
+    return await client.post("/classify", files=files, params=params)
+
+
+async def test_a_good_request_and_the_page_are_served(client, photo_bytes):
+    r = await post_images(client, photo_bytes[:2])
+    assert r.status_code == 200 and len(r.json()["predictions"]) == 2, r.text
+    page = await client.get("/")
+    assert page.status_code == 200 and "default-src 'none'" in page.headers["content-security-policy"]
+    info = (await client.get("/info")).json()
+    assert info["gate"] and all(g["passed"] for g in info["gate"]) and info["evaluation"] is None
+
+
+@pytest.mark.parametrize(
+    "case, status, error_type, index",
+    [
+        ("text", 415, "unsupported_image", 1),
+        ("truncated", 422, "invalid_image", 1),
+        ("huge", 422, "image_too_large", 1),
+        ("empty_part", 415, "unsupported_image", 1),
+    ],
+)
+async def test_bad_images_name_their_index(client, photo_bytes, case, status, error_type, index):
+    good = photo_bytes[0]
+    jpeg = io.BytesIO()
+    Image.new("RGB", (300, 300), (10, 200, 30)).save(jpeg, format="JPEG")
+    bad = {
+        "text": b"this is not an image",
+        "truncated": jpeg.getvalue()[:400],
+        "huge": png(Image.new("1", (3000, 2000))),
+        "empty_part": b"",
+    }[case]
+    before = (await client.get("/metrics")).text
+    r = await post_images(client, [good, ("bad", bad)])
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["type"] == error_type and err["index"] == index and err["message"]
+    after = (await client.get("/metrics")).text
+    assert metric_value(after, "vitserve_rejections_total", reason=error_type) - metric_value(before, "vitserve_rejections_total", reason=error_type) == 1
+
+
+async def test_request_level_errors(client, photo_bytes):
+    img = ("small.png", png(Image.new("RGB", (40, 30), (200, 20, 20))))
+    r = await client.post("/classify")
+    assert r.status_code == 400 and r.json()["error"]["type"] == "empty_request"
+    r = await post_images(client, [img] * (MAX_IMAGES + 1))
+    assert r.status_code == 413 and r.json()["error"]["type"] == "too_many_images"
+    r = await post_images(client, [("big", os.urandom(MAX_BODY + 10))])
+    assert r.status_code == 413 and r.json()["error"]["type"] == "payload_too_large"
+    r = await post_images(client, [img], top_k=0)
+    assert r.status_code == 422 and r.json()["error"]["type"] == "invalid_parameter"
+    r = await post_images(client, [img], top_k=11)
+    assert r.status_code == 422 and "top_k" in r.json()["error"]["message"]
+    r = await post_images(client, [img], top_k="five")
+    assert r.status_code == 422 and r.json()["error"]["type"] == "invalid_parameter"
+    r = await client.post("/classify/base64", json={"images": ["%%%not-base64"]})
+    assert r.status_code == 415 and r.json()["error"]["index"] == 0
+    r = await client.post("/classify/base64", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"]["type"] == "invalid_parameter"
+
+
+async def test_malformed_multipart_and_unknown_routes_use_the_error_format(client):
+    r = await client.post("/classify", content=b"garbage", headers={"content-type": "multipart/form-data; boundary=zzz"})
+    assert r.status_code == 400 and r.json()["error"]["type"] in ("malformed_request", "empty_request")
+    r = await client.get("/classify")
+    assert r.status_code == 405 and r.json()["error"]["type"] == "method_not_allowed"
+    for path in ("/no-such-route", "/docs"):  # /docs too: Swagger UI needs a CDN, so it is not served
+        r = await client.get(path)
+        assert r.status_code == 404 and r.json()["error"]["type"] == "not_found", (path, r.text)
+
+
