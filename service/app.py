@@ -196,6 +196,11 @@ class VitServe:
         return self.classifier.alive
 
 
+# ---- BentoML-specific workarounds (tests/test_bentoml_internals.py fails if what they rely on changes) ----------------
+# 1. _serve_behind_the_guard: our guard outside BentoML's middlewares, by wrapping the class's to_asgi.
+# 2. _refuse_to_serve / _exit_2_if_a_worker_refused: a worker stops the arbiter (its parent) and the exit code says why.
+# 3. start_batcher's SIGTERM handler: our drain runs before uvicorn's shutdown.
+# 4. install_header_deadline: uvicorn's "auto" HTTP protocol with a header timer (service/http_header_deadline.py).
 def _serve_behind_the_guard() -> None:
     """Every HTTP request meets service.http_guard.guard (API key, body size, admission) before BentoML's own
     middlewares (its request metrics, timeout, tracing, context): BentoML offers middlewares only inside those, so the
