@@ -136,7 +136,7 @@ class Builds:
 
     def calibration_pixels(self):
         """Static INT8's calibration set, as export builds it (views of scikit-image's photographs)."""
-        from export.parity import default_image_bytes, preprocess_images
+        from export.gate_inputs import default_image_bytes, preprocess_images
         from service.preprocess import Preprocessor
 
         return preprocess_images(default_image_bytes(64), Preprocessor(self.ckpt.preprocessing))

@@ -43,7 +43,8 @@ EMULATED_CPU = "Haswell-v4"
 def build(checkpoint: Path, work: Path, *, images: int, calibration_dir: Path | None, calibration_images: int) -> dict:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from export import parity
+    from export import gate_inputs
+    from service.parity import compare
     from export.checkpoint import load_checkpoint
     from export.onnx_export import export_fp32, quantize_int8_dynamic, quantize_int8_static
     from service.preprocess import Preprocessor
@@ -51,9 +52,9 @@ def build(checkpoint: Path, work: Path, *, images: int, calibration_dir: Path | 
     ckpt = load_checkpoint(str(checkpoint))
     pre = Preprocessor(ckpt.preprocessing)
     want = images + calibration_images
-    source = parity.directory_image_bytes(calibration_dir, want) if calibration_dir else parity.default_image_bytes(want)
-    gate, calibration = parity.split_calibration(source, calibration_images)
-    pixels = parity.preprocess_images(gate, pre)
+    source = gate_inputs.directory_image_bytes(calibration_dir, want) if calibration_dir else gate_inputs.default_image_bytes(want)
+    gate, calibration = gate_inputs.split_calibration(source, calibration_images)
+    pixels = gate_inputs.preprocess_images(gate, pre)
     fp32 = export_fp32(ckpt.model, work / "fp32.onnx", pre.input_size, max(BATCHES))
     files, quant, build_s = {}, {}, {}
     t = time.perf_counter()
@@ -66,10 +67,10 @@ def build(checkpoint: Path, work: Path, *, images: int, calibration_dir: Path | 
     build_s["dynamic"] = time.perf_counter() - t
     t = time.perf_counter()
     files["static"] = work / "static.onnx"
-    quant["static"] = quantize_int8_static(fp32, files["static"], parity.preprocess_images(calibration, pre))
+    quant["static"] = quantize_int8_static(fp32, files["static"], gate_inputs.preprocess_images(calibration, pre))
     build_s["static"] = time.perf_counter() - t
     return {
-        "ckpt": ckpt, "pixels": pixels, "reference": parity.reference_logits(ckpt.model, pixels), "files": files,
+        "ckpt": ckpt, "pixels": pixels, "reference": gate_inputs.reference_logits(ckpt.model, pixels), "files": files,
         "fp32": fp32, "quant": quant, "build_s": build_s, "input_size": pre.input_size,
     }
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from service.parity import DEFAULT_THRESHOLDS, check_engine, compare, format_table, run_batched  # noqa: F401 - re-exported
+from service.parity import run_batched
 from service.errors import ServiceError
 from service.preprocess import Preprocessor, decode_image, to_rgb
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export import parity
+from export import gate_inputs
 from export.checkpoint import LoadedCheckpoint, load_checkpoint
 from export.onnx_export import (
     INPUT_NAME,
@@ -47,6 +47,7 @@ from service.artifact import (
 )
 from service.engines import build_engine, speed_curve
 from service.engines.base import Engine
+from service.parity import DEFAULT_THRESHOLDS, check_engine
 from service.preprocess import Preprocessor
 
 log = logging.getLogger("vitserve.export")
@@ -72,7 +73,7 @@ class ExportOptions:
     jpeg_draft_margin: float = 1.0  # into the manifest's preprocessing (service/artifact.py says why 1)
     cpu_candidates: tuple[str, ...] = CPU_CANDIDATES
     speed_seconds: float = 0.5
-    thresholds: dict[str, ParityThresholds] = field(default_factory=lambda: dict(parity.DEFAULT_THRESHOLDS))
+    thresholds: dict[str, ParityThresholds] = field(default_factory=lambda: dict(DEFAULT_THRESHOLDS))
     force: bool = False
 
 
@@ -142,13 +143,13 @@ class _Export:
         self.input_size = self.pre.input_size
         want = o.max_images + o.calibration_images
         images = (
-            parity.directory_image_bytes(o.calibration_dir, want, log.info) if o.calibration_dir else parity.default_image_bytes(want)
+            gate_inputs.directory_image_bytes(o.calibration_dir, want, log.info) if o.calibration_dir else gate_inputs.default_image_bytes(want)
         )
-        self.images, calibration = parity.split_calibration(images, o.calibration_images)
-        self.uint8 = self.timed("decode", parity.decode_images, self.images, self.pre)  # (N, H, W, 3)
+        self.images, calibration = gate_inputs.split_calibration(images, o.calibration_images)
+        self.uint8 = self.timed("decode", gate_inputs.decode_images, self.images, self.pre)  # (N, H, W, 3)
         self.pixels = self.pre.normalize(self.uint8)  # (N, 3, H, W) float32, exactly as served
-        self.calibration = self.pre.normalize(parity.decode_images(calibration, self.pre)) if calibration else self.pixels[:0]
-        self.reference = self.timed("reference_fp32", parity.reference_logits, self.ckpt.model, self.pixels)
+        self.calibration = self.pre.normalize(gate_inputs.decode_images(calibration, self.pre)) if calibration else self.pixels[:0]
+        self.reference = self.timed("reference_fp32", gate_inputs.reference_logits, self.ckpt.model, self.pixels)
         log.info("reference: FP32 PyTorch on %d images (%d more for INT8 calibration)", len(self.pixels), len(self.calibration))
         h, w = self.input_size
         self.inputs = [TensorSpec(name=INPUT_NAME, dtype="float32", shape=["batch", 3, h, w])]  # FP32 I/O always
@@ -174,7 +175,7 @@ class _Export:
         # As the service runs a CPU engine: ONNX Runtime's pool does not spin (service/cpu_budget.py), so the speed
         # measured here is the speed served.
         engine = build_engine(kind, self.out / e.file, e, self.input_size, spinning=False, trt_cache_dir=self.out / "trt_cache")
-        report = parity.check_engine(
+        report = check_engine(
             engine, self.pixels, self.reference, temperature=self.ckpt.temperature,
             thresholds=self.opts.thresholds[e.precision], hardware=hardware.describe(engine.device),
         )  # fmt: skip
@@ -347,7 +348,7 @@ def _write_artifact(x: _Export, engines: list[EngineFile], cpu_report: dict) -> 
 
 def parse_threshold_overrides(items: list[str]) -> dict[str, ParityThresholds]:
     """``fp16.max_abs_logit_diff=0.1`` style overrides on top of the defaults."""
-    merged = {k: v.model_dump() for k, v in parity.DEFAULT_THRESHOLDS.items()}
+    merged = {k: v.model_dump() for k, v in DEFAULT_THRESHOLDS.items()}
     for item in items:
         try:
             key, value = item.split("=", 1)

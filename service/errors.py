@@ -75,7 +75,8 @@ class TooManyImages(ServiceError):
 
 
 class Overloaded(ServiceError):
-    """The batch queue is full; the client should retry after ``retry_after_s``."""
+    """Refused before the work starts: the door predicted the request would miss its latency bound (most 429s), or
+    the batch queue is full. The client should retry after ``retry_after_s``."""
 
     type = "overloaded"
 

@@ -46,7 +46,12 @@ REQUESTS = Counter(
     ["protocol", "status"],
 )
 IMAGES = Counter("vitserve_images", "Images classified", ["protocol"])
-REJECTIONS = Counter("vitserve_rejections", "Requests refused, by reason (the error type)", ["protocol", "reason"])
+# Named for its first use (refusals); it counts every request that did not end in 200, by the error type: refusals
+# (overloaded, shutting_down), clients' mistakes, engine failures, and client_closed. The name stays: dashboards use it.
+REJECTIONS = Counter(
+    "vitserve_rejections", "Requests that did not end in 200, by reason: the error type, or client_closed",
+    ["protocol", "reason"],
+)
 SLOW_CLIENTS = Counter(
     "vitserve_slow_clients", "Requests cut off with 408 for sending too slowly, by what was late: headers or body", ["stage"]
 )

@@ -167,9 +167,11 @@ def check_engine(
     )  # fmt: skip
 
 
-def thresholds_for(precision: str, gated: ParityReport | None) -> ParityThresholds:
-    """What an engine is held to: the thresholds it passed at export, else the defaults for its precision."""
-    return gated.thresholds if gated is not None else DEFAULT_THRESHOLDS[precision]
+def thresholds_for(precision: str, gated_precision: str, gated: ParityReport | None) -> ParityThresholds:
+    """What an engine computing at ``precision`` is held to at startup: the thresholds its file passed at export
+    when it computes at the precision it was gated at, else the defaults for the precision it computes at (PyTorch
+    on CUDA runs FP32 weights in FP16, so it is held to FP16's)."""
+    return gated.thresholds if gated is not None and precision == gated_precision else DEFAULT_THRESHOLDS[precision]
 
 
 def format_table(reports: dict[str, ParityReport]) -> str:

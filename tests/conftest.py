@@ -63,7 +63,7 @@ def tiny_artifact(tiny_checkpoint, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def photo_bytes() -> list[tuple[str, bytes]]:
     """Real photographs (scikit-image's), as JPEG/PNG bytes."""
-    from export.parity import default_image_bytes
+    from export.gate_inputs import default_image_bytes
 
     return default_image_bytes(24)
 

@@ -11,7 +11,7 @@ import pytest
 from onnx import numpy_helper
 
 from export.checkpoint import load_checkpoint
-from export.parity import default_image_bytes, preprocess_images, reference_logits, split_calibration
+from export.gate_inputs import default_image_bytes, preprocess_images, reference_logits, split_calibration
 from service.artifact import ArtifactError, ParityThresholds, load_artifact, read_manifest, write_manifest
 from service.engines import EngineRefused, candidates, load_engine, open_engine
 from service.engines.onnxruntime_engine import OnnxRuntimeEngine

@@ -175,7 +175,7 @@ def _timed(engine: Engine, x: np.ndarray) -> float:
 def startup_check(engine: Engine, artifact: Artifact) -> ParityReport | None:
     """The artifact's golden set through ``engine`` on this machine, judged like export's gate judged the file
     (agreement by its 95 % upper bound: a few dozen images can refute agreement, not prove it). None without one."""
-    from service.parity import DEFAULT_THRESHOLDS, check_engine
+    from service.parity import check_engine, thresholds_for
     from service.preprocess import Preprocessor
 
     golden = artifact.golden_set()
@@ -183,10 +183,7 @@ def startup_check(engine: Engine, artifact: Artifact) -> ParityReport | None:
         return None
     pixels, reference = golden
     entry, precision = engine.entry, engine.describe()["precision"]
-    # The thresholds this file passed at export, when it computes at the precision it was gated at (PyTorch on
-    # CUDA runs the FP32 weights in FP16, so it is held to FP16's).
-    same = entry.parity is not None and precision == entry.precision
-    thresholds = entry.parity.thresholds if same else DEFAULT_THRESHOLDS[precision]
+    thresholds = thresholds_for(precision, entry.precision, entry.parity)
     x = Preprocessor(artifact.manifest.preprocessing).normalize(pixels)
     return check_engine(
         engine, x, reference, temperature=artifact.manifest.temperature, thresholds=thresholds,
