@@ -91,7 +91,7 @@ class Classifier:
                                           restart_after_s=settings.engine_stalled_restart_s)
         self.batcher: Batcher | None = None
         self.draining = False
-        self.in_flight = 0  # requests between check and answer: the drain waits for this to reach 0
+        self.in_flight = 0  # requests inside service/request_scope.py: the drain waits for this to reach 0
         self.last_request_at = time.monotonic()  # the drain also waits for clients to stop arriving
         d = self.engine.describe()
         metrics.ENGINE_INFO.labels(
@@ -298,32 +298,28 @@ class Classifier:
                        ticket: Ticket | None = None) -> Classification:
         """Encoded images (JPEG, PNG, ...) → their classification. ``ticket``: the request's admission at the door."""
         k = self.check_request(len(images), top_k, ticket)
-        self.in_flight += 1
+        t0 = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        self.batcher.expect(len(images))  # a batch about to close waits (briefly) for these
+        self._decoding(len(images))
         try:
-            t0 = time.perf_counter()
-            loop = asyncio.get_running_loop()
-            self.batcher.expect(len(images))  # a batch about to close waits (briefly) for these
-            self._decoding(len(images))
-            try:
-                if len(images) == 1:  # most requests: one thread hop, without gather's task and future around it
-                    decoded = [await loop.run_in_executor(self._decode_pool, self.decode, images[0], 0)]
-                else:
-                    decoded = await asyncio.gather(
-                        *(loop.run_in_executor(self._decode_pool, self.decode, b, i) for i, b in enumerate(images)),
-                        return_exceptions=True,
-                    )
-            finally:
-                self._decoding(-len(images))
-                self.batcher.expect(-len(images))  # no await between this and submit(): the batch cannot close in between
-            for d in decoded:  # report the lowest-index bad image; the others' work is simply dropped
-                if isinstance(d, BaseException):
-                    raise d
-            for _, secs in decoded:
-                metrics.DECODE_SECONDS.observe(secs)
-            pixels = np.stack([x for x, _ in decoded])  # (N, 3, H, W)
-            return await self._infer(pixels, k, protocol, decode_s=time.perf_counter() - t0, ticket=ticket)
+            if len(images) == 1:  # most requests: one thread hop, without gather's task and future around it
+                decoded = [await loop.run_in_executor(self._decode_pool, self.decode, images[0], 0)]
+            else:
+                decoded = await asyncio.gather(
+                    *(loop.run_in_executor(self._decode_pool, self.decode, b, i) for i, b in enumerate(images)),
+                    return_exceptions=True,
+                )
         finally:
-            self.in_flight -= 1
+            self._decoding(-len(images))
+            self.batcher.expect(-len(images))  # no await between this and submit(): the batch cannot close in between
+        for d in decoded:  # report the lowest-index bad image; the others' work is simply dropped
+            if isinstance(d, BaseException):
+                raise d
+        for _, secs in decoded:
+            metrics.DECODE_SECONDS.observe(secs)
+        pixels = np.stack([x for x, _ in decoded])  # (N, 3, H, W)
+        return await self._infer(pixels, k, protocol, decode_s=time.perf_counter() - t0, ticket=ticket)
 
     def _decoding(self, images: int) -> None:
         self.decoding += images
@@ -338,11 +334,7 @@ class Classifier:
             raise InvalidParameter(f"pixels must be float32 [N, 3, {h}, {w}], got {pixels.dtype} {list(pixels.shape)}")
         if not np.isfinite(pixels).all():
             raise InvalidParameter("pixels contain NaN or infinity")
-        self.in_flight += 1
-        try:
-            return await self._infer(np.ascontiguousarray(pixels), k, protocol, decode_s=0.0, ticket=ticket)
-        finally:
-            self.in_flight -= 1
+        return await self._infer(np.ascontiguousarray(pixels), k, protocol, decode_s=0.0, ticket=ticket)
 
     async def _infer(self, pixels: np.ndarray, k: int, protocol: str, *, decode_s: float, ticket: Ticket | None) -> Classification:
         assert self.batcher is not None

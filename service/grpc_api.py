@@ -25,6 +25,7 @@ from google.protobuf.message import DecodeError
 
 from service.errors import InvalidParameter, MalformedRequest, ServiceError, Unauthenticated, error_message, grpc_code
 from service.protos import grpc_service_pb2 as pb
+from service.request_scope import request_scope
 from service.protos import grpc_service_pb2_grpc as pb_grpc
 from service.settings import Settings
 
@@ -186,28 +187,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelConfigResponse(config=config)
 
     async def ModelInfer(self, request, context):
-        # The door (service/admission.py) before the tensors are parsed or decoded; the client's gRPC deadline is
+        # The door (service/request_scope.py) before the tensors are parsed or decoded; the client's gRPC deadline is
         # its own timeout. (gRPC has read the message by now: its size is bounded by the receive limit.)
         try:
-            self.clf.check_accepting()
-            ticket = self.clf.admission.admit(PROTOCOL, client_timeout_s=context.time_remaining())
-        except ServiceError as exc:
-            metrics.record_outcome(PROTOCOL, exc, 0.0)
-            await abort(context, exc)
-        answered = False
-        try:
-            with metrics.accounted(PROTOCOL) as outcome:
-                try:
-                    self.model.check(request.model_name, request.model_version)
-                    inputs, outputs = parse_request(request)
-                    tensors, result = await v2.infer(self.model, inputs, outputs, PROTOCOL, ticket=ticket)
-                except ServiceError as exc:
-                    outcome.fail(exc)
-                    await abort(context, exc)
-                answered = True
+            with request_scope(self.clf, PROTOCOL, context.time_remaining) as scope:
+                self.model.check(request.model_name, request.model_version)
+                inputs, outputs = parse_request(request)
+                tensors, result = await v2.infer(self.model, inputs, outputs, PROTOCOL, ticket=scope.ticket)
+                scope.answered = True
                 return render_response(self.model, request.id, tensors, v2.response_parameters(result))
-        finally:
-            self.clf.admission.release(ticket, answered=answered)
+        except ServiceError as exc:  # counted by the scope; answered here with the table's code
+            await abort(context, exc)
 
 
 class _ApiKeyCheck(grpc.aio.ServerInterceptor):

@@ -35,6 +35,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from service import metrics, v2
 from service.errors import (EmptyRequest, InvalidParameter, MalformedRequest, MethodNotAllowed, RequestTimeout, ServiceError,
                             UnsupportedImage)
+from service.request_scope import request_scope
 from service.http_errors import JSON_API, V2_HTTP, error_parts
 from service.http_guard import client_timeout_s
 from service.v2_http_api import parse_request, render_response
@@ -241,31 +242,24 @@ class InferenceRoutes:
         headers = dict(scope["headers"])  # ASGI servers give header names lower-cased
         t0 = time.perf_counter()
         status, body, content_type, extra = 500, b"", b"application/json", None
-        ticket, raw = None, None
-        with metrics.accounted(protocol) as outcome:
-            try:
-                # The door (service/admission.py), before a byte of the body is read.
-                clf.check_accepting()
-                ticket = clf.admission.admit(protocol, client_timeout_s=client_timeout_s(headers))
+        raw = None
+        try:
+            with request_scope(clf, protocol, lambda: client_timeout_s(headers)) as request:
                 raw = await read_body(receive, clf.settings.body_grace_s, clf.settings.body_min_rate)
                 if v2_target is None:
-                    result = await self._classify(clf, scope, headers, raw, ticket)
+                    result = await self._classify(clf, scope, headers, raw, request.ticket)
                     status, body, extra = 200, classify_body(clf, result), timing_headers(result, time.perf_counter() - t0)
                 else:
-                    status, body, content_type, extra = await self._v2_infer(clf, v2_target, headers, raw, ticket)
-            except ClientDisconnected as exc:
-                outcome.fail(exc)
-                return
-            except ServiceError as exc:
-                outcome.fail(exc)
-                status, body, extra = error_answer(exc, protocol)
-                if raw is None and extra.get("Connection") == "close" and not isinstance(exc, RequestTimeout):
-                    # a draining replica reads the body first: closing on unread bytes resets the connection
-                    await drain_body(receive)
-            finally:
-                if ticket is not None:
-                    clf.admission.release(ticket, answered=status == 200)
-            await send_response(send, status, body, content_type, extra)
+                    status, body, content_type, extra = await self._v2_infer(clf, v2_target, headers, raw, request.ticket)
+                request.answered = True
+        except ClientDisconnected:
+            return  # counted (as 499) by the scope; nobody is listening
+        except ServiceError as exc:
+            status, body, extra = error_answer(exc, protocol)
+            if raw is None and extra.get("Connection") == "close" and not isinstance(exc, RequestTimeout):
+                # a draining replica reads the body first: closing on unread bytes resets the connection
+                await drain_body(receive)
+        await send_response(send, status, body, content_type, extra)
 
     async def _classify(self, clf: Classifier, scope: Scope, headers: dict[bytes, bytes], raw: bytes, ticket) -> Classification:
         content_type = headers.get(b"content-type", b"")
