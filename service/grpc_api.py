@@ -25,7 +25,7 @@ from google.protobuf.message import DecodeError
 
 from service.errors import InvalidParameter, MalformedRequest, ServiceError, Unauthenticated, error_message, grpc_code
 from service.protos import grpc_service_pb2 as pb
-from service.request_scope import request_scope
+from service.request_scope import RequestScope
 from service.protos import grpc_service_pb2_grpc as pb_grpc
 from service.settings import Settings
 
@@ -190,7 +190,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         # The door (service/request_scope.py) before the tensors are parsed or decoded; the client's gRPC deadline is
         # its own timeout. (gRPC has read the message by now: its size is bounded by the receive limit.)
         try:
-            with request_scope(self.clf, PROTOCOL, context.time_remaining) as scope:
+            with RequestScope(self.clf, PROTOCOL, context.time_remaining) as scope:
                 self.model.check(request.model_name, request.model_version)
                 inputs, outputs = parse_request(request)
                 tensors, result = await v2.infer(self.model, inputs, outputs, PROTOCOL, ticket=scope.ticket)

@@ -35,7 +35,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from service import metrics, v2
 from service.errors import (EmptyRequest, InvalidParameter, MalformedRequest, MethodNotAllowed, RequestTimeout, ServiceError,
                             UnsupportedImage)
-from service.request_scope import request_scope
+from service.request_scope import RequestScope
 from service.http_errors import JSON_API, V2_HTTP, error_parts
 from service.http_guard import client_timeout_s
 from service.v2_http_api import parse_request, render_response
@@ -244,7 +244,7 @@ class InferenceRoutes:
         status, body, content_type, extra = 500, b"", b"application/json", None
         raw = None
         try:
-            with request_scope(clf, protocol, lambda: client_timeout_s(headers)) as request:
+            with RequestScope(clf, protocol, lambda: client_timeout_s(headers)) as request:
                 raw = await read_body(receive, clf.settings.body_grace_s, clf.settings.body_min_rate)
                 if v2_target is None:
                     result = await self._classify(clf, scope, headers, raw, request.ticket)

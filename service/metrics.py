@@ -7,10 +7,7 @@ processes (livesum: dead workers drop out). Buckets span 0.5 ms (GPU batches) to
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import time
-from collections.abc import Iterator
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -142,33 +139,6 @@ def record_outcome(protocol: str, error: BaseException | None, seconds: float) -
     if error is not None:
         reason = error.type if isinstance(error, ServiceError) else ("client_closed" if status == CLIENT_CLOSED else "internal")
         labelled(REJECTIONS, protocol, reason).inc()
-
-
-class Outcome:
-    """What a front-end answered: nothing set = success; ``fail(exc)`` when it rendered an error itself."""
-
-    def __init__(self) -> None:
-        self.error: BaseException | None = None
-
-    def fail(self, exc: BaseException) -> None:
-        self.error = exc
-
-
-@contextlib.contextmanager
-def accounted(protocol: str) -> Iterator[Outcome]:
-    """The accounting every front-end wraps each request in: in-flight gauge, end-to-end latency, the answer counted
-    by protocol and status, refusals by error type. An exception that escapes counts as what it will be answered as."""
-    outcome = Outcome()
-    IN_FLIGHT.inc()
-    t0 = time.perf_counter()
-    try:
-        yield outcome
-    except BaseException as e:
-        outcome.error = outcome.error or e
-        raise
-    finally:
-        IN_FLIGHT.dec()
-        record_outcome(protocol, outcome.error, time.perf_counter() - t0)
 
 
 class PrometheusBatcherHooks(BatcherHooks):

@@ -6,32 +6,44 @@ error that leaves the scope is counted as what it will be answered as, and the f
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable
 
 from service import metrics
 
 
 class RequestScope:
-    """One admitted request: its admission ticket, and whether it was answered with a result."""
+    """``with RequestScope(clf, protocol) as request:`` check → admit → account → release, for one request.
+    ``request.ticket`` is its admission; set ``request.answered`` once it has a result. A plain class rather than a
+    generator context manager: it runs for every request and every refusal, on the event loop."""
 
-    __slots__ = ("ticket", "answered")
+    __slots__ = ("clf", "protocol", "client_timeout_s", "ticket", "answered", "_t0")
 
-    def __init__(self, ticket) -> None:
-        self.ticket = ticket
+    def __init__(self, clf, protocol: str, client_timeout_s: Callable[[], float | None] | None = None):
+        self.clf, self.protocol, self.client_timeout_s = clf, protocol, client_timeout_s
+        self.ticket = None
         self.answered = False
 
-
-@contextlib.contextmanager
-def request_scope(clf, protocol: str, client_timeout_s: Callable[[], float | None] = lambda: None) -> Iterator[RequestScope]:
-    """check → admit → account → release. ``client_timeout_s`` is read inside, so a bad timeout header is counted
-    like any other refusal. ``clf.in_flight`` (what a drain waits for) covers the whole request, body included."""
-    with metrics.accounted(protocol):
-        clf.check_accepting()
-        scope = RequestScope(clf.admission.admit(protocol, client_timeout_s=client_timeout_s()))
-        clf.in_flight += 1
+    def __enter__(self) -> "RequestScope":
+        metrics.IN_FLIGHT.inc()
+        self._t0 = time.perf_counter()
         try:
-            yield scope
-        finally:
-            clf.in_flight -= 1
-            clf.admission.release(scope.ticket, answered=scope.answered)
+            self.clf.check_accepting()
+            # Read here, so a bad timeout header is counted like any other refusal.
+            timeout = self.client_timeout_s() if self.client_timeout_s is not None else None
+            self.ticket = self.clf.admission.admit(self.protocol, client_timeout_s=timeout)
+        except BaseException as e:
+            self._account(e)
+            raise
+        self.clf.in_flight += 1  # what a drain waits for: the whole request, body read included
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.clf.in_flight -= 1
+        self.clf.admission.release(self.ticket, answered=self.answered)
+        self._account(exc)
+
+    def _account(self, error: BaseException | None) -> None:
+        """In-flight gauge, end-to-end latency, the answer by protocol and status (an error as what it is answered as)."""
+        metrics.IN_FLIGHT.dec()
+        metrics.record_outcome(self.protocol, error, time.perf_counter() - self._t0)
