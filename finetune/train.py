@@ -614,7 +614,7 @@ def finish(run_dir: Path, device, classes: list[str], m: Model, loaders: Loaders
     out = run_dir / "report"
     out.mkdir(exist_ok=True)
     report.training_curves(state.log, state.history, out / "training_curves.png")
-    report.confusion_matrix(evaluate.confusion(logits, labels), classes, out / "confusion_matrix.png", "validation")
+    report.confusion_matrix(torch.tensor(final["val"]["confusion"]), classes, out / "confusion_matrix.png", "validation")
     report.reliability_diagram(logits, labels, temperature, out / "reliability_diagram.png")
     report.per_class_files(evaluate.per_class(logits, labels, classes), out / "per_class")
     test = None

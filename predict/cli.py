@@ -230,8 +230,8 @@ def output_location(args) -> str:
 
 
 def open_locations(args, log) -> None:
-    """IMAGES_DIR and --output as given (paths or URLs): a remote output is staged in a local folder (its existing
-    files downloaded), and the run writes there."""
+    """IMAGES_DIR and --output as given (paths or URLs): a remote output is staged in a local folder, where the run
+    writes (run() downloads the files it continues from)."""
     args.images = storage.Folder(args.images_dir)
     args.output_name, args.staged = args.output, None
     if storage.is_url(args.output):

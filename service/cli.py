@@ -40,8 +40,9 @@ def add_setting_options(p: argparse.ArgumentParser, s, skip: tuple[str, ...] = (
             continue
         flag = "--" + name.replace("_", "-")
         text = field.description.replace("%", "%%")  # argparse formats help with %
-        kind = typing.get_args(field.annotation) or (field.annotation,)
-        kind = next(t for t in kind if t is not type(None)) if type(None) in kind else field.annotation
+        kind = field.annotation
+        if type(None) in typing.get_args(kind):  # `int | None`: an option of type int whose default may be unset
+            kind = next(t for t in typing.get_args(kind) if t is not type(None))
         default = getattr(s, name)
         if kind is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
