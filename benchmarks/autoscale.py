@@ -353,7 +353,7 @@ def plot(results: dict, out: Path, title: str) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.cli import HelpFormatter
-    from benchmarks.common import command_line, environment, finish, result_stem
+    from benchmarks.harness.results import command_line, environment, finish, result_stem
 
     p = argparse.ArgumentParser(prog="vitserve bench autoscale", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--curve", type=Path, default=DEFAULT_CURVE, help="a `bench compare` result: the replica model")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import checkpoint_for, command_line, environment, finish
+from benchmarks.harness.results import checkpoint_for, command_line, environment, finish
 from benchmarks.models import CONFIGS
 from benchmarks.photos import realistic_photos
 

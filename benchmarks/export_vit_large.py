@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import environment, write_result
+from benchmarks.harness.results import environment, write_result
 from benchmarks.models import checkpoint_shape, make_checkpoint
 from finetune.plan import parameter_count
 from service.artifact import MANIFEST_NAME, read_manifest

@@ -44,7 +44,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from benchmarks.common import command_line, environment, finish, latency_summary_ms
+from benchmarks.harness.measure import latency_summary_ms
+from benchmarks.harness.results import command_line, environment, finish
 from benchmarks.photos import realistic_photos
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -236,7 +237,7 @@ def run(args) -> dict:
     figure is the median over rounds."""
     from contextlib import ExitStack
 
-    from benchmarks.servers import free_port, running, running_triton, running_vitserve
+    from benchmarks.harness.servers import free_port, running, running_triton, running_vitserve
     from service.artifact import load_artifact
 
     image = jpeg()

@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--one"]:  # a child: one parser under libFuzzer (never returns)
         _fuzz_one(argv[1], argv[3:] if argv[2:3] == ["--"] else argv[2:])
-    from benchmarks.common import command_line, environment, finish
+    from benchmarks.harness.results import command_line, environment, finish
 
     args = build_parser().parse_args(argv)
     targets = [t for t in args.targets.split(",") if t]

@@ -24,7 +24,7 @@ PLOT=${PLOT:-1}
 # service/ (settings, artifact, HTTP API) and the plain-uvicorn server: pydantic, FastAPI and what they import
 SERVICE=(pydantic pydantic-core pydantic-settings python-dotenv typing-inspection annotated-types typing-extensions
          fastapi annotated-doc opentelemetry-api starlette anyio python-multipart uvicorn click h11)
-# benchmarks/common.py samples CPU use with psutil; the tests use pytest-timeout's marker; the GPU tests export a tiny
+# benchmarks/harness/measure.py samples CPU use with psutil; the tests use pytest-timeout's marker; the GPU tests export a tiny
 # model with torch's dynamo ONNX exporter, which needs onnxscript
 CHECKS=(psutil pytest-timeout onnxscript onnx-ir ml-dtypes)
 # the PNG figures
@@ -47,7 +47,7 @@ rm -rf "$DEST"/*.whl "$DEST/site"  # site/: what a dry run here installed, built
 mapfile -t SPECS < <(pinned "${SERVICE[@]}" "${CHECKS[@]}" "${FIGURES[@]}")
 "$PYTHON" -m pip download --quiet --only-binary=:all: --python-version "$TARGET_PYTHON" --implementation cp \
   --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --no-deps --dest "$DEST" "${SPECS[@]}"
-"$PYTHON" -c "from benchmarks.gpu_check import save_skimage_photos; save_skimage_photos('$DEST/skimage_photos.npz')"
+"$PYTHON" -c "from benchmarks.gpu_check.packages import save_skimage_photos; save_skimage_photos('$DEST/skimage_photos.npz')"
 
 du -b "$DEST"/*.whl "$DEST"/skimage_photos.npz | sort -n | awk '{printf "%8.2f MiB  %s\n", $1 / 1048576, $2}'
 carried=$(du -cb "$DEST"/*.whl "$DEST"/skimage_photos.npz | tail -1 | cut -f1)

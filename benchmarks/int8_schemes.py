@@ -30,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import checkpoint_for, command_line, environment, finish, load_average
+from benchmarks.harness.measure import load_average, time_call
+from benchmarks.harness.results import checkpoint_for, command_line, environment, finish
 from benchmarks.models import CONFIGS
-from benchmarks.peers.raw_engine import time_call
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMES = ("old", "dynamic", "static")
@@ -44,7 +44,6 @@ def build(checkpoint: Path, work: Path, *, images: int, calibration_dir: Path | 
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from export import gate_inputs
-    from service.parity import compare
     from export.checkpoint import load_checkpoint
     from export.onnx_export import export_fp32, quantize_int8_dynamic, quantize_int8_static
     from service.preprocess import Preprocessor
@@ -77,7 +76,7 @@ def build(checkpoint: Path, work: Path, *, images: int, calibration_dir: Path | 
 
 def engine_for(scheme: str, b: dict, path: Path | None = None):
     """The service's ONNX Runtime engine on a scheme's file: its entry says whether it must run one image per call."""
-    from benchmarks.engine_sweep import engine_entry
+    from benchmarks.harness.engine_builds import engine_entry
     from service.engines.onnxruntime_engine import OnnxRuntimeEngine
 
     path = path or b["files"][scheme]

@@ -35,8 +35,10 @@ from urllib.parse import urlparse
 
 import httpx
 
-from benchmarks.common import command_line, environment, finish, latency_summary_ms, load_average
-from benchmarks.service_load import REQUESTS_TOTAL, multipart_bodies, parse_prometheus, poisson_schedule
+from benchmarks.harness.load import multipart_bodies, poisson_schedule
+from benchmarks.harness.measure import latency_summary_ms, load_average
+from benchmarks.harness.prometheus import REQUESTS_TOTAL, parse_prometheus
+from benchmarks.harness.results import command_line, environment, finish
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -316,7 +318,7 @@ def _serve(project: Path, artifact: Path, settings: dict[str, str]):
     """`vitserve serve` of ``project`` (this checkout or another commit's) on free ports, its own BentoML home."""
     import os
 
-    from benchmarks.servers import free_port, running
+    from benchmarks.harness.servers import free_port, running
 
     workdir = Path("/tmp") / f"vitserve-overload-{time.time_ns()}"
     port = free_port()

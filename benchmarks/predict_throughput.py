@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import command_line, environment, finish, load_average
+from benchmarks.harness.measure import load_average
+from benchmarks.harness.results import command_line, environment, finish
 
 
 def main(argv: list[str] | None = None) -> int:

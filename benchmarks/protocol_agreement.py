@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.common import command_line, environment, finish
+from benchmarks.harness.results import command_line, environment, finish
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
 

@@ -50,8 +50,8 @@ async def soak(url: str, grpc_target: str, pid: int, model: str, rate: float, mi
     import grpc
 
     from benchmarks.front_door import grpc_request, http_request, jpeg
+    from benchmarks.harness.load import poisson_schedule
     from benchmarks.overload import RawHttp
-    from benchmarks.service_load import poisson_schedule
 
     image, host = jpeg(), url.split("//", 1)[1]
     client = RawHttp(url)
@@ -74,7 +74,7 @@ async def soak(url: str, grpc_target: str, pid: int, model: str, rate: float, mi
     async def sample() -> None:
         # Each minute also records what the machine did besides this benchmark and its server (other processes and a
         # hypervisor's steal): on a shared machine, a p99 that moves with it is the machine, not a leak.
-        from benchmarks.common import cpu_snapshot, other_cpu_load
+        from benchmarks.harness.measure import cpu_snapshot, other_cpu_load
 
         before, cpu_before = cpu_snapshot(), tree_stats(pid)["cpu_s"]
         for m in range(minutes):
@@ -108,7 +108,7 @@ async def soak(url: str, grpc_target: str, pid: int, model: str, rate: float, mi
 
 
 def minute_table(records: list[dict], stats: list[dict], t0: float) -> list[dict]:
-    from benchmarks.common import latency_summary_ms
+    from benchmarks.harness.measure import latency_summary_ms
 
     rows = []
     for s in stats:
@@ -173,9 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import uvloop
 
-    from benchmarks.common import command_line, environment, finish
+    from benchmarks.harness.results import command_line, environment, finish
+    from benchmarks.harness.servers import running_vitserve
     from benchmarks.overload import saturation
-    from benchmarks.servers import running_vitserve
     from service.artifact import load_artifact
 
     args = build_parser().parse_args(argv)

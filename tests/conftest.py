@@ -91,7 +91,7 @@ def s3_server():
     moto_server = pytest.importorskip("moto.server", reason="needs moto[server] (make install)")
     import boto3
 
-    from benchmarks.servers import free_port
+    from benchmarks.harness.servers import free_port
 
     port = free_port()
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)

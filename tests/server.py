@@ -8,8 +8,8 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.servers import ROOT, free_port, running_vitserve, stop  # noqa: F401 - re-exported for tests
-from benchmarks.service_load import parse_prometheus, total
+from benchmarks.harness.prometheus import parse_prometheus, total
+from benchmarks.harness.servers import ROOT, free_port, running_vitserve, stop  # noqa: F401 - re-exported for tests
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:

@@ -11,18 +11,12 @@ from contextlib import contextmanager
 
 import pytest
 
-from benchmarks import common
-from benchmarks.common import latency_summary_ms, percentile
+from benchmarks.harness import results as common
+from benchmarks.harness.load import check_url, closed_loop, open_loop, poisson_schedule
+from benchmarks.harness.measure import latency_summary_ms, percentile
+from benchmarks.harness.prometheus import parse_prometheus, stage_breakdown
 from benchmarks.models import CONFIGS, shape_from_hf, vit_flops
 from benchmarks.photos import realistic_photos
-from benchmarks.service_load import (
-    check_url,
-    closed_loop,
-    open_loop,
-    parse_prometheus,
-    poisson_schedule,
-    stage_breakdown,
-)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -101,8 +95,9 @@ def test_realistic_photos_are_real_jpegs_and_pngs():
     photos = realistic_photos()
     assert {p.content_type for p in photos} == {"image/jpeg", "image/png"}
     assert photos[0].data[:3] == b"\xff\xd8\xff" and photos[1].data[:8] == b"\x89PNG\r\n\x1a\n"
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     assert all(Image.open(io.BytesIO(p.data)).size == (640, 480) for p in photos)
 
@@ -173,7 +168,7 @@ class FakeService:
 
 @pytest.fixture(scope="module")
 def bodies():
-    from benchmarks.service_load import multipart_bodies
+    from benchmarks.harness.load import multipart_bodies
 
     return multipart_bodies(realistic_photos()[:4])
 

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from benchmarks.servers import ROOT, free_port, running
+from benchmarks.harness.servers import ROOT, free_port, running
 from tests.server import metric_value
 
 

@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from finetune.cli import main
 from demo.tiny_base import write_tiny_base
+from finetune.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # each test trains or runs the CLI: seconds to a minute on 2 CPU cores
@@ -286,7 +286,7 @@ def test_every_optimizer_option_runs_end_to_end(squares, tiny_base, tmp_path):
 def test_two_nodes_over_a_loopback_rendezvous_train_the_same_weights_as_one_node_with_two_processes(squares, tiny_base, tmp_path):
     """`torchrun --nnodes 2` as a second machine runs it: two launchers, one process each, meeting at a c10d
     rendezvous over loopback (gloo), against one launcher with two processes. Same ranks, same shards, same weights."""
-    from benchmarks.servers import free_port
+    from benchmarks.harness.servers import free_port
 
     def args(out: Path) -> list[str]:
         return ["-m", "finetune", "--train-dir", str(squares), "--val-split", "0.25", "--base", str(tiny_base),

@@ -15,8 +15,8 @@ pytest.importorskip("atheris", reason="atheris (a dev dependency) is not install
 
 @pytest.mark.timeout(300)
 def test_a_short_fuzz_run_of_every_parser_finds_no_crash(tmp_path, monkeypatch):
-    from benchmarks import common
     from benchmarks.cli import main
+    from benchmarks.harness import results as common
 
     monkeypatch.setattr(common, "RESULTS", tmp_path)
     assert main(["fuzz", "--runs", "2000", "--workdir", str(tmp_path / "work"), "--name", "fuzz-test"]) == 0

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from benchmarks.gpu_check import save_skimage_photos, wheel_fits, wheel_wanted, write_skimage_stand_in
+from benchmarks.gpu_check.packages import save_skimage_photos, wheel_fits, wheel_wanted, write_skimage_stand_in
 from tests.conftest import ROOT
 
 STEPS = ("environment", "pytest", "engines/tiny", "engines/demo", "training_memory", "decode", "service", "compile/tiny")

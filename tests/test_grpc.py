@@ -23,8 +23,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from service.preprocess import Preprocessor
 from service.artifact import read_manifest
+from service.preprocess import Preprocessor
 from service.protos import grpc_service_pb2 as pb
 from service.protos import grpc_service_pb2_grpc as pb_grpc
 from tests.server import ROOT, metric_value, running_server
@@ -285,8 +285,8 @@ def test_metrics_count_every_protocol_exactly(server, model_name, photo_bytes):
 
 
 def test_bench_load_drives_grpc(server, tmp_path, monkeypatch):
-    from benchmarks import common
     from benchmarks.cli import main
+    from benchmarks.harness import results as common
 
     monkeypatch.setattr(common, "RESULTS", tmp_path)
     before = server.metrics()

@@ -21,8 +21,8 @@ from PIL import Image
 
 from demo.fashion_mnist import DEFAULT_SOURCE
 from export.checkpoint import load_checkpoint
-from export.onnx_export import export_fp32, quantize_int8_dynamic, quantize_int8_static
 from export.gate_inputs import preprocess_images, reference_logits
+from export.onnx_export import export_fp32, quantize_int8_dynamic, quantize_int8_static
 from service import hardware
 from service.parity import DEFAULT_THRESHOLDS, compare
 from service.preprocess import Preprocessor

@@ -253,7 +253,7 @@ def test_vitserve_serves_as_the_hardened_pod_runs(tmp_path, photo_bytes):
 
     import httpx
 
-    from benchmarks.servers import free_port, running
+    from benchmarks.harness.servers import free_port, running
 
     why = _can_build_the_pods_sandbox()
     if why:

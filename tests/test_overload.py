@@ -192,8 +192,8 @@ async def open_loop(url: str, rate: float, seconds: float, images: list[bytes]) 
 def test_three_times_capacity_every_request_answered_within_the_bound(tiny_artifact, tmp_path):
     import httpx
 
+    from benchmarks.harness.servers import free_port, running
     from benchmarks.overload import Sampler
-    from benchmarks.servers import free_port, running
     from tests.server import metric_value
 
     port = free_port()

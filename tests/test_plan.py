@@ -208,7 +208,8 @@ def test_optimizer_state_matches_torch(optimizer):
 
 
 def test_named_models_and_flops_are_the_published_ones():
-    from benchmarks.models import CONFIGS as BENCH, vit_flops as bench_flops
+    from benchmarks.models import CONFIGS as BENCH
+    from benchmarks.models import vit_flops as bench_flops
 
     assert plan.parameter_count(plan.MODELS["vit-base"]) == pytest.approx(86.6e6, rel=0.01)
     assert plan.parameter_count(plan.MODELS["vit-large"]) == pytest.approx(304.3e6, rel=0.01)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks.servers import running_vitserve
+from benchmarks.harness.servers import running_vitserve
 from tests.server import metric_value
 
 HEADER_S, GRACE_S, MIN_RATE = 2.0, 2.0, 1000.0

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from export.checkpoint import load_checkpoint, timm_preprocessing
-from tests.conftest import GATE_IMAGES, run_cli
+from tests.conftest import run_cli
 
 HEADS = 3
 LABELS = ["tench", "goldfish", "great white shark", "tiger shark", "hammerhead"]

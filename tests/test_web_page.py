@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import os
 import shutil
-from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx

@@ -28,10 +28,11 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import command_line, environment, finish, load_average, result_stem, wait_until_quiet
 from benchmarks.compare.judge import add_verdicts
 from benchmarks.compare.render import summary_rows, tables
 from benchmarks.compare.run import PEERS, run_compare
+from benchmarks.harness.measure import load_average, wait_until_quiet
+from benchmarks.harness.results import command_line, environment, finish, result_stem
 from benchmarks.models import CONFIGS
 
 # The data flow, one module per step: run.py measures (→ the result dict), judge.py adds targets and validity to it

@@ -6,7 +6,7 @@ nothing here measures or prints.
 
 from __future__ import annotations
 
-from benchmarks.service_load import saturation_run
+from benchmarks.harness.load import saturation_run
 
 # The targets. CPU ones are checked on every run; GPU ones where a GPU served.
 CPU_TARGETS = {"vs_raw_end_to_end": 0.95, "vs_bentoml_throughput": 1.10, "vs_bentoml_p99": 0.5, "vs_naive_throughput": 3.0}

@@ -6,7 +6,7 @@ Pure formatting of a result dict (a fresh run's or a stored JSON's): nothing her
 from __future__ import annotations
 
 from benchmarks.compare.judge import LOWER_IS_BETTER, ratio
-from benchmarks.service_load import saturation_run
+from benchmarks.harness.load import saturation_run
 
 
 def fmt(v, spec="{:.2f}"):

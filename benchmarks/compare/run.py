@@ -17,11 +17,12 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from benchmarks.common import checkpoint_for, cpu_snapshot, other_cpu_load
 from benchmarks.compare.render import progress_line
+from benchmarks.harness.load import Body, multipart_bodies, saturation, saturation_run
+from benchmarks.harness.measure import cpu_snapshot, other_cpu_load
+from benchmarks.harness.results import checkpoint_for
 from benchmarks.models import build_artifact, checkpoint_shape, vit_flops
 from benchmarks.photos import describe, realistic_photos
-from benchmarks.service_load import Body, multipart_bodies, saturation, saturation_run
 
 PEERS = ("bentoml-batching", "naive-pipeline")
 
@@ -91,8 +92,8 @@ def start_services(stack: ExitStack, artifact: Path, work: Path, overrides: dict
                    log) -> tuple[dict, dict]:
     """Ours and each peer on its own free loopback port (stopped when ``stack`` closes), each checked to answer the
     same multipart request; their result records, to be filled by the load runs."""
-    from benchmarks.servers import running_peer, running_vitserve
-    from benchmarks.service_load import check_answers
+    from benchmarks.harness.load import check_answers
+    from benchmarks.harness.servers import running_peer, running_vitserve
 
     log(f"starting our service ({'settings ' + str(overrides) if overrides else 'default settings'}) and peers {peers}…")
     servers = {"vitserve": stack.enter_context(running_vitserve(artifact, work / "vitserve", **overrides))}
@@ -142,7 +143,7 @@ def _in_turn(names: list[str], level: int) -> list[str]:
 
 
 def closed_loops(servers: dict, services: dict, bodies: list[Body], concurrency: list[int], args, log) -> None:
-    from benchmarks.service_load import closed_loop
+    from benchmarks.harness.load import closed_loop
 
     for i, c in enumerate(concurrency):
         for name in _in_turn(list(servers), i):
@@ -159,7 +160,7 @@ def offered_rates(ours: dict, fractions: list[float], args) -> list[float]:
 
 
 def open_loops(servers: dict, services: dict, bodies: list[Body], rates: list[float], first_level: int, args, log) -> None:
-    from benchmarks.service_load import open_loop
+    from benchmarks.harness.load import open_loop
 
     for i, rate in enumerate(rates):
         for name in _in_turn(list(servers), i + first_level):

@@ -13,26 +13,12 @@ which is what a service on the same cores can at best reach (its decode threads 
 
 from __future__ import annotations
 
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks.harness.measure import time_call
 from benchmarks.photos import Photo
-
-
-def time_call(fn, *, warmup: int = 1, min_repeats: int = 3, min_seconds: float = 2.0, max_repeats: int = 1000) -> dict:
-    """Warm up, then call ``fn`` until both ``min_repeats`` and ``min_seconds`` are reached; median and spread."""
-    for _ in range(warmup):
-        fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < max_repeats and (len(times) < min_repeats or time.perf_counter() - start < min_seconds):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": len(times)}
 
 
 def decode_cost(photos: list[Photo], preprocessor, *, min_seconds: float = 1.0) -> dict:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from service.hardware import cpu_features, cpu_name
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 NO_GPU = "no CUDA GPU visible (torch.cuda.is_available() is false)"  # why a GPU-only figure is missing
@@ -31,7 +31,7 @@ def gpu_name() -> str | None:
 
 def git_sha() -> str:
     try:
-        root = Path(__file__).resolve().parents[1]
+        root = Path(__file__).resolve().parents[2]
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root).stdout.strip() or "unknown"
     except OSError:
         return "unknown"
@@ -96,45 +96,6 @@ def write_result(name: str, payload: dict, table: str) -> tuple[Path, Path]:
     return json_path, md_path
 
 
-# ---- added for the engine sweep, service load and peer comparison --------------------------------------------
-
-
-def percentile(values, q: float) -> float | None:
-    """The q-th percentile (0–100) with linear interpolation between closest ranks (numpy's default method).
-
-    None for no values. Written out rather than calling numpy so the tests can check it against hand-worked cases.
-    """
-    xs = sorted(float(v) for v in values)
-    if not xs:
-        return None
-    if not 0 <= q <= 100:
-        raise ValueError(f"percentile must be within 0..100, got {q}")
-    pos = (len(xs) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
-def latency_summary_ms(seconds) -> dict:
-    """count, mean, p50/p90/p99 and max of latencies given in seconds, reported in milliseconds."""
-    xs = [float(s) for s in seconds]
-    out: dict = {"count": len(xs)}
-    for key, q in (("p50", 50), ("p90", 90), ("p99", 99)):
-        v = percentile(xs, q)
-        out[f"{key}_ms"] = None if v is None else round(v * 1000, 3)
-    out["mean_ms"] = round(sum(xs) / len(xs) * 1000, 3) if xs else None
-    out["max_ms"] = round(max(xs) * 1000, 3) if xs else None
-    return out
-
-
-def load_average() -> list[float] | None:
-    """The machine's 1/5/15-minute load averages: other work on a shared box skews every figure, so record it."""
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
 def result_stem(name: str, env: dict) -> Path:
     """benchmarks/results/<name>_<env tag>: write_result's JSON and markdown, and any figure, share it."""
     return RESULTS / f"{name}_{env_tag(env)}"
@@ -170,48 +131,3 @@ def finish(title: str, payload: dict, rows: list[tuple[str, str]], *, table: str
         rows.append(("written", f"{', '.join(path.name for path in written)} (in {written[0].parent})"))
     print_summary(title, payload, rows)
     return 0
-
-
-def cpu_snapshot() -> dict:
-    """Machine-wide busy CPU seconds and this process tree's CPU seconds (itself, reaped children, and every live
-    descendant such as a server it started), now. Two snapshots give how much CPU *other* processes took meanwhile."""
-    import time
-
-    import psutil
-
-    t = psutil.cpu_times()
-    busy = t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0) + getattr(t, "steal", 0)
-    me = psutil.Process()
-    own = sum(me.cpu_times()[:4])  # user, system, children_user, children_system
-    for child in me.children(recursive=True):
-        try:
-            own += sum(child.cpu_times()[:4])
-        except psutil.Error:
-            pass
-    return {"wall": time.monotonic(), "busy": busy, "own": own}
-
-
-def other_cpu_load(before: dict, after: dict) -> dict:
-    """Mean cores busy between two snapshots: on the machine, in our process tree, and in everything else."""
-    wall = max(after["wall"] - before["wall"], 1e-9)
-    busy = (after["busy"] - before["busy"]) / wall
-    own = (after["own"] - before["own"]) / wall
-    return {"seconds": round(wall, 1), "machine_busy_cores": round(busy, 2), "ours_cores": round(own, 2),
-            "other_processes_cores": round(max(0.0, busy - own), 2)}
-
-
-def wait_until_quiet(max_wait_s: float, *, threshold_cores: float = 0.3, sample_s: float = 5.0, log=print) -> dict:
-    """Before measuring on a shared machine: wait (at most ``max_wait_s``) until processes outside this one use less
-    than ``threshold_cores`` over a ``sample_s`` sample. Returns what was seen; never raises."""
-    import time
-
-    waited, seen = 0.0, None
-    while True:
-        before = cpu_snapshot()
-        time.sleep(sample_s)
-        seen = other_cpu_load(before, cpu_snapshot())["other_processes_cores"]
-        waited += sample_s
-        if seen < threshold_cores or waited >= max_wait_s:
-            break
-        log(f"  machine busy: other processes use {seen:.2f} cores; waiting ({waited:.0f}/{max_wait_s:.0f} s)")
-    return {"waited_s": round(waited, 1), "other_processes_cores": seen, "quiet": seen < threshold_cores}

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 PEER_TARGETS = {
     "bentoml-batching": "benchmarks.peers.bentoml_batching:IdiomaticVit",
