@@ -3,7 +3,8 @@ Kubernetes documentation states it, and traces where the right number of replica
 
 from __future__ import annotations
 
-from benchmarks.autoscale import Autoscaler, Behavior, ReplicaModel, hpa_desired, shipped_targets, simulate
+from benchmarks.autoscale import shipped_targets
+from benchmarks.cluster_sim import Autoscaler, Behavior, ReplicaModel, hpa_desired, simulate
 
 
 def test_hpa_formula_on_the_documentations_examples():
