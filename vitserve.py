@@ -11,7 +11,7 @@ SUBCOMMANDS = {
     "finetune": ("finetune.cli", "folder of class subfolders → fine-tuned ViT checkpoint with an evaluation report"),
     "predict": ("predict.cli", "score a folder of images offline with an artifact's engine → CSV/JSONL (+ accuracy)"),
     "plan": ("finetune.plan", "will it fit, how fast, which model: training/serving memory and speed estimates"),
-    "explain": ("finetune.attention", "attention diagnostics: per-head entropy, collapsed heads, rollout maps"),
+    "explain": ("finetune.explain", "attention diagnostics: per-head entropy, collapsed heads, rollout maps"),
     "bench": ("benchmarks.cli", "engine sweep and service load benchmarks"),
 }
 

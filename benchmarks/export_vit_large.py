@@ -20,7 +20,7 @@ from pathlib import Path
 
 from benchmarks.harness.results import environment, write_result
 from benchmarks.models import checkpoint_shape, make_checkpoint
-from finetune.plan import parameter_count
+from finetune.shapes import parameter_count
 from service.artifact import MANIFEST_NAME, read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from finetune.plan import VitShape, shape_from_hf, vit_flops  # noqa: F401 - one shape and FLOP model, shared with `vitserve plan`
+from finetune.shapes import VitShape, shape_from_hf, vit_flops  # noqa: F401 - one shape and FLOP model, shared with `vitserve plan`
 
 CONFIGS: dict[str, VitShape] = {
     "tiny": VitShape(image_size=32, patch_size=8, hidden=64, layers=2, heads=4, mlp=128, labels=10),

@@ -12,7 +12,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from finetune.plan import DEFAULT_BASE
+from finetune.shapes import DEFAULT_BASE
 
 # The base model card (google/vit-large-patch16-224-in21k, as documented for this project) recommends these ranges.
 RECOMMENDED_BATCH = (2, 16)

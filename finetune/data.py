@@ -28,7 +28,8 @@ import torch
 from PIL import Image
 
 from finetune.config import UsageError
-from finetune.plan import DEFAULT_BASE, dataset_advice
+from finetune.estimates import dataset_advice
+from finetune.shapes import DEFAULT_BASE
 from finetune.storage import Folder
 from service.artifact import Preprocessing
 from service.errors import ServiceError
@@ -133,7 +134,7 @@ def describe(
     train: Scan, train_samples: list, val_samples: list, val_sha: dict[str, str], info, warn, base: str = DEFAULT_BASE
 ) -> None:
     """Report corrupt files, small and imbalanced classes, train/val duplicates and the model card's dataset-size
-    advice for `base`, the model being fine-tuned (finetune.plan.dataset_advice)."""
+    advice for `base`, the model being fine-tuned (finetune.estimates.dataset_advice)."""
     for rel, reason in train.corrupt:
         warn(f"skipping unreadable file {train.root}/{rel} ({reason})")
     if train.ignored:

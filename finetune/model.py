@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from transformers import ViTConfig, ViTForImageClassification
 
 from finetune.config import UsageError, freeze_spec
-from finetune.plan import VitShape
+from finetune.shapes import VitShape
 
 DEFAULT_MEAN = DEFAULT_STD = (0.5, 0.5, 0.5)  # ViTImageProcessor's defaults, used by the in21k ViT checkpoints
 
@@ -55,7 +55,6 @@ def image_processor_class():
     """transformers.ViTImageProcessor needs torchvision; without it the PIL one writes the same config file."""
     try:
         import torchvision  # noqa: F401
-
         from transformers import ViTImageProcessor
         return ViTImageProcessor
     except ImportError:

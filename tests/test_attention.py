@@ -1,5 +1,5 @@
 """Attention diagnostics (finetune/attention.py): the numbers on hand-made attention patterns whose answers are known,
-then `vitserve explain` and `vitserve finetune`'s report end to end on tiny ViTs."""
+then `vitserve explain` (finetune/explain.py) and `vitserve finetune`'s report end to end on tiny ViTs."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune import attention
+from finetune import attention, explain
 from tests.conftest import make_tiny_checkpoint, run_cli
 
 T = 17  # a class token and a 4 x 4 patch grid
@@ -113,10 +113,10 @@ def test_sdpa_models_are_switched_to_eager_and_see_the_served_pixels(tmp_path):
 
     ckpt = make_tiny_checkpoint(tmp_path / "ckpt")
     photos = write_photos(tmp_path / "photos")
-    files = attention.image_files([str(photos)])
+    files = explain.image_files([str(photos)])
     spec = load_checkpoint(str(ckpt)).preprocessing
     skipped: list[str] = []
-    batches = list(attention.served_batches(files, spec, 4, skipped))
+    batches = list(explain.served_batches(files, spec, 4, skipped))
     pre = Preprocessor(spec)
     served = np.stack([pre.decode_uint8(f.read_bytes(), max_pixels=10**8) for f in files]).transpose(0, 3, 1, 2)
     assert np.array_equal(torch.cat(batches).numpy(), served) and not skipped

@@ -8,7 +8,7 @@ resident set at once and the high-water mark follows the live tensors; torch's o
 allocations, agreed with this within 1 MB when the tolerance was chosen. The tolerance, ±10 % of the measured peak,
 covers what the estimator approximates instead of listing: the transient of backward's first operations (measured
 residuals up to 5 %) plus glibc metadata, oneDNN scratch space and Python objects. CUDA adds the context and the
-caching allocator's fragmentation; those are constants in finetune/plan.py, not checked here.
+caching allocator's fragmentation; those are constants in finetune/estimates.py, not checked here.
 
 Run as a script, this file is that measuring process: python tests/test_plan.py '[{...config...}, ...]'.
 """
@@ -30,25 +30,25 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # as a script, for the measuring process
 
-from finetune import plan  # noqa: E402
+from finetune import estimates, plan, shapes  # noqa: E402
 
 TOLERANCE = 0.10  # of the measured peak; the module docstring says why
 
 # Small enough to measure in seconds, large enough (40-150 MB a step) that a megabyte of noise does not matter.
 MEASURED = dict(image_size=224, patch_size=16, hidden=192, layers=3, heads=3, mlp=768, labels=10)
 CONFIGS = {
-    "fp32 sdpa adamw": plan.Setup(batch=8),
-    "bf16 sdpa adamw": plan.Setup(batch=8, precision="bf16"),
-    "fp32 eager, 12 heads": plan.Setup(batch=8, attention="eager"),
-    "fp32 gradient checkpointing": plan.Setup(batch=8, checkpointing=True),
-    "fp32 lora r=8": plan.Setup(batch=8, lora_r=8),
-    "bf16 sgd, blocks:1 frozen": plan.Setup(batch=8, precision="bf16", optimizer="sgd", frozen="blocks:1"),
+    "fp32 sdpa adamw": estimates.Setup(batch=8),
+    "bf16 sdpa adamw": estimates.Setup(batch=8, precision="bf16"),
+    "fp32 eager, 12 heads": estimates.Setup(batch=8, attention="eager"),
+    "fp32 gradient checkpointing": estimates.Setup(batch=8, checkpointing=True),
+    "fp32 lora r=8": estimates.Setup(batch=8, lora_r=8),
+    "bf16 sgd, blocks:1 frozen": estimates.Setup(batch=8, precision="bf16", optimizer="sgd", frozen="blocks:1"),
 }
 SHAPES = {"fp32 eager, 12 heads": dict(heads=12, hidden=192)}  # attention-heavy: 12 (T, T) maps a block
 
 
-def measured_shape(name: str) -> plan.VitShape:
-    return plan.VitShape(**{**MEASURED, **SHAPES.get(name, {})})
+def measured_shape(name: str) -> shapes.VitShape:
+    return shapes.VitShape(**{**MEASURED, **SHAPES.get(name, {})})
 
 
 # --- the measuring process ------------------------------------------------------------------------------------------
@@ -58,7 +58,7 @@ def _rss(key: str) -> int:
     return int(re.search(key + r":\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
 
 
-def build(shape: plan.VitShape, setup: plan.Setup):
+def build(shape: shapes.VitShape, setup: estimates.Setup):
     """The model and optimizer `vitserve finetune` would build for this shape and setup."""
     from finetune import model as model_lib
     from finetune import optim
@@ -73,7 +73,7 @@ def build(shape: plan.VitShape, setup: plan.Setup):
     return model, optim.build(setup.optimizer, optim.param_groups(model, 0.05), 1e-4)
 
 
-def measure(shape: plan.VitShape, setup: plan.Setup) -> dict:
+def measure(shape: shapes.VitShape, setup: estimates.Setup) -> dict:
     """Peak resident bytes above the steady state during one training step (after two that allocate the optimizer
     state and warm the kernels), and during one inference forward pass, as finetune's loop runs them."""
     import torch
@@ -136,7 +136,7 @@ def measured() -> dict:
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_training_step_peak_is_within_tolerance_of_the_measured_peak(measured, name):
     setup = dataclasses.replace(CONFIGS[name], device="cpu")  # torch's CPU optimizers loop per tensor
-    estimate = plan.training_memory(measured_shape(name), setup).step_peak
+    estimate = estimates.training_memory(measured_shape(name), setup).step_peak
     got = measured[name]["train"]
     print(f"{name}: estimate {estimate / 1e6:.1f} MB, measured {got / 1e6:.1f} MB ({estimate / got - 1:+.1%})")
     assert abs(estimate - got) <= TOLERANCE * got, (name, estimate, got)
@@ -146,7 +146,7 @@ def test_training_step_peak_is_within_tolerance_of_the_measured_peak(measured, n
 @pytest.mark.parametrize("name", ["fp32 sdpa adamw", "fp32 eager, 12 heads"])
 def test_inference_working_set_is_within_tolerance_of_the_measured_peak(measured, name):
     shape, setup = measured_shape(name), CONFIGS[name]
-    estimate = plan.inference_memory(shape, setup.batch, "fp32", setup.attention, device="cpu")["working"]
+    estimate = estimates.inference_memory(shape, setup.batch, "fp32", setup.attention, device="cpu")["working"]
     got = measured[name]["inference"]
     print(f"{name}: estimate {estimate / 1e6:.1f} MB, measured {got / 1e6:.1f} MB ({estimate / got - 1:+.1%})")
     assert abs(estimate - got) <= TOLERANCE * got, (name, estimate, got)
@@ -154,9 +154,9 @@ def test_inference_working_set_is_within_tolerance_of_the_measured_peak(measured
 
 # --- exact counts ----------------------------------------------------------------------------------------------------
 
-TINY = plan.VitShape(image_size=32, patch_size=8, hidden=48, layers=3, heads=3, mlp=80, labels=5)
+TINY = shapes.VitShape(image_size=32, patch_size=8, hidden=48, layers=3, heads=3, mlp=80, labels=5)
 MODES = [
-    plan.Setup(batch=2, precision=p, attention=a, lora_r=r, frozen=f)
+    estimates.Setup(batch=2, precision=p, attention=a, lora_r=r, frozen=f)
     for p in ("fp32", "bf16") for a in ("sdpa", "eager")
     for r, f in ((0, "none"), (4, "none"), (0, "blocks:1"), (0, "patch-embed"), (0, "linear-probe"))
 ]  # fmt: skip
@@ -182,52 +182,52 @@ def test_saved_activations_are_exactly_what_autograd_keeps(setup):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
         model(pixel_values=x)
     saved.setdefault(x.untyped_storage().data_ptr(), x.untyped_storage().nbytes())  # held by the loop anyway
-    assert sum(saved.values()) == sum(plan.activation_bytes(TINY, setup).values())
+    assert sum(saved.values()) == sum(estimates.activation_bytes(TINY, setup).values())
 
 
-@pytest.mark.parametrize("setup", [plan.Setup(), plan.Setup(lora_r=4), plan.Setup(frozen="blocks:2"),
-                                   plan.Setup(frozen="patch-embed"), plan.Setup(frozen="linear-probe")])  # fmt: skip
+@pytest.mark.parametrize("setup", [estimates.Setup(), estimates.Setup(lora_r=4), estimates.Setup(frozen="blocks:2"),
+                                   estimates.Setup(frozen="patch-embed"), estimates.Setup(frozen="linear-probe")])  # fmt: skip
 def test_parameter_counts_match_the_model(setup):
     model, _ = build(TINY, setup)
     params = list(model.parameters())
-    assert plan.trainable_count(TINY, setup) == sum(p.numel() for p in params if p.requires_grad)
-    weights = plan.training_memory(TINY, setup).weights
+    assert estimates.trainable_count(TINY, setup) == sum(p.numel() for p in params if p.requires_grad)
+    weights = estimates.training_memory(TINY, setup).weights
     assert weights == 4 * sum(p.numel() for p in params)  # with LoRA: adapters and PEFT's classifier copy
 
 
-@pytest.mark.parametrize("optimizer", plan.OPTIMIZERS)
+@pytest.mark.parametrize("optimizer", estimates.OPTIMIZERS)
 def test_optimizer_state_matches_torch(optimizer):
     import torch
 
-    setup = plan.Setup(optimizer=optimizer)
+    setup = estimates.Setup(optimizer=optimizer)
     model, opt = build(TINY, setup)
     model(pixel_values=torch.randn(2, 3, 32, 32)).logits.sum().backward()
     opt.step()
     state = sum(v.nbytes for s in opt.state.values() for k, v in s.items() if torch.is_tensor(v) and k != "step")
-    assert plan.optimizer_state_bytes(TINY, setup) == state
+    assert estimates.optimizer_state_bytes(TINY, setup) == state
 
 
 def test_named_models_and_flops_are_the_published_ones():
     from benchmarks.models import CONFIGS as BENCH
     from benchmarks.models import vit_flops as bench_flops
 
-    assert plan.parameter_count(plan.MODELS["vit-base"]) == pytest.approx(86.6e6, rel=0.01)
-    assert plan.parameter_count(plan.MODELS["vit-large"]) == pytest.approx(304.3e6, rel=0.01)
-    assert plan.parameter_count(plan.MODELS["vit-huge"]) == pytest.approx(632e6, rel=0.01)
-    assert plan.vit_flops(plan.MODELS["vit-large"])["total"] == pytest.approx(123.1e9, rel=0.001)
+    assert shapes.parameter_count(shapes.MODELS["vit-base"]) == pytest.approx(86.6e6, rel=0.01)
+    assert shapes.parameter_count(shapes.MODELS["vit-large"]) == pytest.approx(304.3e6, rel=0.01)
+    assert shapes.parameter_count(shapes.MODELS["vit-huge"]) == pytest.approx(632e6, rel=0.01)
+    assert shapes.vit_flops(shapes.MODELS["vit-large"])["total"] == pytest.approx(123.1e9, rel=0.001)
     for name, s in BENCH.items():  # the same FLOP count as benchmarks/models.py, which should import this one
-        ours = plan.vit_flops(plan.VitShape(**dataclasses.asdict(s)))
+        ours = shapes.vit_flops(shapes.VitShape(**dataclasses.asdict(s)))
         assert {k: ours[k] for k in bench_flops(s)} == bench_flops(s), name
 
 
 def test_largest_batch_is_the_boundary_of_the_budget():
-    shape, setup = plan.MODELS["vit-large"], plan.Setup(precision="bf16")
-    budget = 16 * plan.GiB
-    n = plan.largest_batch(shape, setup, budget)
+    shape, setup = shapes.MODELS["vit-large"], estimates.Setup(precision="bf16")
+    budget = 16 * estimates.GiB
+    n = estimates.largest_batch(shape, setup, budget)
     assert n > 1
-    assert plan.training_memory(shape, dataclasses.replace(setup, batch=n)).total <= budget
-    assert plan.training_memory(shape, dataclasses.replace(setup, batch=n + 1)).total > budget
-    checkpointed = plan.largest_batch(shape, dataclasses.replace(setup, checkpointing=True), budget)
+    assert estimates.training_memory(shape, dataclasses.replace(setup, batch=n)).total <= budget
+    assert estimates.training_memory(shape, dataclasses.replace(setup, batch=n + 1)).total > budget
+    checkpointed = estimates.largest_batch(shape, dataclasses.replace(setup, checkpointing=True), budget)
     assert checkpointed > n  # checkpointing keeps one (B, T, D) per block instead of all its tensors
 
 
@@ -249,18 +249,18 @@ def test_plan_command_reports_memory_speed_and_advice(capsys):
 def test_plan_json_agrees_with_the_functions(capsys):
     assert plan.main(["--model", "vit-base", "--batch-size", "8", "--optimizer", "sgd", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
-    setup = plan.Setup(batch=8, optimizer="sgd")
-    assert r["training"]["total"] == plan.training_memory(plan.MODELS["vit-base"], setup).total
+    setup = estimates.Setup(batch=8, optimizer="sgd")
+    assert r["training"]["total"] == estimates.training_memory(shapes.MODELS["vit-base"], setup).total
     assert r["training"]["optimizer_state"] == 4 * r["trainable"] == 4 * r["parameters"]  # one momentum buffer
     a100 = r["gpus"]["a100"]
-    assert a100["largest_batch"] == plan.largest_batch(plan.MODELS["vit-base"], setup, 80 * plan.GiB)
+    assert a100["largest_batch"] == estimates.largest_batch(shapes.MODELS["vit-base"], setup, 80 * estimates.GiB)
 
 
 def test_plan_sizes_checkpoint_folders_and_refuses_unknown_models(tmp_path, capsys):
     from tests.conftest import make_tiny_checkpoint
 
     ckpt = make_tiny_checkpoint(tmp_path / "tiny", image_size=32, hidden=64)
-    shape, _ = plan.resolve_shape(str(ckpt))
+    shape, _ = shapes.resolve_shape(str(ckpt))
     assert (shape.image_size, shape.patch_size, shape.hidden, shape.layers, shape.heads) == (32, 8, 64, 2, 4)
     assert plan.main(["--model", "no-such-model"]) == 2
     assert "neither a known model" in capsys.readouterr().err
@@ -269,12 +269,12 @@ def test_plan_sizes_checkpoint_folders_and_refuses_unknown_models(tmp_path, caps
 def test_dataset_advice_names_the_base_being_fine_tuned(tmp_path):
     from tests.conftest import make_tiny_checkpoint
 
-    warns, text = plan.dataset_advice(3000)
-    assert warns and "under 5,000 images: ViT-Large will likely overfit" in text and plan.DEFAULT_BASE in text
-    warns, text = plan.dataset_advice(3000, "google/vit-base-patch16-224-in21k")
+    warns, text = estimates.dataset_advice(3000)
+    assert warns and "under 5,000 images: ViT-Large will likely overfit" in text and shapes.DEFAULT_BASE in text
+    warns, text = estimates.dataset_advice(3000, "google/vit-base-patch16-224-in21k")
     assert not warns and "ViT-Base" in text and "ViT-Large" in text
     tiny = str(make_tiny_checkpoint(tmp_path / "tiny"))
-    warns, text = plan.dataset_advice(12000, tiny)
+    warns, text = estimates.dataset_advice(12000, tiny)
     assert not warns and tiny in text
 
 
@@ -284,7 +284,7 @@ def test_out_of_memory_message_without_a_gpu_keeps_the_remedies():
     import torch
 
     from finetune.config import TrainConfig
-    from finetune.train import out_of_memory_message
+    from finetune.prepare import out_of_memory_message
 
     message = out_of_memory_message(TrainConfig(train_dir="x", output="y", base="vit-large"), torch.device("cpu"))
     assert "Remedies" in message and "--gradient-checkpointing" in message and "estimates" not in message

@@ -52,18 +52,18 @@ def training_step_memory(checkpoint: Path, batch: int, device: str) -> dict:
 
 
 def planner_estimate(checkpoint: Path, batch: int, device: str) -> dict:
-    """`vitserve plan`'s estimate (finetune.plan.training_memory) for the same model, batch and setup. Its
+    """`vitserve plan`'s estimate (finetune.estimates.training_memory) for the same model, batch and setup. Its
     allocated_peak is what torch.cuda.max_memory_allocated measures; its total adds the CUDA context and the
     allocator's fragmentation."""
     try:
-        from finetune import plan as planner
+        from finetune import estimates, shapes
 
-        shape, _ = planner.resolve_shape(str(checkpoint))
-        m = planner.training_memory(shape, planner.Setup(batch=batch, precision="bf16", optimizer="adamw", device=device))
+        shape, _ = shapes.resolve_shape(str(checkpoint))
+        m = estimates.training_memory(shape, estimates.Setup(batch=batch, precision="bf16", optimizer="adamw", device=device))
     except Exception as e:  # noqa: BLE001 - the planner is another module's work: its absence or failure is recorded
-        return {"allocated_peak_bytes": None, "note": f"finetune.plan.training_memory unavailable: {type(e).__name__}: {e}"[:300]}
+        return {"allocated_peak_bytes": None, "note": f"finetune.estimates.training_memory unavailable: {type(e).__name__}: {e}"[:300]}
     return {"allocated_peak_bytes": m.allocated_peak, "total_bytes": m.total, "activations_bytes": m.activations_total,
-            "note": "finetune.plan.training_memory(resolve_shape(checkpoint), Setup(batch, precision='bf16', optimizer='adamw'))"}
+            "note": "finetune.estimates.training_memory(resolve_shape(checkpoint), Setup(batch, precision='bf16', optimizer='adamw'))"}
 
 
 def step_training_memory(run: Run, budget: Budget) -> dict:
