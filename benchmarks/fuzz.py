@@ -82,7 +82,7 @@ def _split_header(data: bytes, limit: int = 256) -> tuple[bytes, bytes]:
 
 def parse(target: str, data: bytes) -> None:
     """The server's parsing path for ``target`` on ``data``; raises what the server would answer."""
-    from service import v2
+    from service import kserve_v2
     from service.http_inference import base64_images, multipart_images, parse_top_k
 
     if target == "multipart":
@@ -97,7 +97,7 @@ def parse(target: str, data: bytes) -> None:
 
         length, body = _split_header(data, 16)
         inputs, outputs, _, _ = parse_request(body, length.decode("latin-1") if target == "v2_binary" else None)
-        v2.validate(inputs, outputs, LABELS, INPUT_SIZE)
+        kserve_v2.validate(inputs, outputs, LABELS, INPUT_SIZE)
     elif target == "grpc":
         from service.grpc_api import Undecodable, decode
         from service.grpc_api import parse_request as parse_grpc
@@ -107,7 +107,7 @@ def parse(target: str, data: bytes) -> None:
         if isinstance(request, Undecodable):
             raise request.error
         inputs, outputs = parse_grpc(request)
-        v2.validate(inputs, outputs, LABELS, INPUT_SIZE)
+        kserve_v2.validate(inputs, outputs, LABELS, INPUT_SIZE)
     else:
         raise ValueError(target)
 
@@ -132,7 +132,7 @@ def _fuzz_one(target: str, libfuzzer_args: list[str]) -> None:
 
         import service.grpc_api  # noqa: F401
         import service.http_inference  # noqa: F401
-        import service.v2  # noqa: F401
+        import service.kserve_v2  # noqa: F401
         import service.v2_http_api  # noqa: F401
     atheris.Setup([sys.argv[0], *libfuzzer_args], lambda data: check(target, data))
     atheris.Fuzz()

@@ -39,6 +39,7 @@ from benchmarks.harness.load import multipart_bodies, poisson_schedule
 from benchmarks.harness.measure import latency_summary_ms, load_average
 from benchmarks.harness.prometheus import REQUESTS_TOTAL, parse_prometheus
 from benchmarks.harness.results import command_line, environment, finish
+from service import metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -139,7 +140,7 @@ def _counters(base: str) -> Counter:
     samples = parse_prometheus(httpx.get(f"{base}/metrics", timeout=30).text)
     out = Counter()
     for name, labels, value in samples:
-        if name == REQUESTS_TOTAL and labels.get("protocol") == "http":
+        if name == REQUESTS_TOTAL and labels.get("protocol") == metrics.JSON_API:
             out[labels["status"]] += int(value)
     return out
 

@@ -61,7 +61,7 @@ async def via_grpc(target: str, model: str, groups: list[list[bytes]], concurren
 
     from service.protos import grpc_service_pb2 as pb
     from service.protos import grpc_service_pb2_grpc as pb_grpc
-    from service.v2 import split_bytes
+    from service.kserve_v2 import split_bytes
 
     sem = asyncio.Semaphore(concurrency)
     async with grpc.aio.insecure_channel(target, options=[("grpc.max_send_message_length", -1)]) as channel:

@@ -45,7 +45,7 @@ import time
 from dataclasses import dataclass, field
 
 from service import metrics
-from service.errors import Overloaded
+from service.errors import Overloaded, drain_seconds
 
 BUSY_WINDOW_S = 0.25  # busy time per throughput sample
 SAMPLES_KEPT = 16  # throughput = the best of these (~4 s of busy time): what the service has shown it can do
@@ -214,9 +214,8 @@ class Admission:
                 self._gauges()
 
     def _retry_after_s(self) -> float:
-        """Seconds until the work ahead has drained below the limit, at the measured rate (at least 1: HTTP's unit)."""
-        x = self.throughput or 1 / self.unloaded_s
-        return max(1.0, (self.work + self.images_per_request - self.limit) / x)
+        """Until the work ahead has drained below the limit, at the measured answer rate."""
+        return drain_seconds(self.work + self.images_per_request - self.limit, self.throughput or 1 / self.unloaded_s)
 
     def _account(self, now: float) -> None:
         if self.requests > 0:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.errors import DeadlineExceeded, EngineFailure, EngineStalled, Overloaded, ShuttingDown
+from service.errors import DeadlineExceeded, EngineFailure, EngineStalled, Overloaded, ShuttingDown, drain_seconds
 
 
 @dataclass
@@ -133,7 +133,7 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vitserve-engine")
         self._batch_seconds_ewma: float | None = None
         self._batches_run = 0
-        self._expected = 0  # images admitted upstream and still decoding
+        self.decoding = 0  # images admitted upstream and still decoding: the one count (the hold below, the gauge)
 
     # ---- public interface -------------------------------------------------------------------------
     def start(self) -> None:
@@ -150,7 +150,7 @@ class Batcher:
 
     def expect(self, images: int) -> None:
         """Upstream is decoding ``images`` more (negative: they arrived or failed). Called on the loop's thread."""
-        self._expected += images
+        self.decoding += images
         if images < 0:
             self._wake.set()
 
@@ -163,9 +163,9 @@ class Batcher:
             )
 
     def retry_after_s(self) -> float:
-        """A client-facing estimate of how long the current queue takes to clear."""
+        """Until the queue and the batch in the engine have cleared, at the measured batch rate."""
         per_batch = self._batch_seconds_ewma or 0.1
-        return max(1.0, (len(self._pending) / self.max_batch_size + 1) * per_batch)
+        return drain_seconds(len(self._pending) + self.max_batch_size, self.max_batch_size / per_batch)
 
     async def submit(self, pixels: np.ndarray, deadline: float) -> tuple[np.ndarray, list[BatchStats]]:
         """(N, 3, H, W) → ((N, L) logits, per-image stats). All N images are admitted or none is."""
@@ -226,9 +226,9 @@ class Batcher:
             oldest = self._pending[0].enqueued
             full = len(self._pending) >= self.max_batch_size
             waited = time.monotonic() - oldest
-            due = waited >= self.max_wait_s and (self._expected <= 0 or waited >= self.max_wait_s + DECODE_HOLD_S)
+            due = waited >= self.max_wait_s and (self.decoding <= 0 or waited >= self.max_wait_s + DECODE_HOLD_S)
             if self._busy or not (full or due):
-                limit = self.max_wait_s + (DECODE_HOLD_S if self._expected > 0 else 0.0)
+                limit = self.max_wait_s + (DECODE_HOLD_S if self.decoding > 0 else 0.0)
                 timeout = None if self._busy else max(0.0, oldest + limit - time.monotonic())
                 await self._wait(timeout)
                 continue

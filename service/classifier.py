@@ -79,7 +79,6 @@ class Classifier:
         self.engine.warmup(self.warmup_sizes)  # every bucket once, before readiness
         self.buckets = buckets
         self._decode_pool = ThreadPoolExecutor(max_workers=self.threads.decode_threads, thread_name_prefix="vitserve-decode")
-        self.decoding = 0  # images in the decode pool now (a stage of the work admission counts)
         timing = self._warm_and_time()
         self.admission = Admission(
             **timing, max_batch=self.max_batch_size, request_timeout_s=settings.request_timeout_s,
@@ -132,7 +131,6 @@ class Classifier:
         self.preprocessor = Preprocessor(self.manifest.preprocessing)
         self.max_batch_size, self.max_batch_reason, self.speed = facts["max_batch_size"], facts["max_batch_reason"], None
         self._decode_pool = ThreadPoolExecutor(max_workers=self.threads.decode_threads, thread_name_prefix="vitserve-decode")
-        self.decoding = 0
         self.admission = Admission(
             **facts["admission"], max_batch=self.max_batch_size, request_timeout_s=self.settings.request_timeout_s,
             max_latency_s=None if self.settings.max_latency_ms is None else self.settings.max_latency_ms / 1000,
@@ -294,14 +292,13 @@ class Classifier:
             raise InvalidParameter(f"top_k must be between 1 and {len(self.manifest.labels)} (the number of labels), got {k}")
         return k
 
-    async def classify(self, images: list[bytes], top_k: int | None = None, protocol: str = "http",
+    async def classify(self, images: list[bytes], top_k: int | None = None, protocol: str = metrics.JSON_API,
                        ticket: Ticket | None = None) -> Classification:
         """Encoded images (JPEG, PNG, ...) → their classification. ``ticket``: the request's admission at the door."""
         k = self.check_request(len(images), top_k, ticket)
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
-        self.batcher.expect(len(images))  # a batch about to close waits (briefly) for these
-        self._decoding(len(images))
+        self._decoding(len(images))  # a batch about to close waits (briefly) for these
         try:
             if len(images) == 1:  # most requests: one thread hop, without gather's task and future around it
                 decoded = [await loop.run_in_executor(self._decode_pool, self.decode, images[0], 0)]
@@ -311,8 +308,7 @@ class Classifier:
                     return_exceptions=True,
                 )
         finally:
-            self._decoding(-len(images))
-            self.batcher.expect(-len(images))  # no await between this and submit(): the batch cannot close in between
+            self._decoding(-len(images))  # no await between this and submit(): the batch cannot close in between
         for d in decoded:  # report the lowest-index bad image; the others' work is simply dropped
             if isinstance(d, BaseException):
                 raise d
@@ -322,10 +318,12 @@ class Classifier:
         return await self._infer(pixels, k, protocol, decode_s=time.perf_counter() - t0, ticket=ticket)
 
     def _decoding(self, images: int) -> None:
-        self.decoding += images
-        metrics.labelled(metrics.WORK_IN_FLIGHT, "decoding").set(self.decoding)
+        """Images entering (or leaving) the decode pool: counted once, by the batcher, whose closing batch waits for
+        them; the gauge shows the same count."""
+        self.batcher.expect(images)
+        metrics.labelled(metrics.WORK_IN_FLIGHT, "decoding").set(self.batcher.decoding)
 
-    async def classify_pixels(self, pixels: np.ndarray, top_k: int | None = None, protocol: str = "v2-http",
+    async def classify_pixels(self, pixels: np.ndarray, top_k: int | None = None, protocol: str = metrics.V2_HTTP,
                               ticket: Ticket | None = None) -> Classification:
         """Already-preprocessed (N, 3, H, W) float32 pixels (a client that preprocesses itself) → their classification."""
         k = self.check_request(len(pixels), top_k, ticket)

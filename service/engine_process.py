@@ -240,6 +240,7 @@ class RemoteBatcher:
         self._connected: asyncio.Future | None = None
         self._reader_task: asyncio.Task | None = None
         self._closed = False
+        self.decoding = 0  # images this front-end is decoding (the batcher's count, for the gauge)
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -255,7 +256,9 @@ class RemoteBatcher:
         return not self._pending
 
     def expect(self, images: int) -> None:
-        """In one process the batcher holds a closing batch for images still decoding; across processes it cannot."""
+        """Counted for the decoding gauge only: in one process the batcher holds a closing batch for images still
+        decoding; across processes it cannot."""
+        self.decoding += images
 
     def retry_after_s(self) -> float:
         return 1.0

@@ -75,10 +75,17 @@ class TooManyImages(ServiceError):
 
 
 class Overloaded(ServiceError):
-    """Refused before the work starts: the door predicted the request would miss its latency bound (most 429s), or
-    the batch queue is full. The client should retry after ``retry_after_s``."""
+    """Refused before the work starts: admission predicted the request would miss its latency bound or its deadline
+    (most 429s, service/admission.py), or the batch queue is full (service/batcher.py). The client should retry after
+    ``retry_after_s`` (``drain_seconds``)."""
 
     type = "overloaded"
+
+
+def drain_seconds(images_ahead: float, images_per_s: float) -> float:
+    """Retry-After of an overload refusal: seconds until ``images_ahead`` drain at the measured rate, at least 1
+    (HTTP's unit). One estimate for the door and the queue, so a client hears the same rule from both."""
+    return max(1.0, images_ahead / images_per_s)
 
 
 class RequestTimeout(ServiceError):

@@ -6,7 +6,7 @@ loop, so gRPC and HTTP requests join the same batches through the same :class:`s
 starts in the service's startup hook, turns NOT_SERVING when the drain begins (new calls get UNAVAILABLE from the
 classifier, in-flight ones are answered) and stops in the shutdown hook. Implemented: ServerLive, ServerReady,
 ModelReady, ServerMetadata, ModelMetadata, ModelInfer and Triton's ModelConfig; the other Triton RPCs answer
-UNIMPLEMENTED. Parsing and rendering only: the protocol lives in ``service/v2.py``, the error codes in
+UNIMPLEMENTED. Parsing and rendering only: the protocol lives in ``service/kserve_v2.py``, the error codes in
 ``service/errors.py``.
 """
 
@@ -18,7 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from service import metrics, v2
+from service import kserve_v2, metrics
 from service.auth import OPEN_GRPC_SERVICES, ApiKeys
 from service.classifier import Classifier
 from google.protobuf.message import DecodeError
@@ -30,7 +30,7 @@ from service.protos import grpc_service_pb2_grpc as pb_grpc
 from service.settings import Settings
 
 log = logging.getLogger("vitserve.grpc")
-PROTOCOL = "grpc"
+PROTOCOL = metrics.V2_GRPC
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name  # "inference.GRPCInferenceService"
 
 
@@ -107,7 +107,7 @@ def _param(p: pb.InferParameter):
     return getattr(p, which) if which else None
 
 
-def parse_request(request: pb.ModelInferRequest) -> tuple[list[v2.Tensor], list[v2.RequestedOutput]]:
+def parse_request(request: pb.ModelInferRequest) -> tuple[list[kserve_v2.Tensor], list[kserve_v2.RequestedOutput]]:
     raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):
         raise InvalidParameter(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs; they must match one to one")
@@ -115,25 +115,25 @@ def parse_request(request: pb.ModelInferRequest) -> tuple[list[v2.Tensor], list[
     for i, t in enumerate(request.inputs):
         shape = list(t.shape)
         if raw:
-            inputs.append(v2.tensor_from_raw(t.name, t.datatype, shape, raw[i]))
+            inputs.append(kserve_v2.tensor_from_raw(t.name, t.datatype, shape, raw[i]))
         elif t.datatype == "BYTES":
-            inputs.append(v2.tensor_from_values(t.name, t.datatype, shape, list(t.contents.bytes_contents)))
+            inputs.append(kserve_v2.tensor_from_values(t.name, t.datatype, shape, list(t.contents.bytes_contents)))
         else:
-            inputs.append(v2.tensor_from_values(t.name, t.datatype, shape, t.contents.fp32_contents))
+            inputs.append(kserve_v2.tensor_from_values(t.name, t.datatype, shape, t.contents.fp32_contents))
     outputs = []
     for o in request.outputs:
         k = _param(o.parameters["classification"]) if "classification" in o.parameters else None
         if k is not None and (not isinstance(k, int) or isinstance(k, bool)):
             raise InvalidParameter(f"classification must be an integer, got {k!r}")
-        outputs.append(v2.RequestedOutput(o.name, k))
+        outputs.append(kserve_v2.RequestedOutput(o.name, k))
     return inputs, outputs
 
 
-def render_response(model: v2.Model, request_id: str, tensors: list[v2.Tensor], parameters: dict) -> pb.ModelInferResponse:
+def render_response(model: kserve_v2.Model, request_id: str, tensors: list[kserve_v2.Tensor], parameters: dict) -> pb.ModelInferResponse:
     response = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request_id)
     for t in tensors:
         response.outputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
-        response.raw_output_contents.append(v2.raw(t))  # tritonclient reads raw outputs, as Triton sends them
+        response.raw_output_contents.append(kserve_v2.raw(t))  # tritonclient reads raw outputs, as Triton sends them
     for key, value in parameters.items():
         response.parameters[key].string_param = value
     return response
@@ -142,7 +142,7 @@ def render_response(model: v2.Model, request_id: str, tensors: list[v2.Tensor], 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, clf: Classifier):
         self.clf = clf
-        self.model = v2.Model(clf)
+        self.model = kserve_v2.Model(clf)
 
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
@@ -160,7 +160,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(self, request, context):
         from service import __version__
 
-        return pb.ServerMetadataResponse(name="vitserve", version=__version__, extensions=list(v2.EXTENSIONS))
+        return pb.ServerMetadataResponse(name="vitserve", version=__version__, extensions=list(kserve_v2.EXTENSIONS))
 
     async def ModelMetadata(self, request, context):
         try:
@@ -193,9 +193,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             with RequestScope(self.clf, PROTOCOL, context.time_remaining) as scope:
                 self.model.check(request.model_name, request.model_version)
                 inputs, outputs = parse_request(request)
-                tensors, result = await v2.infer(self.model, inputs, outputs, PROTOCOL, ticket=scope.ticket)
+                tensors, result = await kserve_v2.infer(self.model, inputs, outputs, PROTOCOL, ticket=scope.ticket)
                 scope.answered = True
-                return render_response(self.model, request.id, tensors, v2.response_parameters(result))
+                return render_response(self.model, request.id, tensors, kserve_v2.response_parameters(result))
         except ServiceError as exc:  # counted by the scope; answered here with the table's code
             await abort(context, exc)
 

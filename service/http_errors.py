@@ -6,9 +6,7 @@ from __future__ import annotations
 from fastapi.responses import JSONResponse
 
 from service.errors import RequestTimeout, ShuttingDown, error_body, error_headers, http_status, v2_error_body
-
-JSON_API = "http"  # the metrics' protocol label of our JSON API
-V2_HTTP = "v2-http"  # ... and of KServe v2 over HTTP
+from service.metrics import JSON_API, V2_HTTP  # the protocol label's values: the routes take them from here
 
 
 def protocol_of(path: str) -> str:

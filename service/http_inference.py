@@ -32,7 +32,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service import metrics, v2
+from service import kserve_v2, metrics
 from service.errors import (EmptyRequest, InvalidParameter, MalformedRequest, MethodNotAllowed, RequestTimeout, ServiceError,
                             UnsupportedImage)
 from service.request_scope import RequestScope
@@ -225,7 +225,7 @@ class InferenceRoutes:
 
     def __init__(self, app: ASGIApp, get_classifier: Callable[[], Classifier]):
         self.app, self.get_classifier = app, get_classifier
-        self._model: v2.Model | None = None
+        self._model: kserve_v2.Model | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -283,11 +283,11 @@ class InferenceRoutes:
 
     async def _v2_infer(self, clf: Classifier, target: tuple[str, str], headers: dict[bytes, bytes], raw: bytes, ticket):
         if self._model is None or self._model.clf is not clf:
-            self._model = v2.Model(clf)
+            self._model = kserve_v2.Model(clf)
         model = self._model
         model.check(*target)
         length = headers.get(V2_HEADER_LENGTH)
         inputs, outputs, binary_default, request_id = parse_request(raw, None if length is None else length.decode("latin-1"))
-        tensors, result = await v2.infer(model, inputs, outputs, V2_HTTP, ticket=ticket)
-        body, content_type, extra = render_response(model, tensors, outputs, binary_default, request_id, v2.response_parameters(result))
+        tensors, result = await kserve_v2.infer(model, inputs, outputs, V2_HTTP, ticket=ticket)
+        body, content_type, extra = render_response(model, tensors, outputs, binary_default, request_id, kserve_v2.response_parameters(result))
         return 200, body, content_type, extra

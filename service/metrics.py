@@ -38,8 +38,11 @@ POSTPROCESS_SECONDS = Histogram(
     "vitserve_postprocess_duration_seconds", "Softmax + top-k + response building per request", buckets=LATENCY_BUCKETS
 )
 BATCH_SIZE = Histogram("vitserve_batch_size", "Images per engine batch (before padding)", ["engine"], buckets=BATCH_BUCKETS)
+# The protocol label's values: our JSON API (POST /classify: multipart, a raw image body, JSON), KServe v2 over HTTP
+# (/v2/...), KServe v2 over gRPC.
+JSON_API, V2_HTTP, V2_GRPC = "json", "v2-http", "grpc"
 REQUESTS = Counter(
-    "vitserve_requests", "Classification requests answered, by protocol and the HTTP status their outcome maps to",
+    "vitserve_requests", "Classification requests answered, by protocol (json, v2-http, grpc) and the HTTP status their outcome maps to",
     ["protocol", "status"],
 )
 IMAGES = Counter("vitserve_images", "Images classified", ["protocol"])

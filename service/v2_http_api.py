@@ -23,7 +23,7 @@ from collections.abc import Callable
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
-from service import v2
+from service import kserve_v2
 from service.classifier import Classifier
 from service.errors import InvalidParameter, MalformedRequest, ServiceError
 from service.http_errors import V2_HTTP, error_response
@@ -39,10 +39,10 @@ def _field(obj: dict, key: str, kind: type, what: str, default):
     return value
 
 
-def parse_request(body: bytes, header_length: str | None) -> tuple[list[v2.Tensor], list[v2.RequestedOutput], bool, str | None]:
+def parse_request(body: bytes, header_length: str | None) -> tuple[list[kserve_v2.Tensor], list[kserve_v2.RequestedOutput], bool, str | None]:
     """(inputs, requested outputs, outputs binary by default, request id) from a v2 HTTP body."""
     if header_length == "0":  # raw binary request: the body is one image
-        return [v2.Tensor(v2.IMAGE_INPUT, "BYTES", [1], [body])], [], True, None
+        return [kserve_v2.Tensor(kserve_v2.IMAGE_INPUT, "BYTES", [1], [body])], [], True, None
     if header_length is not None:
         # ASCII digits only: str.isdigit() is also true of "³86", which int() rejects (found by `vitserve bench fuzz`).
         if not (header_length.isascii() and header_length.isdigit()) or int(header_length) > len(body):
@@ -69,10 +69,10 @@ def parse_request(body: bytes, header_length: str | None) -> tuple[list[v2.Tenso
         if size is not None:
             if not isinstance(size, int) or size < 0 or offset + size > len(binary):
                 raise InvalidParameter(f"input '{name}': binary_data_size {size} does not fit the {len(binary) - offset} binary bytes left")
-            inputs.append(v2.tensor_from_raw(name, datatype, shape, bytes(binary[offset : offset + size])))
+            inputs.append(kserve_v2.tensor_from_raw(name, datatype, shape, bytes(binary[offset : offset + size])))
             offset += size
         else:
-            inputs.append(v2.tensor_from_values(name, datatype, shape, _flatten(_field(spec, "data", list, f"input '{name}'", []))))
+            inputs.append(kserve_v2.tensor_from_values(name, datatype, shape, _flatten(_field(spec, "data", list, f"input '{name}'", []))))
     if offset != len(binary):
         raise InvalidParameter(f"{len(binary) - offset} binary bytes after the inputs that no input claims")
     outputs = []
@@ -81,7 +81,7 @@ def parse_request(body: bytes, header_length: str | None) -> tuple[list[v2.Tenso
         k = params.get("classification")
         if k is not None and (not isinstance(k, int) or isinstance(k, bool)):
             raise InvalidParameter(f"classification must be an integer, got {k!r}")
-        outputs.append(v2.RequestedOutput(str(spec.get("name", "")) if isinstance(spec, dict) else "", k, params.get("binary_data")))
+        outputs.append(kserve_v2.RequestedOutput(str(spec.get("name", "")) if isinstance(spec, dict) else "", k, params.get("binary_data")))
     binary_default = bool(_field(request, "parameters", dict, "request", {}).get("binary_data_output", False))
     return inputs, outputs, binary_default, request.get("id")
 
@@ -101,7 +101,7 @@ def _flatten(values: list) -> list:
     return out
 
 
-def render_response(model: v2.Model, tensors: list[v2.Tensor], wanted: list[v2.RequestedOutput], binary_default: bool,
+def render_response(model: kserve_v2.Model, tensors: list[kserve_v2.Tensor], wanted: list[kserve_v2.RequestedOutput], binary_default: bool,
                     request_id, parameters: dict) -> tuple[bytes, bytes, dict[str, str] | None]:
     """(body, content type, extra headers) of an inference response: JSON, or JSON + binary tensors."""
     binary_of = {o.name: o.binary for o in wanted}
@@ -110,7 +110,7 @@ def render_response(model: v2.Model, tensors: list[v2.Tensor], wanted: list[v2.R
         entry = {"name": t.name, "datatype": t.datatype, "shape": t.shape}
         binary = binary_of.get(t.name)
         if binary if binary is not None else binary_default:
-            chunk = v2.raw(t)
+            chunk = kserve_v2.raw(t)
             entry["parameters"] = {"binary_data_size": len(chunk)}
             chunks.append(chunk)
         else:
@@ -127,11 +127,11 @@ def render_response(model: v2.Model, tensors: list[v2.Tensor], wanted: list[v2.R
 
 def create_router(get_classifier: Callable[[], Classifier]) -> APIRouter:
     router = APIRouter(tags=["KServe v2 / Open Inference Protocol"])
-    models: dict[int, v2.Model] = {}
+    models: dict[int, kserve_v2.Model] = {}
 
-    def model() -> v2.Model:
+    def model() -> kserve_v2.Model:
         clf = get_classifier()
-        return models.setdefault(id(clf), v2.Model(clf))
+        return models.setdefault(id(clf), kserve_v2.Model(clf))
 
     def v2_error(exc: ServiceError) -> JSONResponse:
         return error_response(exc, PROTOCOL)
@@ -140,7 +140,7 @@ def create_router(get_classifier: Callable[[], Classifier]) -> APIRouter:
     async def server_metadata() -> dict:
         from service import __version__
 
-        return {"name": "vitserve", "version": __version__, "extensions": list(v2.EXTENSIONS)}
+        return {"name": "vitserve", "version": __version__, "extensions": list(kserve_v2.EXTENSIONS)}
 
     @router.get("/v2/health/live", summary="200 while the process runs")
     async def live() -> Response:
@@ -150,7 +150,7 @@ def create_router(get_classifier: Callable[[], Classifier]) -> APIRouter:
     async def ready() -> Response:
         return Response(status_code=200 if get_classifier().ready else 400)
 
-    def answer(model_name: str, model_version: str, respond: Callable[[v2.Model], Response]) -> Response:
+    def answer(model_name: str, model_version: str, respond: Callable[[kserve_v2.Model], Response]) -> Response:
         m = model()
         try:
             m.check(model_name, model_version)

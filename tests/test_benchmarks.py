@@ -67,10 +67,10 @@ def test_prometheus_deltas_give_stage_means():
             f'vitserve_batch_inference_duration_seconds_sum{{engine="e"}} {infer}',
             f'vitserve_batch_inference_duration_seconds_count{{engine="e"}} {n_batch}',
             f'vitserve_batch_size_sum{{engine="e"}} {images_in_batches}', f'vitserve_batch_size_count{{engine="e"}} {n_batch}',
-            f'vitserve_request_duration_seconds_sum{{protocol="http",status="200"}} {n_img * 0.5}',
-            f'vitserve_request_duration_seconds_count{{protocol="http",status="200"}} {n_img}',
-            'vitserve_request_duration_seconds_sum{protocol="http",status="429"} 99',
-            'vitserve_request_duration_seconds_count{protocol="http",status="429"} 1',
+            f'vitserve_request_duration_seconds_sum{{protocol="json",status="200"}} {n_img * 0.5}',
+            f'vitserve_request_duration_seconds_count{{protocol="json",status="200"}} {n_img}',
+            'vitserve_request_duration_seconds_sum{protocol="json",status="429"} 99',
+            'vitserve_request_duration_seconds_count{protocol="json",status="429"} 1',
         ])
 
     before = parse_prometheus(text(10, 5, 1.0, 2.0, 3.0, 10))

@@ -91,5 +91,5 @@ def test_engine_faults_fail_only_their_batch_stall_then_recover_and_end_liveness
     text = httpx.get(f"{url}/metrics").text
     assert metric_value(text, "vitserve_engine_failures_total", kind="raised") == 4
     assert metric_value(text, "vitserve_engine_failures_total", kind="watchdog") == 1
-    assert metric_value(text, "vitserve_requests_total", protocol="http", status="500") == 5
-    assert metric_value(text, "vitserve_requests_total", protocol="http", status="503") == 1
+    assert metric_value(text, "vitserve_requests_total", protocol="json", status="500") == 5
+    assert metric_value(text, "vitserve_requests_total", protocol="json", status="503") == 1

@@ -232,8 +232,8 @@ def test_three_times_capacity_every_request_answered_within_the_bound(tiny_artif
     assert statuses[200] >= 0.75 * capacity * 10, statuses  # capacity is a little under 20 img/s: the model computes too
     # The server counted exactly what the client saw.
     for status in (200, 429, 504):
-        seen = metric_value(after, "vitserve_requests_total", protocol="http", status=str(status)) - \
-            metric_value(before, "vitserve_requests_total", protocol="http", status=str(status))
+        seen = metric_value(after, "vitserve_requests_total", protocol="json", status=str(status)) - \
+            metric_value(before, "vitserve_requests_total", protocol="json", status=str(status))
         assert seen == statuses.get(status, 0), (status, seen, statuses)
     # Memory stays bounded: no growth beyond allocator noise across 600 requests. (Loose on purpose: with 64×64 images
     # a leak would be small; `vitserve bench overload` watches RSS with real photos at 5× for a minute.)

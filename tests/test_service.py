@@ -136,9 +136,9 @@ def test_concurrent_clients_are_batched_and_counted(server, photo_bytes):
     assert max(int(r.headers["x-vitserve-batch-size"]) for r in responses) > 1
     after = server.metrics()
     delta = lambda name, **kw: metric_value(after, name, **kw) - metric_value(before, name, **kw)  # noqa: E731
-    assert delta("vitserve_requests_total", protocol="http", status="200") == n
-    assert delta("vitserve_images_total", protocol="http") == n
-    assert delta("vitserve_request_duration_seconds_count", protocol="http", status="200") == n
+    assert delta("vitserve_requests_total", protocol="json", status="200") == n
+    assert delta("vitserve_images_total", protocol="json") == n
+    assert delta("vitserve_request_duration_seconds_count", protocol="json", status="200") == n
     batches = delta("vitserve_batch_size_count")
     assert 1 <= batches < n, "concurrent single-image requests should share batches"
     assert delta("vitserve_batch_size_sum") == n

@@ -154,5 +154,5 @@ def test_slow_headers_and_bodies_get_408_and_normal_requests_do_not_notice(tiny_
     assert all(GRACE_S - 0.1 <= seconds <= GRACE_S + 1.5 for _, seconds in bodies), bodies
     assert metric_value(metrics, "vitserve_slow_clients_total", stage="headers") == SLOW
     assert metric_value(metrics, "vitserve_slow_clients_total", stage="body") == SLOW
-    assert metric_value(metrics, "vitserve_requests_total", protocol="http", status="408") == SLOW
+    assert metric_value(metrics, "vitserve_requests_total", protocol="json", status="408") == SLOW
     assert upload_status == 200, upload_bytes

@@ -74,7 +74,7 @@ def test_two_front_ends_share_the_engine_process_batches(tiny_artifact, tmp_path
         ours = [top_a, top_b]
         before = s.metrics()
         assert metric_value(before, "vitserve_batch_size_count") >= 1  # the engine process's metrics are merged
-        assert metric_value(before, "vitserve_requests_total", protocol="http", status="200") >= 4
+        assert metric_value(before, "vitserve_requests_total", protocol="json", status="200") >= 4
 
         # gRPC reaches a front-end too (they all listen on the port, SO_REUSEPORT), and the same engine.
         model = read_manifest(tiny_artifact).model.name
