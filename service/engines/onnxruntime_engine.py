@@ -16,6 +16,23 @@ PROVIDERS = {
 }
 
 
+def tensorrt_provider_options(entry: EngineFile, input_size: tuple[int, int], cache_dir: Path | None) -> dict[str, object]:
+    """ONNX Runtime's TensorRT EP options: FP16, a cached engine, and one optimisation profile covering every batch
+    from 1 to the entry's maximum, tuned for its opt_batch (as export's native plan is, export/tensorrt_build.py). Without explicit profile shapes the EP builds for the first shape it sees and
+    rebuilds the whole engine (minutes for ViT-L) at each new batch size the batcher sends."""
+    h, w = input_size
+    name = entry.inputs[0].name
+    shape = lambda batch: f"{name}:{batch}x3x{h}x{w}"  # noqa: E731 - the EP's "input:d0xd1x..." format
+    options: dict[str, object] = {
+        "trt_fp16_enable": True, "trt_engine_cache_enable": True,
+        "trt_profile_min_shapes": shape(1), "trt_profile_opt_shapes": shape(max(1, min(entry.opt_batch, entry.max_batch))),
+        "trt_profile_max_shapes": shape(entry.max_batch),
+    }  # fmt: skip
+    if cache_dir is not None:
+        options["trt_engine_cache_path"] = str(cache_dir)
+    return options
+
+
 def available_providers() -> list[str]:
     import onnxruntime as ort
 
@@ -49,10 +66,7 @@ class OnnxRuntimeEngine(Engine):
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers: list = list(PROVIDERS[provider])
         if provider == "tensorrt":
-            trt_opts = {"trt_fp16_enable": True, "trt_engine_cache_enable": True}
-            if trt_cache_dir is not None:
-                trt_opts["trt_engine_cache_path"] = str(trt_cache_dir)
-            providers[0] = ("TensorrtExecutionProvider", trt_opts)
+            providers[0] = ("TensorrtExecutionProvider", tensorrt_provider_options(entry, input_size, trt_cache_dir))
         self._session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         self._input = entry.inputs[0].name
         self._output = entry.outputs[0].name

@@ -30,9 +30,9 @@ class TensorRTEngine(Engine):
             raise RuntimeError(f"TensorRT plan {entry.file} was built on {built_on}, this GPU is {here}; rebuild it")
         self._trt = trt
         self._torch = torch
-        logger = trt.Logger(trt.Logger.WARNING)
-        runtime = trt.Runtime(logger)
-        self._engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
+        # The Runtime that deserialised a plan must outlive the engine (TensorRT's documented object lifetimes).
+        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self._engine = self._runtime.deserialize_cuda_engine(Path(path).read_bytes())
         if self._engine is None:
             raise RuntimeError(f"TensorRT could not deserialize {path} (version mismatch?)")
         self._context = self._engine.create_execution_context()
@@ -44,15 +44,17 @@ class TensorRTEngine(Engine):
     def run(self, pixels: np.ndarray) -> np.ndarray:
         torch = self._torch
         batch = pixels.shape[0]
+        producer = torch.cuda.current_stream()  # where the input copy and the output allocation are ordered
         x = torch.from_numpy(pixels).to("cuda", non_blocking=True).contiguous()
         self._context.set_input_shape(self._input, tuple(x.shape))
         out_shape = tuple(self._context.get_tensor_shape(self._output))
         y = torch.empty(out_shape, dtype=torch.float32, device="cuda")
         self._context.set_tensor_address(self._input, x.data_ptr())
         self._context.set_tensor_address(self._output, y.data_ptr())
-        with torch.cuda.stream(self._stream):
-            self._stream.wait_stream(torch.cuda.current_stream())
-            if not self._context.execute_async_v3(self._stream.cuda_stream):
-                raise RuntimeError("TensorRT execute_async_v3 failed")
+        # TensorRT runs on its own stream: that stream must first wait for the copy enqueued on the producer's (asking
+        # from inside `torch.cuda.stream(self._stream)` would make the stream wait on itself, and race the copy).
+        self._stream.wait_stream(producer)
+        if not self._context.execute_async_v3(self._stream.cuda_stream):
+            raise RuntimeError("TensorRT execute_async_v3 failed")
         self._stream.synchronize()
         return y[:batch].cpu().numpy()
