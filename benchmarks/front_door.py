@@ -246,7 +246,7 @@ def run(args) -> dict:
     rounds: list[dict] = []
     with ExitStack() as stack:
         ours = stack.enter_context(running_vitserve(args.artifact, args.workdir, cpus=args.server_cpus, **settings))
-        batch = httpx.get(f"{ours.url}/info", timeout=10).json()["limits"]["max_batch_size"]
+        batch = httpx.get(f"{ours.url}/info", timeout=10, trust_env=False).json()["limits"]["max_batch_size"]
         servers = [("vitserve", ours, args.protocols)]
         if args.triton:  # the same engine, Preprocessor, batch limit and batching window behind Triton's front-ends
             servers.append(("triton", stack.enter_context(running_triton(args.artifact, args.workdir, max_batch=batch)),

@@ -30,7 +30,7 @@ def labelled_files(root: Path) -> list[tuple[Path, str]]:
 
 async def via_classify(url: str, groups: list[list[bytes]], concurrency: int) -> list[int]:
     sem = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(timeout=120) as c:
+    async with httpx.AsyncClient(timeout=120, trust_env=False) as c:
         async def one(group):
             async with sem:
                 r = await c.post(f"{url}/classify", files=[("images", (f"{i}", b)) for i, b in enumerate(group)], params={"top_k": 1})
@@ -42,7 +42,7 @@ async def via_classify(url: str, groups: list[list[bytes]], concurrency: int) ->
 
 async def via_v2_http(url: str, model: str, groups: list[list[bytes]], concurrency: int) -> list[int]:
     sem = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(timeout=120) as c:
+    async with httpx.AsyncClient(timeout=120, trust_env=False) as c:
         async def one(group):
             data = b"".join(struct.pack("<I", len(b)) + b for b in group)
             head = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(group)], "parameters": {"binary_data_size": len(data)}}],
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default=None, help="result file prefix (default: protocol-agreement_<model>)")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
-    info = httpx.get(f"{args.url}/info", timeout=10).json()
+    info = httpx.get(f"{args.url}/info", timeout=10, trust_env=False).json()
     model, labels = info["model"]["name"], info["labels"]
     files = labelled_files(args.images)
     data = [f.read_bytes() for f, _ in files]

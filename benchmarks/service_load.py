@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.protocol == "grpc":
         grpc_target = args.grpc or f"{urlparse(base).hostname}:8001"
         check_url(f"http://{grpc_target}", args.allow_remote)
-        model = args.model or httpx.get(f"{base}/info", timeout=10).json()["model"]["name"]
+        model = args.model or httpx.get(f"{base}/info", timeout=10, trust_env=False).json()["model"]["name"]
         bodies = grpc_bodies(photos, model, args.images_per_request)
     else:
         bodies = multipart_bodies(photos, args.images_per_request)

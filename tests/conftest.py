@@ -9,8 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.harness.servers import bypass_proxies_for_loopback
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY_LABELS = [f"class_{i}" for i in range(10)]
+bypass_proxies_for_loopback()  # every test talks to servers on 127.0.0.1: never through a proxy from the environment
 
 
 def make_tiny_checkpoint(path: Path, *, seed: int = 0, image_size: int = 32, num_labels: int = 10, hidden: int = 64) -> Path:

@@ -5,13 +5,21 @@ depends on (carried wheels, the scikit-image stand-in) work."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tarfile
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from benchmarks.gpu_check.packages import save_skimage_photos, wheel_fits, wheel_wanted, write_skimage_stand_in
+from benchmarks.gpu_check.plan import DRY_PLAN, LOGS_ARCHIVE, MAX_OUTPUT_DEPTH, MAX_OUTPUT_FILES
+from benchmarks.gpu_check.run import wait_or_kill_group
+from benchmarks.harness.servers import bypass_proxies_for_loopback
 from tests.conftest import ROOT
 
 STEPS = ("environment", "pytest", "engines/tiny", "engines/demo", "training_memory", "decode", "service", "compile/tiny")
@@ -66,7 +74,8 @@ class TestDryRun:
         (variant,) = section["variants"].values()
         assert variant["device"] == "cpu" and "error" not in variant
         rows = variant["rows"]
-        assert [r["batch"] for r in rows] == [1, 2, 4, 8, 16][: len(rows)] and len(rows) >= 2
+        swept = [2, 4, 8, 16] if step.startswith("compile/") else [1, 2, 4, 8, 16]  # compile: no second compile for batch 1
+        assert [r["batch"] for r in rows] == swept[: len(rows)] and len(rows) >= 2
         assert all(r["images_per_s"] > 0 and r["ms_per_batch"] > 0 and r["fraction_of_matmul"] > 0 for r in rows)
         parity = variant["parity"]
         assert parity["passed"] and parity["images"] == 400 and parity["thresholds"]["max_abs_logit_diff"] == 1e-3
@@ -109,7 +118,10 @@ class TestDryRun:
     def test_results_json_markdown_and_figures_in_the_output_folder(self, dry_run):
         out, payload, stdout = dry_run
         (md_path,) = out.glob("gpu-check_*.md")
-        assert {f"{md_path.stem}.json", "gpu-check.log", "pytest.log", "pytest.xml"} <= {p.name for p in out.iterdir()}
+        assert {f"{md_path.stem}.json", "gpu-check.log", LOGS_ARCHIVE} <= {p.name for p in out.iterdir()}
+        with tarfile.open(out / LOGS_ARCHIVE) as tar:
+            logs = set(tar.getnames())
+        assert {"pytest.log", "pytest.xml", "compile.log"} <= logs and any(n.startswith("service-") for n in logs), logs
         assert payload["figures"]["written"] and all((out / f).is_file() for f in payload["figures"]["files"])
         md = md_path.read_text()
         for heading in ("Ceiling: dense matmul", "pytest -m", "engines/tiny", "Training step memory", "Decode", "Service end to end", "Not run, and why"):
@@ -117,6 +129,67 @@ class TestDryRun:
         assert payload["environment"]["git_sha"] and payload["command"].startswith("python -m benchmarks.gpu_check --dry-run")
         tail = stdout.strip().splitlines()
         assert "vitserve bench summary: GPU check (dry run)" in "\n".join(tail[-40:]) and tail[-1].startswith("=")
+
+
+    def test_the_output_folder_is_within_what_comes_back_from_a_gpu_machine(self, dry_run):
+        out, payload, stdout = dry_run
+        files = [p for p in out.rglob("*") if p.is_file()]
+        depth = max(len(p.relative_to(out).parts) - 1 for p in files)
+        assert len(files) <= MAX_OUTPUT_FILES and depth <= MAX_OUTPUT_DEPTH, sorted(str(p.relative_to(out)) for p in files)
+        assert payload["output_files"]["within_limits"] and payload["output_files"]["count"] == len(files)
+        assert "(within what comes back from a GPU machine)" in stdout
+
+    def test_every_step_ends_within_its_budget_and_the_run_well_within_its_limit(self, dry_run):
+        _, payload, _ = dry_run
+        for name, section in payload["sections"].items():
+            assert section["seconds"] <= section["budget_s"] + 5, (name, section["seconds"], section["budget_s"])
+        assert payload["elapsed_s"] < 0.8 * DRY_PLAN.time_limit_s, payload["elapsed_s"]
+
+    def test_the_compile_step_runs_in_a_child_process_and_skips_batch_1(self, dry_run):
+        _, payload, stdout = dry_run
+        assert "compile/tiny: start (budget" in stdout and "in a child process" in stdout
+        (variant,) = payload["sections"]["compile/tiny"]["variants"].values()
+        assert variant["rows"] and min(r["batch"] for r in variant["rows"]) == 2 and variant["parity"]["passed"]
+
+    def test_steps_failed_reruns_only_what_failed_and_keeps_the_rest(self, dry_run, tmp_path):
+        out, payload, _ = dry_run
+        again = tmp_path / "again"
+        shutil.copytree(out, again)
+        (result,) = again.glob("gpu-check_*.json")
+        earlier = json.loads(result.read_text())
+        earlier["sections"]["decode"] = {"status": "failed", "error": "pretend"}
+        result.write_text(json.dumps(earlier))
+        cmd = [sys.executable, "-m", "benchmarks.gpu_check", "--dry-run", "--out", str(again), "--server", "uvicorn", "--steps", "failed"]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+        assert "steps: decode" in proc.stdout and "engines/tiny: start" not in proc.stdout
+        rerun = json.loads(result.read_text())["sections"]
+        assert rerun["decode"]["status"] in ("ok", "partial") and rerun["engines/tiny"] == payload["sections"]["engines/tiny"]
+
+
+def test_a_process_group_is_killed_whole_at_its_budget():
+    """What stops pytest (and the exporter it started) or an isolated step at its budget: the grandchild goes too."""
+    proc = subprocess.Popen(["bash", "-c", "sleep 60 & echo $! ; wait"], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    grandchild = int(proc.stdout.readline())
+    assert wait_or_kill_group(proc, 1.0) is True
+    time.sleep(0.2)
+    assert not os.path.exists(f"/proc/{grandchild}") or "Z" in Path(f"/proc/{grandchild}/stat").read_text().split()[2]
+    quick = subprocess.Popen(["true"], start_new_session=True)
+    assert wait_or_kill_group(quick, 10.0) is False
+
+
+def test_loopback_bypasses_any_proxy_from_the_environment():
+    environ = {"NO_PROXY": "example.com"}
+    bypass_proxies_for_loopback(environ)
+    bypass_proxies_for_loopback(environ)  # idempotent
+    assert environ["NO_PROXY"] == "example.com,127.0.0.1,localhost,::1" and environ["no_proxy"] == "127.0.0.1,localhost,::1"
+
+
+def test_the_carried_photographs_are_the_ones_export_gates_with():
+    from benchmarks.gpu_check.packages import _gate_photo_names
+    from export.gate_inputs import _SKIMAGE_PHOTOS
+
+    assert _gate_photo_names() == _SKIMAGE_PHOTOS
 
 
 def test_a_carried_wheel_is_installed_only_where_missing_or_older(tmp_path):

@@ -111,7 +111,7 @@ def _service_info(base: str) -> dict:
     import httpx
 
     try:
-        r = httpx.get(f"{base}/info", timeout=10)
+        r = httpx.get(f"{base}/info", timeout=10, trust_env=False)
         return r.json() if r.status_code == 200 else {}
     except httpx.HTTPError:
         return {}

@@ -89,41 +89,36 @@ def fp32_reference(model, pixels: np.ndarray, device: str) -> tuple[np.ndarray, 
 
 
 def run_variants(run: Run, budget: Budget, ctx: ModelContext, variants: list[Variant], skipped: dict[str, str]) -> dict:
-    """Each variant: build, parity against FP32 (export's gate function and thresholds), then the batch sweep."""
+    """Each variant: build, parity against FP32 (export's gate function and thresholds), then the batch sweep (a
+    variant with ``gate_last`` sweeps first); what is done is saved after each phase (Run.progress)."""
     import gc
 
     import torch
 
-    from service import hardware
-    from service.parity import DEFAULT_THRESHOLDS, check_engine
-
     results: dict = {}
     queue = list(variants)
+
+    def partial() -> dict:
+        return {"model": model_facts(ctx), "variants": results, "skipped": skipped}
+
     while queue:
         v = queue.pop(0)
         share = Budget(max(0.0, budget.left()) * v.weight / (v.weight + sum(u.weight for u in queue)))
         out: dict = {"device": v.device, "precision": v.precision, "note": v.note}
+        results[v.name] = out
         engine = None
         try:
             t = time.perf_counter()
             engine = v.build()
             out["build_s"] = round(time.perf_counter() - t, 2)
             out["engine"] = engine.describe()
-            t = time.perf_counter()
-            report = check_engine(engine, ctx.pixels, ctx.reference, temperature=ctx.ckpt.temperature,
-                                  thresholds=DEFAULT_THRESHOLDS[v.precision], hardware=hardware.describe(v.device))
-            out["parity_s"] = round(time.perf_counter() - t, 2)
-            out["parity"] = report.model_dump(mode="json")
-            out.update(sweep(engine_calls(engine, max(run.plan.batches)), run.plan.batches, device=v.device, flops_per_image=ctx.flops,
-                             ceiling_tflops=run.ceilings.get((v.device, v.precision)), min_seconds=run.plan.min_seconds,
-                             seconds=max(0.0, share.left()), max_batch=engine.max_batch_size))
+            phases = [_gate, _sweep] if not v.gate_last else [_sweep, _gate]
+            for phase in phases:
+                phase(run, ctx, v, engine, out, share)
+                run.progress(partial())
             if v.after is not None:
                 out["compile"] = v.after()
-            best = max(out["rows"], key=lambda r: r["images_per_s"]) if out["rows"] else None
-            run.log(f"  {v.name:<30} parity {'PASS' if report.passed else 'FAIL'} (max |Δlogit| {report.max_abs_logit_diff:.3g}); "
-                    + (f"best {best['images_per_s']:.1f} img/s at batch {best['batch']}" if best else "no batch timed")
-                    + (f", {best['fraction_of_matmul']:.2f} of matmul" if best and best["fraction_of_matmul"] else "")
-                    + (f"; {out['stopped']}" if out["stopped"] else ""))
+            _log_variant(run, v, out)
         except Exception as e:  # noqa: BLE001 - one engine failing must not lose the others' figures
             out["error"] = f"{type(e).__name__}: {e}"[:500]
             out["traceback_tail"] = tail_of(traceback.format_exc())
@@ -136,10 +131,37 @@ def run_variants(run: Run, budget: Budget, ctx: ModelContext, variants: list[Var
             gc.collect()
             if run.cuda:
                 torch.cuda.empty_cache()
-        results[v.name] = out
+        run.progress(partial())
     failed = [n for n, r in results.items() if "error" in r]
-    return {"model": model_facts(ctx), "variants": results, "skipped": skipped, "torch_engine_offers": engine_offers(),
+    return {**partial(), "torch_engine_offers": engine_offers(),
             **({"status": "failed", "error": f"variant(s) failed: {', '.join(failed)}"} if failed else {})}
+
+
+def _gate(run: Run, ctx: ModelContext, v: Variant, engine, out: dict, share: Budget) -> None:
+    from service import hardware
+    from service.parity import DEFAULT_THRESHOLDS, check_engine
+
+    t = time.perf_counter()
+    report = check_engine(engine, ctx.pixels, ctx.reference, temperature=ctx.ckpt.temperature,
+                          thresholds=DEFAULT_THRESHOLDS[v.precision], hardware=hardware.describe(v.device))
+    out["parity_s"] = round(time.perf_counter() - t, 2)
+    out["parity"] = report.model_dump(mode="json")
+
+
+def _sweep(run: Run, ctx: ModelContext, v: Variant, engine, out: dict, share: Budget) -> None:
+    batches = v.batches or run.plan.batches
+    out.update(sweep(engine_calls(engine, max(batches)), batches, device=v.device, flops_per_image=ctx.flops,
+                     ceiling_tflops=run.ceilings.get((v.device, v.precision)), min_seconds=run.plan.min_seconds,
+                     seconds=max(0.0, share.left()), max_batch=engine.max_batch_size))
+
+
+def _log_variant(run: Run, v: Variant, out: dict) -> None:
+    parity = out["parity"]
+    best = max(out["rows"], key=lambda r: r.get("images_per_s", 0)) if out["rows"] else None
+    run.log(f"  {v.name:<30} parity {'PASS' if parity['passed'] else 'FAIL'} (max |Δlogit| {parity['max_abs_logit_diff']:.3g}); "
+            + (f"best {best['images_per_s']:.1f} img/s at batch {best['batch']}" if best and "images_per_s" in best else "no batch timed")
+            + (f", {best['fraction_of_matmul']:.2f} of matmul" if best and best.get("fraction_of_matmul") else "")
+            + (f"; {out['stopped']}" if out["stopped"] else ""))
 
 
 def model_facts(ctx: ModelContext) -> dict:

@@ -62,10 +62,9 @@ def save_skimage_photos(path) -> Path:
     from skimage import data
 
     from benchmarks.photos import COLOR_PHOTOS
-    from export.gate_inputs import _SKIMAGE_PHOTOS
 
     arrays = {}
-    for name in sorted(set(_SKIMAGE_PHOTOS) | set(COLOR_PHOTOS)):
+    for name in sorted(set(_gate_photo_names()) | set(COLOR_PHOTOS)):
         try:
             arrays[name] = getattr(data, name)()
         except Exception:  # noqa: BLE001 - export's parity images skip a photograph its version lacks, so may we
@@ -74,6 +73,16 @@ def save_skimage_photos(path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(path, **arrays)
     return path
+
+
+def _gate_photo_names() -> tuple[str, ...]:
+    """export/gate_inputs.py's photograph names, read from its source: importing it needs torch, which the small venv
+    of gpu_wheels.sh (for machines without the project's .venv) does not have."""
+    import ast
+
+    tree = ast.parse((ROOT / "export" / "gate_inputs.py").read_text())
+    node = next(n for n in tree.body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) == "_SKIMAGE_PHOTOS")
+    return ast.literal_eval(node.value)
 
 
 def write_skimage_stand_in(photos: Path, site: Path) -> Path:

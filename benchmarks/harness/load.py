@@ -138,7 +138,9 @@ async def _send(client: httpx.AsyncClient, url: str, body: Body, rec: Record) ->
 def _client(pool: int, timeout_s: float) -> httpx.AsyncClient:
     # HTTP/1.1, one connection per concurrent request, kept alive between requests.
     limits = httpx.Limits(max_connections=pool, max_keepalive_connections=pool)
-    return httpx.AsyncClient(http2=False, limits=limits, timeout=httpx.Timeout(timeout_s))
+    # trust_env=False: HTTP(S)_PROXY from the environment would otherwise carry even loopback traffic through a proxy,
+    # and a benchmark measures the service, never a proxy in front of it.
+    return httpx.AsyncClient(http2=False, limits=limits, timeout=httpx.Timeout(timeout_s), trust_env=False)
 
 
 def summarize(records: list[Record], window: tuple[float, float], *, latency_from: str) -> dict:
@@ -170,7 +172,7 @@ async def closed_loop(
 ) -> dict:
     url = f"{base}{path}"
     records: list[Record] = []
-    async with sender(protocol, url, grpc_target, concurrency, timeout_s) as client, httpx.AsyncClient() as meta:
+    async with sender(protocol, url, grpc_target, concurrency, timeout_s) as client, httpx.AsyncClient(trust_env=False) as meta:
         t0 = time.perf_counter()
         w_start, w_end = t0 + warmup_s, t0 + warmup_s + duration_s
         snapshots: dict[str, list | None] = {}
@@ -216,7 +218,7 @@ async def open_loop(
     records: list[Record] = []
     tasks: list[asyncio.Task] = []
     outstanding = 0
-    async with sender(protocol, url, grpc_target, max_outstanding, timeout_s) as client, httpx.AsyncClient() as meta:
+    async with sender(protocol, url, grpc_target, max_outstanding, timeout_s) as client, httpx.AsyncClient(trust_env=False) as meta:
         t0 = time.perf_counter() + 0.05
         w_start, w_end = t0 + warmup_s, t0 + warmup_s + duration_s
         snapshots: dict[str, list | None] = {}

@@ -26,6 +26,18 @@ PEER_TARGETS = {
 }
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def bypass_proxies_for_loopback(environ=os.environ) -> None:
+    """Add the loopback hosts to NO_PROXY (and no_proxy): httpx, requests and gRPC honour HTTP(S)_PROXY even for
+    127.0.0.1, so on a machine with a proxy configured every local server would be reached through it, or not at all.
+    Children started afterwards (pytest, servers, exporters) inherit it."""
+    for key in ("NO_PROXY", "no_proxy"):
+        have = [h.strip() for h in environ.get(key, "").split(",") if h.strip()]
+        environ[key] = ",".join(have + [h for h in LOOPBACK_HOSTS if h not in have])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -115,7 +127,7 @@ def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
 
 
 @contextmanager
-def running_vitserve(artifact: Path, workdir: Path, *args: str, cpus: str | None = None, **settings):
+def running_vitserve(artifact: Path, workdir: Path, *args: str, cpus: str | None = None, ready_timeout: float = 300, **settings):
     """Our service exactly as users start it: `vitserve serve` (→ `bentoml serve service.app:VitServe`), on free HTTP
     and gRPC ports (the server gets ``.grpc_address``). Extra ``args`` go to `vitserve serve`; ``cpus`` (taskset's
     list, e.g. "0" or "0,1") pins every process of the server to those cores, as a container's cpuset would."""
@@ -126,7 +138,7 @@ def running_vitserve(artifact: Path, workdir: Path, *args: str, cpus: str | None
            "--port", str(port), *args]
     if cpus:
         cmd = ["taskset", "-c", cpus, *cmd]
-    with running("vitserve", cmd, env, workdir, port) as server:
+    with running("vitserve", cmd, env, workdir, port, ready_timeout=ready_timeout) as server:
         server.grpc_address = f"127.0.0.1:{settings['grpc_port']}"
         yield server
 

@@ -24,6 +24,8 @@ class Variant:
     weight: float = 1.0  # share of a time budget split between variants
     after: Callable[[], dict] | None = None  # facts to record once it has run (torch.compile's graphs and breaks)
     fallback: Variant | None = None  # run instead when this one fails
+    batches: tuple[int, ...] | None = None  # its own batch sizes, where the caller's would not suit it
+    gate_last: bool = False  # sweep before the parity gate: the gate's calls would cost more than the sweep's
 
 
 def significant(x: float, digits: int = 4) -> float:
