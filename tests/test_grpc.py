@@ -279,9 +279,9 @@ def test_metrics_count_every_protocol_exactly(server, model_name, photo_bytes):
         assert httpx.post(f"{server.url}/v2/models/{model_name}/infer", json=body, timeout=30).status_code == 200
     after = server.metrics()
     d = lambda protocol, status: metric_value(after, "vitserve_requests_total", protocol=protocol, status=status) - metric_value(before, "vitserve_requests_total", protocol=protocol, status=status)  # noqa: E731
-    assert (d("grpc", "200"), d("grpc", "415"), d("http", "200"), d("v2-http", "200")) == (3, 1, 2, 4)
+    assert (d("grpc", "200"), d("grpc", "415"), d("json", "200"), d("v2-http", "200")) == (3, 1, 2, 4)
     images = lambda p: metric_value(after, "vitserve_images_total", protocol=p) - metric_value(before, "vitserve_images_total", protocol=p)  # noqa: E731
-    assert (images("grpc"), images("http"), images("v2-http")) == (3, 2, 4)
+    assert (images("grpc"), images("json"), images("v2-http")) == (3, 2, 4)
 
 
 def test_bench_load_drives_grpc(server, tmp_path, monkeypatch):
@@ -318,9 +318,9 @@ def test_sigterm_under_mixed_load_drops_nothing_and_counts_match(tiny_artifact, 
             await asyncio.sleep(i * 0.02)
             try:
                 r = await c.post(f"{s.url}/classify", files=[("images", photo_bytes[i % 6])])
-                seen.append(("http", str(r.status_code)))
+                seen.append(("json", str(r.status_code)))
             except httpx.HTTPError as e:
-                seen.append(("http", f"dropped: {type(e).__name__}"))
+                seen.append(("json", f"dropped: {type(e).__name__}"))
 
         async def run():
             before = await asyncio.to_thread(s.metrics)
@@ -340,9 +340,9 @@ def test_sigterm_under_mixed_load_drops_nothing_and_counts_match(tiny_artifact, 
         before, after = asyncio.run(run())
         s.proc.wait(40)
         assert not [x for x in seen if x[1].startswith("dropped")], seen
-        assert {st for _, st in seen} <= {"200", "503"} and ("grpc", "200") in seen and ("http", "200") in seen, seen
+        assert {st for _, st in seen} <= {"200", "503"} and ("grpc", "200") in seen and ("json", "200") in seen, seen
         assert health_during_drain == [health_pb2.HealthCheckResponse.NOT_SERVING]
-        for protocol in ("grpc", "http"):
+        for protocol in ("grpc", "json"):
             for status in ("200", "503"):
                 counted = metric_value(after, "vitserve_requests_total", protocol=protocol, status=status) - metric_value(before, "vitserve_requests_total", protocol=protocol, status=status)
                 assert counted == seen.count((protocol, status)), (protocol, status, counted, seen.count((protocol, status)))
@@ -376,7 +376,7 @@ def test_api_keys_on_every_protocol(tiny_artifact, tmp_path, model_name, photo_b
         assert health_pb2_grpc.HealthStub(grpc.insecure_channel(s.grpc_address)).Check(health_pb2.HealthCheckRequest(), timeout=10).status == 1
         assert httpx.get(f"{s.url}/metrics", timeout=10).status_code == 401  # closed by default once keys are set
         text = httpx.get(f"{s.url}/metrics", headers={"authorization": "Bearer first-key"}, timeout=10).text
-        for protocol in ("http", "v2-http", "grpc"):
+        for protocol in ("json", "v2-http", "grpc"):
             assert metric_value(text, "vitserve_rejections_total", protocol=protocol, reason="unauthenticated") == 3
         if CLIENT_PYTHON.exists():
             image_file = tmp_path / "image.jpg"

@@ -31,7 +31,7 @@ def answer(a: Admission, ticket, took_s: float) -> None:
 
 def test_an_empty_service_always_admits_and_learns_unloaded_latency():
     a = door(max_latency_s=0.001)  # a bound no request could meet
-    t = a.admit("http")
+    t = a.admit("json")
     assert t.ahead == 0 and a.work == pytest.approx(1.0)
     a.settle(t, 1)
     a.release(t, answered=True)
@@ -44,11 +44,11 @@ def test_the_limit_refuses_with_retry_advice_and_learns_from_latency():
     # Fixed, so that what the answers teach the unloaded estimate cannot move it; batches of one: a floor of 2 images.
     a = door(max_latency_s=0.25, max_batch=1)
     a.limit = 4.0
-    admitted = [a.admit("http") for _ in range(4)]
+    admitted = [a.admit("json") for _ in range(4)]
     for t in admitted:
         a.settle(t, 1)  # their bodies are read: all four count against the limit
     with pytest.raises(Overloaded) as refused:
-        a.admit("http")
+        a.admit("json")
     assert "limit" in refused.value.message and refused.value.retry_after_s >= 1.0
     # Answers over the bound take 10 % off, once per bound's length of time (one slow batch is one signal).
     answer(a, admitted[0], 0.5)
@@ -61,7 +61,7 @@ def test_the_limit_refuses_with_retry_advice_and_learns_from_latency():
     answer(a, admitted[3], 0.05)
     assert a.limit == pytest.approx(3.6 + 1 / 3.6)
     assert a.work == 0 and a.requests == 0
-    a.admit("http")  # room again
+    a.admit("json")  # room again
 
 
 def test_bodies_still_being_read_hold_at_most_one_batch_of_the_door():
@@ -69,13 +69,13 @@ def test_bodies_still_being_read_hold_at_most_one_batch_of_the_door():
     still admitted while any number of them trickle, until the minimum body rate cuts them off."""
     a = door(max_batch=4)  # floor: 8 images
     a.limit = a.floor
-    trickling = [a.admit("http") for _ in range(8)]  # never settled: their bodies are still arriving
+    trickling = [a.admit("json") for _ in range(8)]  # never settled: their bodies are still arriving
     assert a.reading == pytest.approx(8) and a.work == pytest.approx(8)
-    complete = [a.admit("http") for _ in range(4)]  # the other half of the limit is still open
+    complete = [a.admit("json") for _ in range(4)]  # the other half of the limit is still open
     for t in complete:
         a.settle(t, 1)
     with pytest.raises(Overloaded):
-        a.admit("http")  # 4 (held by the readers) + 4 settled = the limit
+        a.admit("json")  # 4 (held by the readers) + 4 settled = the limit
     for t in trickling:  # 408: their work leaves the building
         a.release(t, answered=False)
     assert a.reading == 0 and a.work == pytest.approx(4)
@@ -86,18 +86,18 @@ def test_two_full_batches_are_always_admitted_however_slow_the_answers():
     all served, even when every answer is over the bound, and the bound itself is what that much work costs."""
     a = door(max_batch=16, max_latency_s=0.05)
     for _ in range(20):  # rounds of 32 clients, every answer 4x over the bound
-        tickets = [a.admit("http") for _ in range(32)]
+        tickets = [a.admit("json") for _ in range(32)]
         for t in tickets:
             a.settle(t, 1)
         for t in tickets:
             answer(a, t, 0.2)
             a._last_backoff = -1e9  # every answer a separate signal: the limit backs off as far as it can
     assert a.limit == pytest.approx(32.0)
-    tickets = [a.admit("http") for _ in range(32)]
+    tickets = [a.admit("json") for _ in range(32)]
     for t in tickets:
         a.settle(t, 1)  # bodies read (unread ones would hold one batch at most)
     with pytest.raises(Overloaded):
-        a.admit("http")  # the 33rd image is beyond the floor, and answers are over the bound
+        a.admit("json")  # the 33rd image is beyond the floor, and answers are over the bound
     free = door(max_batch=16, unloaded_s=0.01)
     free._samples.append(640.0)  # measured: 640 img/s
     assert free.bound_s == pytest.approx(0.01 + 32 / 640)  # unset: unloaded + two full batches at the measured rate
@@ -106,7 +106,7 @@ def test_two_full_batches_are_always_admitted_however_slow_the_answers():
 def test_answers_between_three_quarters_and_all_of_the_bound_change_nothing():
     a = door(max_latency_s=0.25)
     a.limit = 2.0
-    t = [a.admit("http"), a.admit("http")]
+    t = [a.admit("json"), a.admit("json")]
     answer(a, t[0], 0.2)  # 0.8 of the 0.25 s bound
     answer(a, t[1], 0.2)
     assert a.limit == 2.0
@@ -115,7 +115,7 @@ def test_answers_between_three_quarters_and_all_of_the_bound_change_nothing():
 def test_a_client_deadline_shorter_than_the_predicted_time_is_refused_at_once():
     a = door()
     a._samples.append(20.0)  # 20 images/s measured
-    first = a.admit("http")  # one image ahead of the next: predicted 0.1 + 1/20 = 0.15 s
+    first = a.admit("json")  # one image ahead of the next: predicted 0.1 + 1/20 = 0.15 s
     with pytest.raises(Overloaded, match="deadline of 120 ms"):
         a.admit("grpc", client_timeout_s=0.12)
     second = a.admit("grpc", client_timeout_s=0.2)
@@ -126,7 +126,7 @@ def test_a_client_deadline_shorter_than_the_predicted_time_is_refused_at_once():
 
 def test_settle_replaces_the_estimate_and_throughput_is_measured_while_busy():
     a = door()
-    t = a.admit("http")
+    t = a.admit("json")
     a.settle(t, 8)  # the body said 8 images
     assert a.work == pytest.approx(8.0) and a.reading == pytest.approx(0.0)
     assert a.images_per_request > 1  # the next unread request is expected to be bigger
