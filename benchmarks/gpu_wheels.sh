@@ -13,10 +13,22 @@
 # - scikit-image's photographs as the arrays `skimage.data` returns: scikit-image needs scipy (~35 MB), too big to
 #   carry, and the parity images, the load test's photos and the GPU tests all come from them.
 #
-# Environment: PYTHON (default .venv/bin/python), DEST (default .whl), TARGET_PYTHON (default 3.12), PLOT (default 1).
+# Environment: PYTHON (default: .venv/bin/python where `make install` made it, else a small venv in build/ with only
+# what this script runs: numpy, scikit-image, pip), DEST (default .whl), TARGET_PYTHON (default 3.12), PLOT (default 1).
+# Without the project's .venv the carried versions are the newest releases rather than the ones its tests passed with.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-.venv/bin/python}
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x .venv/bin/python ]; then
+    PYTHON=.venv/bin/python
+  else
+    PYTHON=build/gpu-wheels-venv/bin/python
+    if [ ! -x "$PYTHON" ]; then
+      python3 -m venv build/gpu-wheels-venv
+      "$PYTHON" -m pip install --quiet numpy scikit-image
+    fi
+  fi
+fi
 DEST=${DEST:-.whl}
 TARGET_PYTHON=${TARGET_PYTHON:-3.12}
 PLOT=${PLOT:-1}
