@@ -175,7 +175,9 @@ def plot(payload: dict, out: Path, stem: str) -> dict[str, Path]:
 
 def summary_rows(payload: dict) -> list[tuple[str, str]]:
     s = payload["sections"]
-    rows = [("steps", ", ".join(f"{k} {v['status']}" for k, v in s.items()))]
+    rows = [("steps", ", ".join(f"{k} {v['status']}" + (f" {v['seconds']:g}/{v['budget_s']:g} s" if "budget_s" in v else "")
+                                for k, v in s.items())),
+            ("time", f"{payload.get('elapsed_s')} s of the run's {payload.get('time_limit_s') or payload['plan']['time_limit_s']:g} s limit")]
     envs = s.get("environment", {})
     if envs.get("gpu"):
         smi = ((envs.get("nvidia_smi") or {}).get("gpus") or [{}])[0]

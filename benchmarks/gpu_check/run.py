@@ -63,7 +63,7 @@ class Run:
             "benchmark": "gpu_check", "dry_run": self.dry_run,
             "command": f"{PROG if Path(sys.argv[0]).stem == 'vitserve' else 'python -m benchmarks.gpu_check'} {' '.join(argv)}",
             "environment": env, "load_average": {"before": load_average()}, "packages": packages,
-            "plan": {k: v for k, v in plan.__dict__.items()}, "sections": {},
+            "plan": {k: v for k, v in plan.__dict__.items()}, "time_limit_s": self.deadline - self.t0, "sections": {},
         }  # fmt: skip
 
     @property
