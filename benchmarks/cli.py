@@ -31,7 +31,7 @@ SUBCOMMANDS = {
     "int8": ("benchmarks.int8_schemes", "old vs saturation-free INT8 schemes: speed by batch and parity (optionally on emulated AVX2)"),
     "front-door": ("benchmarks.front_door", "every protocol at c=16 against raw serial decode + engine: img/s, p99, server CPU per image"),
     "overload": ("benchmarks.overload", "1x, 2x, 5x saturation: goodput, accepted p99, refusals, unanswered requests, RSS"),
-    "gpu-check": ("benchmarks.gpu_check", "the GPU path proven in one prepared run (<= 9 min): engines, GPU tests, memory, decode, service; --dry-run on CPU"),
+    "gpu-check": ("benchmarks.gpu_check", "the GPU path proven in one prepared run (<= 7.5 min): engines, GPU tests, memory, decode, service; --dry-run on CPU"),
     "predict": ("benchmarks.predict_throughput", "vitserve predict against the raw engine on one folder: img/s of each"),
     "autoscale": ("benchmarks.autoscale", "simulated replicas under the shipped KEDA rule vs a CPU rule: time over the SLO, replica-hours"),
     "soak": ("benchmarks.soak", "30 min at 70 % of saturation, every protocol and some bad requests: RSS, fds, threads, p99 per minute"),
