@@ -19,7 +19,9 @@ def write_results(payload: dict, out: Path, stem: str, *, figures: bool, log=pri
             paths |= plot(payload, out, stem)
         except Exception as e:  # noqa: BLE001
             payload["figures"] = {"written": False, "why": f"{type(e).__name__}: {e}", "traceback_tail": tail_of(traceback.format_exc())}
-    paths["json"].write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    tmp = paths["json"].with_name(paths["json"].name + ".tmp")  # renamed into place: a run killed mid-write keeps the last whole one
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    tmp.replace(paths["json"])
     try:
         paths["md"].write_text(markdown(payload))
     except Exception as e:  # noqa: BLE001

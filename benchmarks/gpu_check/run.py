@@ -157,8 +157,10 @@ class Run:
             relay.start()
             stopped = wait_or_kill_group(proc, budget.left() + 3.0)  # 3 s for the child to save what it has
             relay.join(timeout=5)
-        child = out / f"{self.stem}.json"
-        section = json.loads(child.read_text())["sections"].get(name, {}) if child.is_file() else {}
+        try:  # what the child saved last; a kill in the middle of a write leaves no readable JSON
+            section = json.loads((out / f"{self.stem}.json").read_text())["sections"].get(name, {})
+        except (OSError, ValueError, KeyError):
+            section = {}
         for key in ("seconds", "budget_s"):
             section.pop(key, None)
         if stopped:
