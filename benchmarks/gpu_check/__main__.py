@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     files = run.payload["output_files"]
     rows.append(("written", ", ".join(str(p) for p in paths.values())))
     rows.append(("output folder", f"{files['count']} files, {files['depth']} folders deep "
-                 + ("(within what comes back from a GPU machine)" if files["within_limits"] else f"(OVER the limits {files['limits']})")))
+                 + ("(within what comes back from a GPU machine)" if files["within_limits"] else f"(OVER the limits {files['limits']})")
+                 + ": " + ", ".join(files["files"])))
     print_summary("GPU check" + (" (dry run)" if args.dry_run else ""), run.payload, rows)
     return 1 if any(s["status"] == "failed" for s in run.payload["sections"].values()) else 0
 
