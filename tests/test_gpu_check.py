@@ -165,6 +165,8 @@ class TestDryRun:
         assert "steps: decode" in proc.stdout and "engines/tiny: start" not in proc.stdout
         rerun = json.loads(result.read_text())["sections"]
         assert rerun["decode"]["status"] in ("ok", "partial") and rerun["engines/tiny"] == payload["sections"]["engines/tiny"]
+        with tarfile.open(again / LOGS_ARCHIVE) as tar:
+            assert {"pytest.log", "compile.log"} <= set(tar.getnames())  # the first run's logs are kept
 
 
 def test_a_process_group_is_killed_whole_at_its_budget():

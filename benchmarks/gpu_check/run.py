@@ -177,6 +177,9 @@ class Run:
             raise FileNotFoundError(f"--steps failed: no earlier results in {earlier}; run the whole check first")
         previous = json.loads(earlier.read_text())
         self.payload["sections"] = previous["sections"]
+        if (self.out / LOGS_ARCHIVE).is_file():  # the earlier logs stay in the archive beside the rerun's
+            with tarfile.open(self.out / LOGS_ARCHIVE) as tar:
+                tar.extractall(self.logs, filter="data")
         self.payload["earlier_command"] = previous.get("command")
         for m in (previous["sections"].get("environment") or {}).get("matmul") or []:
             self.ceilings[(m["device"], m["precision"])] = m["tflops"]
