@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import re
 import sys
@@ -233,6 +234,10 @@ def table(result: dict) -> str:
             f"{s.get('503', 0)} | {s.get('504', 0)} | {sum(r['unanswered'].values())} {r['unanswered'] or ''} | "
             f"{r['rss_mb']['start'] if r['rss_mb'] else '-'} → {r['rss_mb']['max'] if r['rss_mb'] else '-'} | {r['counters_exact']} |")
     u, sat = result["unloaded"], result["saturation"]
+    cores = result.get("cores")
+    if isinstance(cores, dict):
+        lines.append(f"\nCores: the server on {cores['server'] or 'its own (--url)'}, this load generator on {cores['client']} "
+                     "(the offered load's own CPU does not come out of the server's).")
     lines.append(f"\nUnloaded (1 client): p50 {u['latency']['p50_ms']} ms, p99 {u['latency']['p99_ms']} ms. Saturation "
                  f"({sat['concurrency']} clients, closed loop): {sat['images_per_s']} img/s, p99 {sat['latency'].get('p99_ms')} ms.")
     if (st := result.get("storm")) is not None:
@@ -257,6 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE", help="VITSERVE_* settings for the server")
     p.add_argument("--storm", type=int, default=64,
                    help="then this many closed-loop clients that resend at once on a refusal (0: skip)")
+    p.add_argument("--client-cores", default="auto", metavar="LIST|auto|shared",
+                   help="cores for this load generator (taskset's list, e.g. 3); the server started here gets the others. "
+                        "auto: the last core when there are at least 2, so that the offered load's own CPU (the client's, "
+                        "and the kernel's on its side) does not come out of the server's as load grows; shared: no pinning")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default="overload")
     p.add_argument("--no-write", action="store_true")
@@ -315,9 +324,22 @@ def _photos():
     return realistic_photos()
 
 
-def _serve(project: Path, artifact: Path, settings: dict[str, str]):
-    """`vitserve serve` of ``project`` (this checkout or another commit's) on free ports, its own BentoML home."""
-    import os
+def cpu_split(choice: str, url_given: bool) -> dict | None:
+    """{"client": [...], "server": [...]}: disjoint cores for the load generator and the server, or None (shared).
+    With --url the server is not ours to pin: only an explicit list pins the client."""
+    cores = sorted(os.sched_getaffinity(0))
+    if choice == "shared" or (choice == "auto" and (url_given or len(cores) < 2)):
+        return None
+    client = [cores[-1]] if choice == "auto" else sorted(int(c) for c in choice.split(","))
+    server = [c for c in cores if c not in client]
+    if not server:
+        raise ValueError(f"--client-cores {choice}: no core left for the server (this process may use {cores})")
+    return {"client": client, "server": None if url_given else server}
+
+
+def _serve(project: Path, artifact: Path, settings: dict[str, str], cpus: list[int] | None = None):
+    """`vitserve serve` of ``project`` (this checkout or another commit's) on free ports, its own BentoML home, on
+    ``cpus`` when given."""
 
     from benchmarks.harness.servers import free_port, running
 
@@ -327,6 +349,8 @@ def _serve(project: Path, artifact: Path, settings: dict[str, str]):
            "VITSERVE_GRPC_PORT": str(free_port()), **settings}
     cmd = [sys.executable, str(project / "vitserve.py"), "serve", "--artifact", str(artifact.resolve()), "--host", "127.0.0.1",
            "--port", str(port)]
+    if cpus:
+        cmd = ["taskset", "-c", ",".join(map(str, cpus)), *cmd]
     return running("vitserve", cmd, env, workdir, port)
 
 
@@ -336,6 +360,11 @@ def main(argv: list[str] | None = None) -> int:
     random.seed(args.seed)
     settings = dict(kv.split("=", 1) for kv in args.serve_env)
     load_before = load_average()
+    split = cpu_split(args.client_cores, bool(args.url))
+    if split is not None:
+        os.sched_setaffinity(0, split["client"])  # this process is the load generator
+        print(f"cores: client {split['client']}, server {split['server'] or 'as started (--url)'}", flush=True)
+    server_cpus = split["server"] if split else None
     import uvloop
 
     if args.saturation is not None:
@@ -345,11 +374,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         # Capacity with nothing refused (the latency bound at 60 s): closed-loop clients that got a 429 would only resend
         # at once and measure the refusals, not what the service can answer.
-        with _serve(args.project, args.artifact, {**settings, "VITSERVE_MAX_LATENCY_MS": "60000"}) as server:
+        with _serve(args.project, args.artifact, {**settings, "VITSERVE_MAX_LATENCY_MS": "60000"}, server_cpus) as server:
             sat = {**uvloop.run(saturation(server.url, args.concurrency)), "measured": "with VITSERVE_MAX_LATENCY_MS=60000"}
-    with (nullcontext() if args.url else _serve(args.project, args.artifact, settings)) as server:
+    with (nullcontext() if args.url else _serve(args.project, args.artifact, settings, server_cpus)) as server:
         base = (args.url or server.url).rstrip("/")
         result = uvloop.run(measure(base, args, None if args.url else server.proc.pid, sat))
+    result["cores"] = split or "shared by the client and the server"
     payload = {"benchmark": "overload", "command": command_line("overload", argv),
                "environment": environment(), "load_average": {"before": load_before, "after": load_average()},
                "artifact": str(args.artifact), "project_git": _git_sha(args.project), "server_settings": settings, **result}

@@ -238,3 +238,19 @@ def test_three_times_capacity_every_request_answered_within_the_bound(tiny_artif
     # Memory stays bounded: no growth beyond allocator noise across 600 requests. (Loose on purpose: with 64×64 images
     # a leak would be small; `vitserve bench overload` watches RSS with real photos at 5× for a minute.)
     assert rss_after - rss_before < 32, (rss_before, rss_after)
+
+
+def test_the_overload_benchmark_gives_its_load_generator_a_core_of_its_own():
+    """What the client spends offering 2x and 5x load must not come out of the server's cores; a server loaded over
+    --url is not ours to pin."""
+    from benchmarks.overload import cpu_split
+
+    cores = sorted(os.sched_getaffinity(0))
+    assert cpu_split("shared", url_given=False) is None and cpu_split("auto", url_given=True) is None
+    if len(cores) >= 2:
+        assert cpu_split("auto", url_given=False) == {"client": [cores[-1]], "server": cores[:-1]}
+        assert cpu_split(str(cores[0]), url_given=True) == {"client": [cores[0]], "server": None}
+    else:
+        assert cpu_split("auto", url_given=False) is None
+    with pytest.raises(ValueError, match="no core left"):
+        cpu_split(",".join(map(str, cores)), url_given=False)
