@@ -133,18 +133,10 @@ class Admission:
         budget = self.request_timeout_s if client_timeout_s is None else min(client_timeout_s, self.request_timeout_s)
         estimate = self.images_per_request
         predicted = self.predict(estimate)
-        if self.work > 0:
-            why = None
-            # Bodies still being read hold at most one batch of the limit: slow uploads (a phone on a bad network, or
-            # a client trickling on purpose until the minimum body rate cuts it off) cannot fill the building.
-            held = self.work - max(0.0, self.reading - self.max_batch)
-            if held + estimate > self.limit:
-                why = f"{self.work:.0f} images in flight, the limit that keeps answers within {self.bound_s * 1000:.0f} ms is {self.limit:.0f}"
-            elif predicted > budget:
-                why = f"predicted {predicted * 1000:.0f} ms to answer exceeds the request's deadline of {budget * 1000:.0f} ms"
-            if why:
-                metrics.labelled(metrics.ADMISSIONS, protocol, "refused").inc()
-                raise Overloaded(f"overloaded: {why}; retry later", retry_after_s=self._retry_after_s())
+        refusal = self._refusal(estimate, predicted, budget)
+        if refusal is not None:
+            metrics.labelled(metrics.ADMISSIONS, protocol, "refused").inc()
+            raise refusal
         metrics.labelled(metrics.ADMISSIONS, protocol, "admitted").inc()
         metrics.ADMISSION_PREDICTED_SECONDS.observe(predicted)
         ticket = Ticket(images=estimate, ahead=self.work, predicted_s=predicted, deadline=now + budget,
@@ -153,6 +145,29 @@ class Admission:
         self.reading += estimate
         self.requests += 1
         return ticket
+
+    def would_refuse(self, protocol: str, *, client_timeout_s: float | None = None) -> Overloaded | None:
+        """The refusal ``admit`` would raise now, counted as admit counts it, or None (nothing taken: the request then
+        goes through ``admit``). For a refusal below ASGI, before a request is built (service/http_refusal.py)."""
+        budget = self.request_timeout_s if client_timeout_s is None else min(client_timeout_s, self.request_timeout_s)
+        refusal = self._refusal(self.images_per_request, self.predict(self.images_per_request), budget)
+        if refusal is not None:
+            metrics.labelled(metrics.ADMISSIONS, protocol, "refused").inc()
+        return refusal
+
+    def _refusal(self, estimate: float, predicted: float, budget: float) -> Overloaded | None:
+        if self.work <= 0:
+            return None
+        # Bodies still being read hold at most one batch of the limit: slow uploads (a phone on a bad network, or a
+        # client trickling on purpose until the minimum body rate cuts it off) cannot fill the building.
+        held = self.work - max(0.0, self.reading - self.max_batch)
+        if held + estimate > self.limit:
+            why = f"{self.work:.0f} images in flight, the limit that keeps answers within {self.bound_s * 1000:.0f} ms is {self.limit:.0f}"
+        elif predicted > budget:
+            why = f"predicted {predicted * 1000:.0f} ms to answer exceeds the request's deadline of {budget * 1000:.0f} ms"
+        else:
+            return None
+        return Overloaded(f"overloaded: {why}; retry later", retry_after_s=self._retry_after_s())
 
     def settle(self, ticket: Ticket, images: int) -> None:
         """The request's body is read: it has ``images`` images."""

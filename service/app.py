@@ -140,6 +140,10 @@ class VitServe:
         gc.collect()
         gc.freeze()
         self.classifier.start()
+        from service import http_refusal
+        from service.http_inference import early_refusal
+
+        http_refusal.REFUSE = early_refusal(lambda: self.classifier)  # overload answered below ASGI from now on
         self.grpc = None
         if self.settings.grpc_port:  # on this worker's loop: gRPC requests join the same batches as HTTP ones
             from service.auth import ApiKeys

@@ -75,14 +75,16 @@ def protocol_with_header_deadline(base: type, timeout_s: float) -> type:
 
 
 def install(timeout_s: float) -> bool:
-    """Make uvicorn's ``http="auto"`` protocol the one with the header deadline; False (and a warning) where uvicorn
-    runs without httptools, whose protocol this extends."""
+    """Make uvicorn's ``http="auto"`` protocol vitserve's: the header deadline, and overload refused below ASGI
+    (service/http_refusal.py); False (and a warning) where uvicorn runs without httptools, whose protocol this extends."""
     import uvicorn.protocols.http.auto as auto
+
+    from service.http_refusal import protocol_with_early_refusal
 
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:
         log.warning("httptools is not installed: no deadline on request headers (VITSERVE_HEADER_TIMEOUT_S is ignored)")
         return False
-    auto.AutoHTTPProtocol = protocol_with_header_deadline(HttpToolsProtocol, timeout_s)
+    auto.AutoHTTPProtocol = protocol_with_early_refusal(protocol_with_header_deadline(HttpToolsProtocol, timeout_s))
     return True

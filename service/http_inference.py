@@ -25,6 +25,7 @@ import os
 import re
 import time
 from collections.abc import Callable
+from http import HTTPStatus
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
 
@@ -38,6 +39,7 @@ from service.errors import (EmptyRequest, InvalidParameter, MalformedRequest, Me
 from service.request_scope import RequestScope
 from service.http_errors import JSON_API, V2_HTTP, error_parts
 from service.http_guard import client_timeout_s
+from service.http_refusal import raw_response
 from service.v2_http_api import parse_request, render_response
 
 if TYPE_CHECKING:
@@ -220,6 +222,35 @@ def v2_infer_path(path: str) -> tuple[str, str] | None:
 
 
 # ---- the routes -----------------------------------------------------------------------------------------------------------------
+def early_refusal(get_classifier: Callable[[], Classifier]) -> Callable[[dict], bytes | None]:
+    """For service/http_refusal.py: a scope → the whole 429 its route would answer when the door would refuse it now,
+    counted as the route's RequestScope counts a refusal; None for anything the route should see (not an inference
+    POST, API keys configured, a replica not accepting, a malformed timeout header, or admitted)."""
+
+    def refuse(scope: dict) -> bytes | None:
+        path = scope["path"]
+        v2_target = v2_infer_path(path) if path.startswith("/v2/") else None
+        if scope["method"] != "POST" or (path != "/classify" and path != "/classify/base64" and v2_target is None):
+            return None
+        try:
+            clf = get_classifier()
+            if clf.settings.api_keys:  # authentication first: an unauthenticated client must get its 401
+                return None
+            clf.check_accepting()
+            timeout = client_timeout_s(dict(scope["headers"]))
+        except ServiceError:
+            return None  # the route answers these, with their own body handling
+        protocol = JSON_API if v2_target is None else V2_HTTP
+        refusal = clf.admission.would_refuse(protocol, client_timeout_s=timeout)
+        if refusal is None:
+            return None
+        metrics.record_outcome(protocol, refusal, 0.0)
+        status, body, headers = error_answer(refusal, protocol)
+        return raw_response(status, HTTPStatus(status).phrase, body, headers)
+
+    return refuse
+
+
 class InferenceRoutes:
     """Every HTTP inference request, start to answer; anything else goes on to ``app`` (BentoML's stack)."""
 

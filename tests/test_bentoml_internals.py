@@ -52,6 +52,9 @@ def test_uvicorn_resolves_http_auto_from_the_module_attribute_we_replace():
 
     assert uvicorn.config.HTTP_PROTOCOLS["auto"] == "uvicorn.protocols.http.auto:AutoHTTPProtocol"
     assert install(5.0)
-    assert issubclass(auto.AutoHTTPProtocol, HttpToolsProtocol) and auto.AutoHTTPProtocol.__name__.startswith("HeaderDeadline")
+    assert issubclass(auto.AutoHTTPProtocol, HttpToolsProtocol)
+    assert [c.__name__ for c in auto.AutoHTTPProtocol.__mro__[:2]] == ["EarlyRefusalHeaderDeadlineHttpToolsProtocol", "HeaderDeadlineHttpToolsProtocol"]
+    # what service/http_refusal.py overrides: uvicorn's one place where a parsed request becomes a task
+    assert "_start_asgi_task" in vars(HttpToolsProtocol) and "self._start_asgi_task(self.cycle, app)" in inspect.getsource(HttpToolsProtocol.on_headers_complete)
     for hook in ("connection_made", "on_message_begin", "on_headers_complete", "connection_lost"):
         assert hook in vars(HttpToolsProtocol), hook  # the methods the deadline wraps are uvicorn's own, by name

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import random
 import sys
@@ -254,3 +255,52 @@ def test_the_overload_benchmark_gives_its_load_generator_a_core_of_its_own():
         assert cpu_split("auto", url_given=False) is None
     with pytest.raises(ValueError, match="no core left"):
         cpu_split(",".join(map(str, cores)), url_given=False)
+
+
+@pytest.mark.timeout(180)
+def test_a_refusal_below_asgi_answers_the_error_table_and_keeps_the_connection(tiny_artifact, tmp_path):
+    """A request the door refuses is answered by the HTTP protocol itself (service/http_refusal.py): the error table's
+    429 with its JSON body and Retry-After, counted, and the same connection then serves the next request."""
+    import http.client
+    import threading
+
+    import httpx
+
+    from benchmarks.harness.servers import free_port, running
+    from tests.server import metric_value
+
+    port = free_port()
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "home"), "BENTOML_DO_NOT_TRACK": "True",
+           "VITSERVE_ARTIFACT": str(tiny_artifact), "VITSERVE_GRPC_PORT": str(free_port()),
+           "VITSERVE_MAX_BATCH_SIZE": str(MAX_BATCH), "VITSERVE_TEST_ENGINE_SLEEP_MS": "1500"}
+    cmd = [sys.executable, "-m", "bentoml", "serve", "tests.slowed_engine_app:VitServe", "--working-dir", str(ROOT),
+           "--host", "127.0.0.1", "--port", str(port)]
+    image = small_jpegs(1)[0]
+    with running("slowed", cmd, env, tmp_path, port) as server:
+        before = httpx.get(f"{server.url}/metrics", trust_env=False).text
+        slow = threading.Thread(target=lambda: httpx.post(f"{server.url}/classify", content=image, trust_env=False,
+                                                           headers={"content-type": "image/jpeg"}, timeout=60))
+        slow.start()  # work in the building for 1.5 s: a 1 ms deadline cannot be met meanwhile
+        time.sleep(0.5)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("POST", "/classify", body=image, headers={"content-type": "image/jpeg", "x-vitserve-timeout-ms": "1"})
+        refused = conn.getresponse()
+        body = json.loads(refused.read())
+        assert refused.status == 429 and int(refused.getheader("retry-after")) >= 1, (refused.status, body)
+        assert refused.getheader("date") and refused.getheader("content-type") == "application/json"
+        assert body["error"]["type"] == "overloaded" and "deadline" in body["error"]["message"], body
+        slow.join()
+        conn.request("POST", "/classify", body=image, headers={"content-type": "image/jpeg"})  # the same connection
+        ok = conn.getresponse()
+        assert ok.status == 200 and json.loads(ok.read())["predictions"], ok.status
+        conn.close()
+        after = httpx.get(f"{server.url}/metrics", trust_env=False).text
+    delta = lambda status: metric_value(after, "vitserve_requests_total", protocol="json", status=status) - \
+        metric_value(before, "vitserve_requests_total", protocol="json", status=status)  # noqa: E731
+    assert (delta("429"), delta("200")) == (1, 2)
+    # Answered before a request was built: recorded with no duration, as every refusal before the request scope is.
+    assert metric_value(after, "vitserve_request_duration_seconds_sum", protocol="json", status="429") == \
+        metric_value(before, "vitserve_request_duration_seconds_sum", protocol="json", status="429")
+    refusals = metric_value(after, "vitserve_admissions_total", protocol="json", decision="refused") - \
+        metric_value(before, "vitserve_admissions_total", protocol="json", decision="refused")
+    assert refusals == 1
