@@ -281,7 +281,10 @@ def test_a_refusal_below_asgi_answers_the_error_table_and_keeps_the_connection(t
         slow = threading.Thread(target=lambda: httpx.post(f"{server.url}/classify", content=image, trust_env=False,
                                                            headers={"content-type": "image/jpeg"}, timeout=60))
         slow.start()  # work in the building for 1.5 s: a 1 ms deadline cannot be met meanwhile
-        time.sleep(0.5)
+        for _ in range(100):  # until the server has it (not a fixed sleep: a loaded machine may take longer)
+            if metric_value(httpx.get(f"{server.url}/metrics", trust_env=False).text, "vitserve_requests_in_flight") >= 1:
+                break
+            time.sleep(0.02)
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         conn.request("POST", "/classify", body=image, headers={"content-type": "image/jpeg", "x-vitserve-timeout-ms": "1"})
         refused = conn.getresponse()
