@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: serve test install data clients perf-analyzer triton-peer protos demo-model demo-artifact bench overload bento gpu-check gpu-wheels gpu-rehearsal clean
+.PHONY: serve test install data clients perf-analyzer native triton-peer protos demo-model demo-artifact bench overload bento gpu-check gpu-wheels gpu-rehearsal clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,17 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 install: $(BIN)/.installed
+
+# gRPC's transport in C++ (service/native/grpc_front.cc; VITSERVE_GRPC_TRANSPORT=auto uses it once built): gRPC's own
+# C++ library from Debian (libgrpc++-dev, 1.51) and g++. Without them the service keeps grpc.aio.
+NATIVE_FRONT := service/native/vitserve-grpc-front
+native: $(NATIVE_FRONT)
+$(NATIVE_FRONT): service/native/grpc_front.cc
+	@if ! pkg-config --exists grpc++ && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends g++ make pkg-config libgrpc++-dev >/dev/null; fi
+	@if pkg-config --exists grpc++; then \
+	  g++ -O2 -std=c++17 -Wall -o $@ $< $$(pkg-config --cflags --libs grpc++) && echo "built $@"; \
+	else echo "note: install Debian's libgrpc++-dev and g++ for the C++ gRPC front (gRPC stays on grpc.aio without it)"; fi
 
 # The clients teams already own, in their own environment: tritonclient pins protobuf<7, vitserve's gRPC stack needs
 # protobuf 7, so they cannot share one (tests/test_grpc.py runs them from here, unmodified).
@@ -72,10 +83,10 @@ data:
 	  else echo "note: install Debian's $(APT_TEST_PACKAGES) for the Fashion-MNIST and cross-CPU tests (they skip without them)"; fi; \
 	fi
 
-serve: install
+serve: install native
 	BENTOML_DO_NOT_TRACK=True $(BIN)/vitserve serve
 
-test: install data clients perf-analyzer
+test: install native data clients perf-analyzer
 	BENTOML_DO_NOT_TRACK=True $(BIN)/python -m pytest
 
 # Rebuild the embedded demo model from Fashion-MNIST: the exact recipe (docs/finetune.md "The demo model"), ~12 min on

@@ -44,6 +44,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from benchmarks.harness import perf_analyzer
 from benchmarks.harness.measure import latency_summary_ms
 from benchmarks.harness.results import command_line, environment, finish
 from benchmarks.photos import realistic_photos
@@ -228,7 +229,50 @@ async def closed_loop(protocol: str, url: str, grpc_target: str | None, pid: int
 
 
 # ---- the run ---------------------------------------------------------------------------------------------------------------------
-PEER_PROTOCOLS = {"triton": ("v2-binary", "grpc"), "litserve": ("base64",), "floor": ("raw", "grpc")}  # what each speaks of ours
+def clients_for(protocol: str, server: str, with_perf_analyzer: bool) -> list[str]:
+    """Our Python clients for every protocol; with --perf-analyzer, Triton's C++ tool as well for the v2 protocols
+    of servers that serve a model (not the fixed-answer floors)."""
+    extra = with_perf_analyzer and protocol in perf_analyzer.PROTOCOLS and not server.startswith("floor")
+    return ["python", "perf_analyzer"] if extra else ["python"]
+
+
+PEER_PROTOCOLS = {"triton": ("v2-binary", "grpc"), "litserve": ("base64",), "floor": ("raw", "grpc"), "floor-native": ("grpc",),
+                  "vitserve-grpc.aio": ("grpc",)}  # what each speaks of ours
+
+
+def start_servers(stack, args, settings: dict) -> tuple[list, int]:
+    """Ours and every peer asked for, up at once (an idle one costs < 0.02 cores): (name, server, protocols) each, and
+    our max batch (the peers get the same)."""
+    from benchmarks.harness.servers import free_port, running, running_triton, running_vitserve
+
+    ours = stack.enter_context(running_vitserve(args.artifact, args.workdir, cpus=args.server_cpus, **settings))
+    batch = httpx.get(f"{ours.url}/info", timeout=10, trust_env=False).json()["limits"]["max_batch_size"]
+    servers = [("vitserve", ours, args.protocols)]
+    if args.triton:  # the same engine, Preprocessor, batch limit and batching window behind Triton's front-ends
+        servers.append(("triton", stack.enter_context(running_triton(args.artifact, args.workdir, max_batch=batch)),
+                        [p for p in args.protocols if p in PEER_PROTOCOLS["triton"]]))
+    if args.litserve:
+        port = free_port()
+        cmd = [sys.executable, "-m", "benchmarks.peers.litserve_peer", str(args.artifact), "--port", str(port),
+               "--max-batch", str(batch)]
+        lit = stack.enter_context(running("litserve", cmd, {**os.environ, "PYTHONUNBUFFERED": "1"},
+                                          args.workdir, port, ready_path="/health"))
+        lit.grpc_address = None
+        servers.append(("litserve", lit, [p for p in args.protocols if p in PEER_PROTOCOLS["litserve"]]))
+    if args.grpc_aio:  # the same service with gRPC on grpc.aio in the worker, beside the C++ front
+        aio = stack.enter_context(running_vitserve(args.artifact, args.workdir, cpus=args.server_cpus,
+                                                   **{**settings, "grpc_transport": "python"}))
+        servers.append(("vitserve-grpc.aio", aio, [p for p in args.protocols if p in PEER_PROTOCOLS["vitserve-grpc.aio"]]))
+    for transport in ("python", "native") if args.floor else ():  # the transports alone, fixed answers
+        name = "floor" if transport == "python" else "floor-native"
+        port, grpc_port = free_port(), free_port()
+        cmd = [sys.executable, "-m", "benchmarks.peers.transport_floor", "--port", str(port), "--grpc-port", str(grpc_port),
+               "--grpc-transport", transport]
+        floor = stack.enter_context(running(name, cmd, {**os.environ, "PYTHONUNBUFFERED": "1"}, args.workdir, port,
+                                            ready_path="/health"))
+        floor.grpc_address = f"127.0.0.1:{grpc_port}"
+        servers.append((name, floor, [p for p in args.protocols if p in PEER_PROTOCOLS[name]]))
+    return servers, batch
 
 
 def run(args) -> dict:
@@ -237,7 +281,6 @@ def run(args) -> dict:
     figure is the median over rounds."""
     from contextlib import ExitStack
 
-    from benchmarks.harness.servers import free_port, running, running_triton, running_vitserve
     from service.artifact import load_artifact
 
     image = jpeg()
@@ -245,47 +288,33 @@ def run(args) -> dict:
     settings = dict(kv.split("=", 1) for kv in args.setting)
     rounds: list[dict] = []
     with ExitStack() as stack:
-        ours = stack.enter_context(running_vitserve(args.artifact, args.workdir, cpus=args.server_cpus, **settings))
-        batch = httpx.get(f"{ours.url}/info", timeout=10, trust_env=False).json()["limits"]["max_batch_size"]
-        servers = [("vitserve", ours, args.protocols)]
-        if args.triton:  # the same engine, Preprocessor, batch limit and batching window behind Triton's front-ends
-            servers.append(("triton", stack.enter_context(running_triton(args.artifact, args.workdir, max_batch=batch)),
-                            [p for p in args.protocols if p in PEER_PROTOCOLS["triton"]]))
-        if args.litserve:
-            port = free_port()
-            cmd = [sys.executable, "-m", "benchmarks.peers.litserve_peer", str(args.artifact), "--port", str(port),
-                   "--max-batch", str(batch)]
-            lit = stack.enter_context(running("litserve", cmd, {**os.environ, "PYTHONUNBUFFERED": "1"},
-                                              args.workdir, port, ready_path="/health"))
-            lit.grpc_address = None
-            servers.append(("litserve", lit, [p for p in args.protocols if p in PEER_PROTOCOLS["litserve"]]))
-        if args.floor:  # the transports alone, fixed answers (benchmarks/peers/transport_floor.py)
-            port, grpc_port = free_port(), free_port()
-            cmd = [sys.executable, "-m", "benchmarks.peers.transport_floor", "--port", str(port), "--grpc-port", str(grpc_port)]
-            floor = stack.enter_context(running("floor", cmd, {**os.environ, "PYTHONUNBUFFERED": "1"}, args.workdir, port,
-                                                ready_path="/health"))
-            floor.grpc_address = f"127.0.0.1:{grpc_port}"
-            servers.append(("floor", floor, [p for p in args.protocols if p in PEER_PROTOCOLS["floor"]]))
+        servers, batch = start_servers(stack, args, settings)
         for i in range(args.rounds):
             for concurrency in args.concurrency:
                 for name, server, protocols in servers:
-                    for protocol in protocols:
-                        r = asyncio.run(closed_loop(protocol, server.url, server.grpc_address, server.proc.pid, image, model,
-                                                    concurrency=concurrency, warmup_s=args.warmup, duration_s=args.duration,
-                                                    litserve=name == "litserve"))
-                        r.update(server=name, round=i + 1)
-                        print(f"  round {i + 1} {name:>8} {protocol:>9} c={concurrency:<3} {r['images_per_s']:7.1f} img/s  "
+                    for protocol, client in [(p, c) for p in protocols for c in clients_for(p, name, args.perf_analyzer)]:
+                        if client == "perf_analyzer":
+                            r = asyncio.run(perf_analyzer.closed_loop(
+                                protocol, server.url, server.grpc_address, image, model, concurrency=concurrency,
+                                warmup_s=args.warmup, duration_s=args.duration, workdir=args.workdir,
+                                server_cpu_s=lambda pid=server.proc.pid: server_cpu_s(pid)))
+                        else:
+                            r = asyncio.run(closed_loop(protocol, server.url, server.grpc_address, server.proc.pid, image, model,
+                                                        concurrency=concurrency, warmup_s=args.warmup, duration_s=args.duration,
+                                                        litserve=name == "litserve"))
+                        r.update(server=name, round=i + 1, client=client)
+                        print(f"  round {i + 1} {name:>8} {protocol:>9} {client:>13} c={concurrency:<3} {r['images_per_s']:7.1f} img/s  "
                               f"p99 {r['latency']['p99_ms']} ms  server {r['server_cpu_ms_per_image']:.2f} ms CPU/img  "
                               f"{r['statuses']}", flush=True)
                         rounds.append(r)
     serial = raw_serial(args.artifact, image, batch)  # after the servers are gone: the same cores, quiet
     work_ms = serial["work_cpu_ms_per_image"]  # CPU against CPU (see raw_serial)
     phases = []
-    for key in dict.fromkeys((r["server"], r["protocol"], r["concurrency"]) for r in rounds):
-        runs = [r for r in rounds if (r["server"], r["protocol"], r["concurrency"]) == key]
+    for key in dict.fromkeys((r["server"], r["protocol"], r["concurrency"], r["client"]) for r in rounds):
+        runs = [r for r in rounds if (r["server"], r["protocol"], r["concurrency"], r["client"]) == key]
         median = lambda f: float(np.median([f(r) for r in runs]))  # noqa: E731
         phases.append({
-            "server": key[0], "protocol": key[1], "concurrency": key[2], "rounds": len(runs),
+            "server": key[0], "protocol": key[1], "concurrency": key[2], "client": key[3], "rounds": len(runs),
             "images_per_s": round(median(lambda r: r["images_per_s"]), 1),
             "latency": {"p50_ms": round(median(lambda r: r["latency"]["p50_ms"] or 0), 2),
                         "p99_ms": round(median(lambda r: r["latency"]["p99_ms"] or 0), 2)},
@@ -296,7 +325,7 @@ def run(args) -> dict:
         r["of_raw_serial"] = round(r["images_per_s"] / serial["images_per_s"], 3)
         r["cpu_over_work"] = round(r["server_cpu_ms_per_image"] / work_ms, 2)
         peer = next((t for t in phases if t["server"] == "triton" and t["protocol"] == r["protocol"]
-                     and t["concurrency"] == r["concurrency"]), None)
+                     and t["concurrency"] == r["concurrency"] and t["client"] == r["client"]), None)
         if peer is not None and r["server"] == "vitserve" and peer["images_per_s"]:
             r["over_triton"] = round(r["images_per_s"] / peer["images_per_s"], 2)
             r["p99_over_triton"] = round(r["latency"]["p99_ms"] / peer["latency"]["p99_ms"], 2)
@@ -318,7 +347,8 @@ def table(result: dict) -> str:
     for r in result["phases"]:
         bad = sum(v for k, v in r["statuses"].items() if k != "200")
         versus = f"{r['over_triton']} ({r['p99_over_triton']})" if "over_triton" in r else ""
-        lines.append(f"| {r.get('server', 'vitserve')} | {r['protocol']} | {r['concurrency']} | {r['images_per_s']} | {r['of_raw_serial']} | "
+        client = " (perf_analyzer)" if r.get("client") == "perf_analyzer" else ""
+        lines.append(f"| {r.get('server', 'vitserve')} | {r['protocol']}{client} | {r['concurrency']} | {r['images_per_s']} | {r['of_raw_serial']} | "
                      f"{r['latency']['p50_ms']} | {r['latency']['p99_ms']} | {bad} | {r['server_cpu_ms_per_image']} | "
                      f"{r['cpu_over_work']} | {versus} |")
     return "\n".join(lines)
@@ -341,6 +371,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--litserve", action="store_true", help="also load LitServe's idiom around the same engine (base64 JSON)")
     p.add_argument("--triton", action="store_true",
                    help="also load Triton (PyTriton) serving the same engine and Preprocessor: make triton-peer first")
+    p.add_argument("--grpc-aio", action="store_true",
+                   help="also load the same service with gRPC on grpc.aio (VITSERVE_GRPC_TRANSPORT=python), gRPC only")
+    p.add_argument("--perf-analyzer", action="store_true",
+                   help="also load gRPC and v2-binary with Triton's perf_analyzer (C++, far cheaper than our Python client "
+                        "on shared cores): make perf-analyzer first")
     p.add_argument("--floor", action="store_true",
                    help="also load the transports alone (uvicorn and grpc.aio answering fixed results) for their CPU floor")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/vitserve-front-door"))

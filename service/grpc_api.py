@@ -15,18 +15,17 @@ from __future__ import annotations
 import logging
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service import kserve_v2, metrics
 from service.auth import OPEN_GRPC_SERVICES, ApiKeys
 from service.classifier import Classifier
-from google.protobuf.message import DecodeError
-
 from service.errors import InvalidParameter, MalformedRequest, ServiceError, Unauthenticated, error_message, grpc_code
 from service.protos import grpc_service_pb2 as pb
-from service.request_scope import RequestScope
 from service.protos import grpc_service_pb2_grpc as pb_grpc
+from service.request_scope import RequestScope
 from service.settings import Settings
 
 log = logging.getLogger("vitserve.grpc")
@@ -225,19 +224,29 @@ def _refusal(message: str) -> grpc.RpcMethodHandler:
     return grpc.unary_unary_rpc_method_handler(refuse)  # no deserializer: the message stays unread bytes
 
 
+def _server(settings: Settings, interceptors: list):
+    """The server that terminates gRPC (``VITSERVE_GRPC_TRANSPORT``): the C++ front when it is built (or required),
+    else grpc.aio in this worker. Either runs the same handlers on this worker's loop."""
+    from service import grpc_native
+
+    if grpc_native.transport(settings) == "native":
+        server = grpc_native.NativeServer(grpc_native.find_binary(), interceptors, max_receive_bytes=settings.max_body_bytes)
+        return server, "native"
+    options = [
+        ("grpc.max_receive_message_length", settings.max_body_bytes),  # the HTTP body limit, here too
+        ("grpc.so_reuseport", 1),  # several workers bind the same port (Linux shares connections among them)
+    ]
+    return grpc.aio.server(interceptors=interceptors, options=options), "python"
+
+
 class GrpcFrontEnd:
     """The gRPC server, its health service and reflection, bound to the worker's event loop."""
 
     def __init__(self, clf: Classifier, settings: Settings, keys: ApiKeys):
         self.settings = settings
-        self.server = grpc.aio.server(
-            # Only when keys are on: an interceptor is one more coroutine on every call (~30 µs of the loop here).
-            interceptors=[_ApiKeyCheck(keys)] if keys.enabled else [],
-            options=[
-                ("grpc.max_receive_message_length", settings.max_body_bytes),  # the HTTP body limit, here too
-                ("grpc.so_reuseport", 1),  # several workers bind the same port (Linux shares connections among them)
-            ],
-        )
+        # Only when keys are on: an interceptor is one more coroutine on every call (~30 µs of the loop here).
+        interceptors = [_ApiKeyCheck(keys)] if keys.enabled else []
+        self.server, self.transport = _server(settings, interceptors)
         add_servicer(InferenceServicer(clf), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -245,7 +254,10 @@ class GrpcFrontEnd:
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), self.server
         )
         address = f"{settings.host}:{settings.grpc_port}"
-        if settings.grpc_tls_cert and settings.grpc_tls_key:
+        tls = settings.grpc_tls_cert and settings.grpc_tls_key
+        if tls and self.transport == "native":
+            self.port = self.server.add_secure_port(address, (settings.grpc_tls_cert, settings.grpc_tls_key))
+        elif tls:
             credentials = grpc.ssl_server_credentials([(settings.grpc_tls_key.read_bytes(), settings.grpc_tls_cert.read_bytes())])
             self.port = self.server.add_secure_port(address, credentials)
         else:
@@ -258,7 +270,8 @@ class GrpcFrontEnd:
         await self.server.start()
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info("gRPC (KServe v2, health, reflection) on %s%s", self.address, " with TLS" if self.settings.grpc_tls_cert else "")
+        log.info("gRPC (KServe v2, health, reflection) on %s%s, %s transport", self.address,
+                 " with TLS" if self.settings.grpc_tls_cert else "", self.transport)
 
     async def begin_drain(self) -> None:
         """Health turns NOT_SERVING for good; calls still arriving are refused by the draining classifier."""

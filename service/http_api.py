@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service import metrics
 from service.classifier import Classifier
 from service.errors import STATUS_BY_TYPE, InvalidParameter, ServiceError, from_framework
+from service.grpc_native import transport as grpc_transport
 from service.http_errors import error_response, protocol_of
 
 
@@ -142,7 +143,8 @@ def describe(clf: Classifier) -> dict:
         "evaluation": m.evaluation.model_dump() if m.evaluation is not None else None,
         "protocols": {
             "http": {"json": "/classify", "kserve_v2": "/v2"},
-            "grpc": {"port": s.grpc_port or None, "service": "inference.GRPCInferenceService", "tls": s.grpc_tls_cert is not None},
+            "grpc": {"port": s.grpc_port or None, "service": "inference.GRPCInferenceService", "tls": s.grpc_tls_cert is not None,
+                     "transport": grpc_transport(s) if s.grpc_port else None},
             "api_keys": bool(s.api_keys),
         },
         "cpu_budget": clf.threads.describe(),

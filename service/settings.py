@@ -117,6 +117,10 @@ class Settings(BaseSettings):
         8001, ge=0, le=65535, description="gRPC port (KServe v2, `grpc.health.v1`, reflection), Triton's default; `0` = "
         "no gRPC. Several workers share it (SO_REUSEPORT)",
     )
+    grpc_transport: typing.Literal["auto", "native", "python"] = Field(
+        "auto", description="who terminates gRPC: `native` = the C++ front `make native` builds (`vitserve-grpc-front`, "
+        "~0.1 ms of CPU a call), `python` = grpc.aio in the worker (~0.3 ms), `auto` = native when it is built",
+    )
     grpc_tls_cert: Path | None = Field(None, description="PEM certificate: TLS on the gRPC port (with the key)")
     grpc_tls_key: Path | None = Field(None, description="PEM private key for the gRPC port's TLS")
     api_keys: str = Field(

@@ -32,6 +32,10 @@ def check_image_recipe(bento: Path, *, gpu: bool) -> None:
     assert re.search(r"^USER bentoml$", dockerfile, re.M)
     assert {int(p) for p in re.findall(r"^EXPOSE (\d+)$", dockerfile, re.M)} >= {3000, 8001}
     assert ("FROM nvidia/cuda" in dockerfile) == gpu
+    # the C++ gRPC front is compiled in the image from the Bento's source, never copied from the build machine
+    assert "-o /usr/local/bin/vitserve-grpc-front $BENTO_PATH/src/service/native/grpc_front.cc" in dockerfile
+    assert (bento / "src" / "service" / "native" / "grpc_front.cc").is_file()
+    assert not (bento / "src" / "service" / "native" / "vitserve-grpc-front").exists()
     from service.settings import Settings
 
     s = Settings()  # the container runs `bentoml serve` with what `vitserve serve` would pass

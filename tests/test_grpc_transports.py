@@ -1,0 +1,131 @@
+"""The two ways gRPC is terminated (``VITSERVE_GRPC_TRANSPORT``): the C++ front (``vitserve-grpc-front``, what the
+rest of tests/test_grpc.py runs against once it is built) and grpc.aio in the worker. Real servers, real clients:
+the same calls must get the same answers, codes and details from both, and the front must live and die with the
+worker that started it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import struct
+import time
+
+import grpc
+import httpx
+import psutil
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from service.grpc_native import BINARY_NAME, find_binary
+from service.protos import grpc_service_pb2 as pb
+from service.protos import grpc_service_pb2_grpc as pb_grpc
+from tests.server import running_server
+
+pytestmark = pytest.mark.skipif(find_binary() is None, reason=f"{BINARY_NAME} is not built (make native needs libgrpc++-dev)")
+
+
+def _request(model: str, images: list[bytes], **kw) -> pb.ModelInferRequest:
+    req = pb.ModelInferRequest(model_name=model, id=kw.get("id", "t"))
+    req.inputs.add(name="image", datatype=kw.get("datatype", "BYTES"), shape=[len(images)])
+    req.raw_input_contents.append(b"".join(struct.pack("<I", len(x)) + x for x in images))
+    return req
+
+
+def _outcome(call, request, **kw):
+    """(code, details, response bytes, trailing metadata that carries advice) of one call."""
+    try:
+        response, _ = call.with_call(request, **kw)
+        if isinstance(response, pb.ModelInferResponse):  # timings and batch ids differ from call to call
+            for key in [k for k in response.parameters if k.endswith("_ms") or k == "vitserve_batch_ids"]:
+                del response.parameters[key]
+        return "OK", "", response.SerializeToString(deterministic=True), ()
+    except grpc.RpcError as e:
+        trailers = tuple((k, v) for k, v in (e.trailing_metadata() or ()) if k in ("retry-after", "grpc-retry-pushback-ms"))
+        return e.code().name, e.details(), b"", trailers
+
+
+def _answers(address: str, model: str, photos: list[bytes]) -> dict[str, tuple]:
+    channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", -1)])
+    stub, health = pb_grpc.GRPCInferenceServiceStub(channel), health_pb2_grpc.HealthStub(channel)
+    reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+    out = {
+        "infer one": _outcome(stub.ModelInfer, _request(model, photos[:1]), timeout=30),
+        "infer three": _outcome(stub.ModelInfer, _request(model, photos[:3], id="three"), timeout=30),
+        "unknown model": _outcome(stub.ModelInfer, _request("no-such-model", photos[:1]), timeout=30),
+        "wrong datatype": _outcome(stub.ModelInfer, _request(model, photos[:1], datatype="FP32"), timeout=30),
+        "not an image": _outcome(stub.ModelInfer, _request(model, [b"not an image"]), timeout=30),
+        "metadata": _outcome(stub.ModelMetadata, pb.ModelMetadataRequest(name=model), timeout=30),
+        "server ready": _outcome(stub.ServerReady, pb.ServerReadyRequest(), timeout=30),
+        "unimplemented": _outcome(stub.RepositoryIndex, pb.RepositoryIndexRequest(), timeout=30),
+        "health": _outcome(health.Check, health_pb2.HealthCheckRequest(service=""), timeout=30),
+        "health unknown": _outcome(health.Check, health_pb2.HealthCheckRequest(service="nope"), timeout=30),
+    }
+    undecodable = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+    try:
+        undecodable(b"\xff\xff\xff", timeout=30)
+        out["undecodable"] = ("OK",)
+    except grpc.RpcError as e:
+        out["undecodable"] = (e.code().name, e.details())
+    listing = list(reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=30))
+    out["reflection"] = tuple(sorted(s.name for s in listing[0].list_services_response.service))
+    watch = health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=30)
+    out["health watch"] = next(watch).status
+    watch.cancel()
+    channel.close()
+    return out
+
+
+def test_native_and_grpc_aio_give_the_same_answers(tiny_artifact, tmp_path, photo_bytes):
+    from service.artifact import read_manifest
+
+    model = read_manifest(tiny_artifact).model.name
+    photos = [p[1] for p in photo_bytes[:3]]
+    seen = {}
+    for transport in ("native", "python"):
+        (tmp_path / transport).mkdir()
+        with running_server(tiny_artifact, tmp_path / transport, grpc_transport=transport) as s:
+            info = httpx.get(f"{s.url}/info", timeout=10).json()
+            assert info["protocols"]["grpc"]["transport"] == transport
+            seen[transport] = _answers(s.grpc_address, model, photos)
+    native, python = seen["native"], seen["python"]
+    assert native["infer one"][0] == "OK" and native["infer three"][0] == "OK" and native["reflection"], native
+    assert native["unknown model"][0] == "NOT_FOUND" and native["undecodable"][0] == "INVALID_ARGUMENT", native
+    assert native["unimplemented"][0] == "UNIMPLEMENTED" and native["health unknown"][0] == "NOT_FOUND", native
+    for key in python:
+        assert native[key] == python[key], (key, native[key], python[key])
+
+
+def _fronts(server_pid: int) -> dict[int, int]:
+    """front pid → its worker's pid, for the fronts of this server's process tree."""
+    tree = psutil.Process(server_pid).children(recursive=True)
+    return {p.pid: p.ppid() for p in tree if p.name() == BINARY_NAME and p.status() != psutil.STATUS_ZOMBIE}
+
+
+def test_the_front_dies_with_its_worker_and_a_new_worker_serves_again(tiny_artifact, tmp_path, photo_bytes):
+    from service.artifact import read_manifest
+
+    model = read_manifest(tiny_artifact).model.name
+    with running_server(tiny_artifact, tmp_path, grpc_transport="native") as s:
+        ours = _fronts(s.proc.pid)
+        assert len(ours) == 1, ours
+        (front, worker), = ours.items()
+        stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(s.grpc_address))
+        assert stub.ModelInfer(_request(model, [photo_bytes[0][1]]), timeout=30).outputs
+        os.kill(worker, signal.SIGKILL)  # the worker gone, nothing could answer the front's calls
+        deadline = time.monotonic() + 10
+        while front in _fronts(s.proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert front not in _fronts(s.proc.pid), "the front outlived its worker"
+        # BentoML's arbiter starts a new worker, which starts its own front on the same port
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if stub.ModelInfer(_request(model, [photo_bytes[0][1]]), timeout=5).outputs:
+                    break
+            except grpc.RpcError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("no new worker served gRPC within 60 s")
+        new = _fronts(s.proc.pid)
+        assert front not in new and len(new) == 1, new
