@@ -133,7 +133,6 @@ class Frames(asyncio.Protocol):
         self.buffer = bytearray()
         self.calls: dict[int, Call] = {}
         self.transport: asyncio.Transport | None = None
-        self.ready: asyncio.Future = asyncio.get_running_loop().create_future()
         self.closed: asyncio.Future = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport) -> None:
@@ -144,12 +143,9 @@ class Frames(asyncio.Protocol):
             call.cancelled = True
             if call.task is not None:
                 call.task.cancel()
-        if not self.ready.done():
-            self.ready.set_exception(RuntimeError("vitserve-grpc-front exited before it listened"))
         if not self.closed.done():
             self.closed.set_result(None)
-        if not self.server.stopping:
-            log.error("vitserve-grpc-front exited; gRPC calls are no longer served by this worker")
+        self.server.front_exited()
 
     def write_frame(self, kind: int, call_id: int, body: bytes) -> None:
         if kind == FINISH:
@@ -197,8 +193,6 @@ class Frames(asyncio.Protocol):
                 call.cancelled = call.finished = True  # gRPC has answered the client already
                 if call.task is not None:
                     call.task.cancel()
-        elif kind == READY and not self.ready.done():
-            self.ready.set_result(call_id)  # the bound port
 
     def start(self, call_id: int, body: memoryview) -> None:
         at = 0

@@ -75,6 +75,8 @@ class NativeServer(grpc.aio.Server):
         self.frames: Frames | None = None
         self.stopping = False
         self._sock: socket.socket | None = None
+        self._bound: tuple[str, list[str]] | None = None  # address and TLS options, to start another front
+        self._restart_delay_s = 0.5
         self.client_streaming: list[str] = []
 
     def add_generic_rpc_handlers(self, handlers) -> None:
@@ -110,7 +112,7 @@ class NativeServer(grpc.aio.Server):
         if kind != READY:
             raise RuntimeError(f"{BINARY_NAME} sent frame kind {kind} before READY")
         ours.setblocking(False)
-        self._sock = ours
+        self._sock, self._bound = ours, (address, tls)
         return port
 
     async def start(self) -> None:
@@ -118,6 +120,28 @@ class NativeServer(grpc.aio.Server):
             raise RuntimeError("no port bound")
         loop = asyncio.get_running_loop()
         _, self.frames = await loop.create_connection(lambda: Frames(self), sock=self._sock)
+
+    def front_exited(self) -> None:
+        """The front died under a running worker (a crash, an OOM kill): its calls in flight are lost with it (their
+        clients saw the connection drop); start another on the same port, backing off if it keeps dying."""
+        if self.stopping:
+            return
+        log.error("%s exited (code %s); starting another", BINARY_NAME, self.process.poll() if self.process else None)
+        asyncio.get_running_loop().create_task(self._restart())
+
+    async def _restart(self) -> None:
+        await asyncio.sleep(self._restart_delay_s)
+        self._restart_delay_s = min(30.0, self._restart_delay_s * 2)
+        if self.stopping or self._bound is None:
+            return
+        if self.process is not None:
+            await asyncio.to_thread(self.process.wait)
+        if not await asyncio.to_thread(self._bind, *self._bound):
+            log.error("%s could not bind %s again; retrying", BINARY_NAME, self._bound[0])
+            return self.front_exited()
+        await self.start()
+        self._restart_delay_s = 0.5
+        log.info("%s restarted on %s", BINARY_NAME, self._bound[0])
 
     def _lookup(self, details: Details):
         for generic in self.generic_handlers:

@@ -102,6 +102,17 @@ def _fronts(server_pid: int) -> dict[int, int]:
     return {p.pid: p.ppid() for p in tree if p.name() == BINARY_NAME and p.status() != psutil.STATUS_ZOMBIE}
 
 
+def _wait_until_served(stub, request, within_s: float) -> None:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            if stub.ModelInfer(request, timeout=5).outputs:
+                return
+        except grpc.RpcError:
+            time.sleep(0.2)
+    pytest.fail(f"gRPC was not served again within {within_s} s")
+
+
 def test_the_front_dies_with_its_worker_and_a_new_worker_serves_again(tiny_artifact, tmp_path, photo_bytes):
     from service.artifact import read_manifest
 
@@ -118,14 +129,20 @@ def test_the_front_dies_with_its_worker_and_a_new_worker_serves_again(tiny_artif
             time.sleep(0.05)
         assert front not in _fronts(s.proc.pid), "the front outlived its worker"
         # BentoML's arbiter starts a new worker, which starts its own front on the same port
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if stub.ModelInfer(_request(model, [photo_bytes[0][1]]), timeout=5).outputs:
-                    break
-            except grpc.RpcError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("no new worker served gRPC within 60 s")
+        _wait_until_served(stub, _request(model, [photo_bytes[0][1]]), within_s=60)
         new = _fronts(s.proc.pid)
         assert front not in new and len(new) == 1, new
+
+
+def test_a_front_that_dies_is_replaced_by_its_worker(tiny_artifact, tmp_path, photo_bytes):
+    from service.artifact import read_manifest
+
+    model = read_manifest(tiny_artifact).model.name
+    with running_server(tiny_artifact, tmp_path, grpc_transport="native") as s:
+        (front, worker), = _fronts(s.proc.pid).items()
+        os.kill(front, signal.SIGKILL)  # a crash or an OOM kill of the front alone
+        stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(s.grpc_address))
+        _wait_until_served(stub, _request(model, [photo_bytes[0][1]]), within_s=30)
+        (new_front, new_worker), = _fronts(s.proc.pid).items()
+        assert new_front != front and new_worker == worker  # the same worker started another front
+        assert httpx.get(f"{s.url}/readyz", timeout=10).status_code == 200

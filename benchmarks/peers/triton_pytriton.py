@@ -23,7 +23,7 @@ import numpy as np
 def main() -> None:
     from pytriton.decorators import batch
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
-    from pytriton.triton import Triton, TritonConfig
+    from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
 
     from service.artifact import load_artifact
     from service.engines.onnxruntime_engine import OnnxRuntimeEngine
@@ -54,7 +54,10 @@ def main() -> None:
         return {"probabilities": (e / e.sum(axis=1, keepdims=True)).astype(np.float32)}
 
     config = TritonConfig(http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port)
-    with Triton(config=config) as triton:
+    # PyTriton puts Triton's statistics API behind an access token by default; perf_analyzer reads it (as it does from
+    # any Triton), so it stays open here. The other management APIs stay restricted; inference is not affected.
+    security = TritonSecurityConfig(restricted_endpoints=["shared-memory", "model-repository", "trace", "logging"])
+    with Triton(config=config, security_config=security) as triton:
         triton.bind(
             model_name=m.model.name,
             infer_func=infer,
