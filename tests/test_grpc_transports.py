@@ -146,3 +146,54 @@ def test_a_front_that_dies_is_replaced_by_its_worker(tiny_artifact, tmp_path, ph
         (new_front, new_worker), = _fronts(s.proc.pid).items()
         assert new_front != front and new_worker == worker  # the same worker started another front
         assert httpx.get(f"{s.url}/readyz", timeout=10).status_code == 200
+
+
+def test_cancelled_and_expired_calls_leave_the_front_and_the_door_clean(tiny_artifact, tmp_path, photo_bytes):
+    """Calls cancelled by their client and calls whose deadline passes mid-flight, mixed with normal ones for a few
+    seconds: every normal call answered, the same front still serving, nothing left in flight afterwards."""
+    import asyncio
+
+    from service.artifact import read_manifest
+
+    body = _request(read_manifest(tiny_artifact).model.name, [photo_bytes[0][1]]).SerializeToString()
+    with running_server(tiny_artifact, tmp_path, grpc_transport="native") as s:
+        fronts = _fronts(s.proc.pid)
+
+        async def hammer() -> dict[str, int]:
+            seen: dict[str, int] = {}
+            async with grpc.aio.insecure_channel(s.grpc_address) as channel:
+                call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+
+                async def one(i: int) -> None:
+                    try:
+                        if i % 3 == 0:
+                            await call(body, timeout=0.003)
+                        elif i % 3 == 1:
+                            pending = call(body, timeout=30)
+                            await asyncio.sleep(0.001 * (i % 5))
+                            pending.cancel()
+                            await pending
+                        else:
+                            await call(body, timeout=30)
+                        outcome = "OK" if i % 3 == 2 else "answered anyway"
+                    except asyncio.CancelledError:
+                        outcome = "cancelled"
+                    except grpc.aio.AioRpcError as e:
+                        outcome = e.code().name if i % 3 != 2 else f"normal call failed: {e.code().name}"
+                    seen[outcome] = seen.get(outcome, 0) + 1
+
+                until = time.monotonic() + 5
+                while time.monotonic() < until:
+                    await asyncio.gather(*(one(i) for i in range(24)))
+            return seen
+
+        seen = asyncio.run(hammer())
+        assert seen.get("OK", 0) > 0 and seen.get("cancelled", 0) > 0 and seen.get("DEADLINE_EXCEEDED", 0) > 0, seen
+        assert not [k for k in seen if k.startswith("normal call failed")], seen
+        assert _fronts(s.proc.pid) == fronts
+        time.sleep(0.5)
+        metrics = s.metrics()
+        assert "vitserve_requests_in_flight 0.0" in metrics
+        assert not [line for line in metrics.splitlines() if line.startswith("vitserve_work_in_flight_images") and not line.endswith(" 0.0")]
+        stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(s.grpc_address))
+        assert stub.ModelInfer(pb.ModelInferRequest.FromString(body), timeout=30).outputs
