@@ -305,6 +305,23 @@ def test_compare_runs_every_peer_and_records_every_field(tiny_artifact, tmp_path
     assert "vitserve bench summary: compare" in out and "target vs_naive_throughput" in out
 
 
+def test_refusal_cost_refuses_every_request_and_measures_both_servers(tmp_path, monkeypatch, capsys):
+    """`vitserve bench refusal-cost` end to end: every flooded request refused (429) by the real service, every one
+    answered by uvicorn's floor, a CPU figure for each; this process's cores restored afterwards."""
+    import os
+
+    from benchmarks.cli import main
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    cores = os.sched_getaffinity(0)
+    assert main(["refusal-cost", "--duration", "1", "--workdir", str(tmp_path / "work"), "--name", "refusal-test"]) == 0
+    assert os.sched_getaffinity(0) == cores
+    payload = json.loads((tmp_path / f"refusal-test_{common.env_tag(common.environment())}.json").read_text())
+    assert set(payload["refused"]["statuses"]) == {"429"} and set(payload["uvicorn_floor"]["statuses"]) == {"200"}
+    assert payload["refused"]["server_cpu_us_per_request"] > 0 and payload["uvicorn_floor"]["server_cpu_us_per_request"] > 0
+    assert "vitserve bench summary: refusal cost" in capsys.readouterr().out
+
+
 def test_front_door_loads_every_protocol_and_the_litserve_peer(tiny_artifact, tmp_path, monkeypatch, capsys):
     """`vitserve bench front-door` end to end on the tiny artifact: every protocol of ours answered (no refusals at
     default settings), LitServe's idiom around the same engine answered too, each figure against raw serial."""
