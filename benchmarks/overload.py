@@ -4,8 +4,9 @@
     vitserve bench overload --multipliers 2 --duration 60 --name overload-before
 
 It starts `vitserve serve` on the artifact (or loads ``--url``), measures the saturation throughput (the best closed
-loop of 4, 8 and 16 clients, on a server that refuses nothing) and the unloaded latency (one client), then offers Poisson arrivals at each
-multiple of saturation, one real 640×480 JPEG per request, sent at their scheduled times whatever the server does
+loop of 4, 8 and 16 clients, which the door never refuses: up to twice the max batch in flight is always admitted) on
+that same server before the phases and again after them (goodput is divided by the mean of the two), and the
+unloaded latency (one client), then offers Poisson arrivals at each multiple of saturation, one real 640×480 JPEG per request, sent at their scheduled times whatever the server does
 (open loop, no coordinated omission; no client-side cap on outstanding requests). For each phase it reports:
 
 - goodput: 200s completed per second inside the window, and its ratio to saturation;
@@ -26,19 +27,18 @@ import argparse
 import asyncio
 import os
 import random
-import re
 import sys
 import time
 from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
-from urllib.parse import urlparse
 
 import httpx
 
 from benchmarks.harness.load import multipart_bodies, poisson_schedule
 from benchmarks.harness.measure import latency_summary_ms, load_average
 from benchmarks.harness.prometheus import REQUESTS_TOTAL, parse_prometheus
+from benchmarks.harness.raw_http import RawHttp
 from benchmarks.harness.results import command_line, environment, finish
 from service import metrics
 
@@ -77,64 +77,6 @@ class Sampler:
                 await asyncio.wait_for(stop.wait(), every_s)
             except TimeoutError:
                 pass
-
-
-class RawHttp:
-    """POSTs of pre-encoded HTTP/1.1 requests over a pool of kept-alive connections, reading each answer's status.
-
-    Hand-written rather than aiohttp or httpx: the load generator shares the server's 2 cores, and aiohttp took a
-    third of a core at 320 requests/s, so at 5× it would have measured itself. This costs a few tens of µs per
-    request under uvloop. Idle connections are reused for 15 s (aiohttp's default keep-alive), as SDKs and
-    balancers hold them: a server that closes idle connections sooner races with their reuse."""
-
-    def __init__(self, base: str, idle_expiry_s: float = 15.0):
-        url = urlparse(base)
-        self.host, self.port, self.idle_expiry_s = url.hostname, url.port, idle_expiry_s
-        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []
-
-    def wire(self, body) -> bytes:
-        head = (f"POST /classify HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: {body.headers['content-type']}\r\n"
-                f"Content-Length: {len(body.content)}\r\n\r\n")
-        return head.encode() + body.content
-
-    async def _connection(self):
-        now = time.monotonic()
-        while self.idle:
-            reader, writer, used = self.idle.pop()
-            if now - used < self.idle_expiry_s and not writer.is_closing():
-                return reader, writer
-            writer.close()
-        return await asyncio.open_connection(self.host, self.port)
-
-    async def post(self, wire: bytes, rec: dict, timeout_s: float) -> None:
-        writer = None
-        try:
-            reader, writer = await self._connection()
-            writer.write(wire)
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout_s)
-            await reader.readexactly(int(_CONTENT_LENGTH.search(head).group(1)))
-            rec["status"] = head[9:12].decode()
-            if b"retry-after" in head.lower():
-                rec["retry_after"] = True
-            if _CLOSE.search(head):
-                writer.close()
-            else:
-                self.idle.append((reader, writer, time.monotonic()))
-        except TimeoutError:
-            rec["status"] = "client_timeout"
-            writer and writer.close()
-        except (asyncio.IncompleteReadError, ConnectionError, OSError) as e:  # no HTTP answer: reset, disconnect
-            rec["status"] = type(e).__name__
-            writer and writer.close()
-        rec["done"] = time.perf_counter()
-
-    def close(self) -> None:
-        for _, writer, _ in self.idle:
-            writer.close()
-
-
-_CONTENT_LENGTH = re.compile(rb"(?i)\r\ncontent-length: *(\d+)")
-_CLOSE = re.compile(rb"(?i)\r\nconnection: *close")
 
 
 def _counters(base: str) -> Counter:
@@ -240,6 +182,10 @@ def table(result: dict) -> str:
                      "(the offered load's own CPU does not come out of the server's).")
     lines.append(f"\nUnloaded (1 client): p50 {u['latency']['p50_ms']} ms, p99 {u['latency']['p99_ms']} ms. Saturation "
                  f"({sat['concurrency']} clients, closed loop): {sat['images_per_s']} img/s, p99 {sat['latency'].get('p99_ms')} ms.")
+    if (after := result.get("saturation_after")) is not None:
+        lines.append(f"Saturation again after the phases, same server: {after['images_per_s']} img/s ({after['concurrency']} clients); "
+                     f"goodput ratios are against the mean, **{result['saturation_mean_images_per_s']} img/s** "
+                     f"(before and after differ by {result['saturation_spread']:.1%}).")
     if (st := result.get("storm")) is not None:
         lines.append(f"\nRetry storm ({st['concurrency']} closed-loop clients resending at once): goodput {st['images_per_s']} img/s "
                      f"({st['goodput_over_saturation']} of saturation), answered p99 {st['latency']['p99_ms']} ms, statuses {st['statuses']}.")
@@ -311,6 +257,21 @@ async def measure(base: str, args, pid: int | None, sat: dict) -> dict:
     return {"unloaded": unloaded, "saturation": sat, "phases": phases, "storm": storm}
 
 
+def against_mean(result: dict, after: dict) -> None:
+    """Goodput against the mean of saturation measured before and after the phases on the same server: the machine's
+    speed drifts by ~10 % between minutes here, and one measurement alone moved the 2x ratio by as much."""
+    before = result["saturation"]
+    mean = (before["images_per_s"] + after["images_per_s"]) / 2
+    result["saturation_after"] = after
+    result["saturation_mean_images_per_s"] = round(mean, 1)
+    result["saturation_spread"] = round(abs(after["images_per_s"] - before["images_per_s"]) / mean, 3)
+    for r in [*result["phases"].values(), *([result["storm"]] if result.get("storm") else [])]:
+        r["goodput_over_first_saturation"] = r["goodput_over_saturation"]
+        r["goodput_over_saturation"] = round(r.get("goodput_images_per_s", r["images_per_s"]) / mean, 3)
+    print(f"saturation before {before['images_per_s']} / after {after['images_per_s']} img/s: goodput against their mean "
+          f"{mean:.1f}", flush=True)
+
+
 def _git_sha(project: Path) -> str:
     import subprocess
 
@@ -367,18 +328,16 @@ def main(argv: list[str] | None = None) -> int:
     server_cpus = split["server"] if split else None
     import uvloop
 
-    if args.saturation is not None:
-        sat = {"concurrency": None, "images_per_s": args.saturation, "latency": {}, "statuses": {}, "measured": "given"}
-    elif args.url:
-        sat = {**uvloop.run(saturation(args.url.rstrip("/"), args.concurrency)), "measured": "on --url, as configured"}
-    else:
-        # Capacity with nothing refused (the latency bound at 60 s): closed-loop clients that got a 429 would only resend
-        # at once and measure the refusals, not what the service can answer.
-        with _serve(args.project, args.artifact, {**settings, "VITSERVE_MAX_LATENCY_MS": "60000"}, server_cpus) as server:
-            sat = {**uvloop.run(saturation(server.url, args.concurrency)), "measured": "with VITSERVE_MAX_LATENCY_MS=60000"}
     with (nullcontext() if args.url else _serve(args.project, args.artifact, settings, server_cpus)) as server:
         base = (args.url or server.url).rstrip("/")
+        if args.saturation is not None:
+            sat = {"concurrency": None, "images_per_s": args.saturation, "latency": {}, "statuses": {}, "measured": "given"}
+        else:  # on the server the phases load, with its own settings (up to twice the max batch in flight is never refused)
+            sat = {**uvloop.run(saturation(base, args.concurrency)), "measured": "before the phases, on the same server"}
         result = uvloop.run(measure(base, args, None if args.url else server.proc.pid, sat))
+        if args.saturation is None:
+            after = {**uvloop.run(saturation(base, args.concurrency)), "measured": "after the phases, on the same server"}
+            against_mean(result, after)
     result["cores"] = split or "shared by the client and the server"
     payload = {"benchmark": "overload", "command": command_line("overload", argv),
                "environment": environment(), "load_average": {"before": load_before, "after": load_average()},

@@ -51,7 +51,7 @@ async def soak(url: str, grpc_target: str, pid: int, model: str, rate: float, mi
 
     from benchmarks.front_door import grpc_request, http_request, jpeg
     from benchmarks.harness.load import poisson_schedule
-    from benchmarks.overload import RawHttp
+    from benchmarks.harness.raw_http import RawHttp
 
     image, host = jpeg(), url.split("//", 1)[1]
     client = RawHttp(url)
