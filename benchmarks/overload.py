@@ -267,7 +267,8 @@ def against_mean(result: dict, after: dict) -> None:
     result["saturation_spread"] = round(abs(after["images_per_s"] - before["images_per_s"]) / mean, 3)
     for r in [*result["phases"].values(), *([result["storm"]] if result.get("storm") else [])]:
         r["goodput_over_first_saturation"] = r["goodput_over_saturation"]
-        r["goodput_over_saturation"] = round(r.get("goodput_images_per_s", r["images_per_s"]) / mean, 3)
+        goodput = r["goodput_images_per_s"] if "goodput_images_per_s" in r else r["images_per_s"]  # a phase, or the storm
+        r["goodput_over_saturation"] = round(goodput / mean, 3)
     print(f"saturation before {before['images_per_s']} / after {after['images_per_s']} img/s: goodput against their mean "
           f"{mean:.1f}", flush=True)
 

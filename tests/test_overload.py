@@ -307,3 +307,14 @@ def test_a_refusal_below_asgi_answers_the_error_table_and_keeps_the_connection(t
     refusals = metric_value(after, "vitserve_admissions_total", protocol="json", decision="refused") - \
         metric_value(before, "vitserve_admissions_total", protocol="json", decision="refused")
     assert refusals == 1
+
+
+def test_goodput_is_judged_against_the_mean_of_saturation_before_and_after():
+    from benchmarks.overload import against_mean
+
+    result = {"saturation": {"images_per_s": 500.0}, "phases": {"2": {"goodput_images_per_s": 495.0, "goodput_over_saturation": 0.99}},
+              "storm": {"images_per_s": 540.0, "goodput_over_saturation": 1.08}}
+    against_mean(result, {"images_per_s": 600.0, "concurrency": 16})
+    assert result["saturation_mean_images_per_s"] == 550.0 and result["saturation_spread"] == round(100 / 550, 3)
+    assert result["phases"]["2"]["goodput_over_saturation"] == 0.9 and result["phases"]["2"]["goodput_over_first_saturation"] == 0.99
+    assert result["storm"]["goodput_over_saturation"] == round(540 / 550, 3)
