@@ -45,7 +45,7 @@ import httpx
 import numpy as np
 
 from benchmarks.harness import perf_analyzer
-from benchmarks.harness.measure import latency_summary_ms
+from benchmarks.harness.measure import latency_summary_ms, server_cpu_s
 from benchmarks.harness.results import command_line, environment, finish
 from benchmarks.photos import realistic_photos
 
@@ -166,21 +166,6 @@ async def _grpc_client(call, message: bytes, until: float, out: list, timeout_s:
         except grpc.aio.AioRpcError as e:
             status = e.code().name
         out.append((t0, time.perf_counter(), status))
-
-
-def server_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of the server's whole process tree (BentoML's arbiter and workers)."""
-    import psutil
-
-    total = 0.0
-    root = psutil.Process(pid)
-    for p in [root, *root.children(recursive=True)]:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
-            pass
-    return total
 
 
 async def closed_loop(protocol: str, url: str, grpc_target: str | None, pid: int, image: bytes, model: str, *,

@@ -36,7 +36,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks.harness.load import multipart_bodies, poisson_schedule
-from benchmarks.harness.measure import latency_summary_ms, load_average
+from benchmarks.harness.measure import latency_summary_ms, load_average, server_cpu_s
 from benchmarks.harness.prometheus import REQUESTS_TOTAL, parse_prometheus
 from benchmarks.harness.raw_http import RawHttp
 from benchmarks.harness.results import command_line, environment, finish
@@ -88,12 +88,20 @@ def _counters(base: str) -> Counter:
     return out
 
 
-async def closed(base: str, bodies, *, concurrency: int, duration_s: float, warmup_s: float = 2.0) -> dict:
+async def closed(base: str, bodies, *, concurrency: int, duration_s: float, warmup_s: float = 2.0, pid: int | None = None) -> dict:
     client = RawHttp(base)
     wires = [client.wire(b) for b in bodies]
     records = []
     t0 = time.perf_counter()
     start, end = t0 + warmup_s, t0 + warmup_s + duration_s
+
+    cpu: dict[str, float] = {}
+
+    async def window() -> None:  # the server's CPU over the measured window
+        await asyncio.sleep(max(0.0, start - time.perf_counter()))
+        cpu["start"] = server_cpu_s(pid)
+        await asyncio.sleep(max(0.0, end - time.perf_counter()))
+        cpu["end"] = server_cpu_s(pid)
 
     async def worker(i: int) -> None:
         k = i
@@ -103,11 +111,12 @@ async def closed(base: str, bodies, *, concurrency: int, duration_s: float, warm
             records.append(rec)
             k += concurrency
 
-    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    await asyncio.gather(*(worker(i) for i in range(concurrency)), *([window()] if pid is not None else []))
     client.close()
     ok = [r for r in records if r["status"] == "200" and start <= r["scheduled"] < end]
     done_in = [r for r in records if r["status"] == "200" and start <= r["done"] < end]
     return {"concurrency": concurrency, "images_per_s": round(len(done_in) / duration_s, 2),
+            "server_cpu_ms_per_200": round((cpu["end"] - cpu["start"]) * 1000 / max(len(done_in), 1), 3) if cpu else None,
             "latency": latency_summary_ms([r["done"] - r["scheduled"] for r in ok]),
             "statuses": dict(Counter(r["status"] for r in records))}
 
@@ -123,6 +132,7 @@ async def open_phase(base: str, bodies, *, rate: float, duration_s: float, satur
     before = await asyncio.to_thread(_counters, base)
     me = psutil.Process()
     cpu_before = sum(me.cpu_times()[:2])
+    server_before = server_cpu_s(sampler.pid) if sampler.pid is not None else None
     stop = asyncio.Event()
     sampling = asyncio.create_task(sampler.run(stop))
     tasks = []
@@ -136,6 +146,8 @@ async def open_phase(base: str, bodies, *, rate: float, duration_s: float, satur
         tasks.append(asyncio.create_task(client.post(wires[i % len(wires)], rec, timeout_s)))
     await asyncio.wait(tasks, timeout=timeout_s + 10)
     client_cores = (sum(me.cpu_times()[:2]) - cpu_before) / (time.perf_counter() - t0)
+    server_s = server_cpu_s(sampler.pid) - server_before if server_before is not None else None
+    elapsed = time.perf_counter() - t0
     stop.set()
     await sampling
     client.close()
@@ -153,6 +165,10 @@ async def open_phase(base: str, bodies, *, rate: float, duration_s: float, satur
         "offered_rps": rate, "sent": len(records), "duration_s": duration_s,
         "send_lag_p99_ms": latency_summary_ms([r["sent"] - r["scheduled"] for r in records])["p99_ms"],
         "client_cores": round(client_cores, 3),
+        # the server's whole process tree over the phase (its last answers included): cores, and CPU per 200 with the
+        # refusals' share in it, to set beside saturation's CPU per image
+        "server_cores": None if server_s is None else round(server_s / elapsed, 3),
+        "server_cpu_ms_per_200": None if server_s is None else round(server_s * 1000 / max(statuses.get("200", 0), 1), 3),
         "goodput_images_per_s": round(goodput, 2), "goodput_over_saturation": round(goodput / saturation, 3),
         "accepted_latency": lat,
         "p99_over_unloaded_p99": None if lat["p99_ms"] is None else round(lat["p99_ms"] / unloaded_p99_ms, 2),
@@ -167,21 +183,23 @@ async def open_phase(base: str, bodies, *, rate: float, duration_s: float, satur
 
 def table(result: dict) -> str:
     lines = ["| load | offered req/s | goodput img/s (÷ saturation) | accepted p50 / p99 ms (p99 ÷ unloaded) | 200 | 429 | 503 | 504 | "
-             "unanswered | RSS MB start → max | counters exact |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "unanswered | RSS MB start → max | counters exact | server CPU ms per 200 |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for m, r in result["phases"].items():
         s, lat = r["statuses"], r["accepted_latency"]
         lines.append(
             f"| {m}× | {r['offered_rps']:.1f} | {r['goodput_images_per_s']:.1f} ({r['goodput_over_saturation']:.2f}) | "
             f"{lat['p50_ms']} / {lat['p99_ms']} ({r['p99_over_unloaded_p99']}×) | {s.get('200', 0)} | {s.get('429', 0)} | "
             f"{s.get('503', 0)} | {s.get('504', 0)} | {sum(r['unanswered'].values())} {r['unanswered'] or ''} | "
-            f"{r['rss_mb']['start'] if r['rss_mb'] else '-'} → {r['rss_mb']['max'] if r['rss_mb'] else '-'} | {r['counters_exact']} |")
+            f"{r['rss_mb']['start'] if r['rss_mb'] else '-'} → {r['rss_mb']['max'] if r['rss_mb'] else '-'} | {r['counters_exact']} | "
+            f"{r.get('server_cpu_ms_per_200') or '-'} |")
     u, sat = result["unloaded"], result["saturation"]
     cores = result.get("cores")
     if isinstance(cores, dict):
         lines.append(f"\nCores: the server on {cores['server'] or 'its own (--url)'}, this load generator on {cores['client']} "
                      "(the offered load's own CPU does not come out of the server's).")
     lines.append(f"\nUnloaded (1 client): p50 {u['latency']['p50_ms']} ms, p99 {u['latency']['p99_ms']} ms. Saturation "
-                 f"({sat['concurrency']} clients, closed loop): {sat['images_per_s']} img/s, p99 {sat['latency'].get('p99_ms')} ms.")
+                 f"({sat['concurrency']} clients, closed loop): {sat['images_per_s']} img/s, p99 {sat['latency'].get('p99_ms')} ms, "
+                 f"server CPU {sat.get('server_cpu_ms_per_200') or '-'} ms per image.")
     if (after := result.get("saturation_after")) is not None:
         lines.append(f"Saturation again after the phases, same server: {after['images_per_s']} img/s ({after['concurrency']} clients); "
                      f"goodput ratios are against the mean, **{result['saturation_mean_images_per_s']} img/s** "
@@ -222,11 +240,11 @@ def _bodies():
     return multipart_bodies([p for p in _photos() if p.content_type == "image/jpeg"])
 
 
-async def saturation(base: str, concurrency: int) -> dict:
+async def saturation(base: str, concurrency: int, pid: int | None = None) -> dict:
     """The service's capacity: the best closed-loop throughput of a concurrency sweep up to ``concurrency``."""
     bodies, best = _bodies(), None
     for c in sorted({max(1, concurrency // 4), max(1, concurrency // 2), concurrency}):
-        r = await closed(base, bodies, concurrency=c, duration_s=10)
+        r = await closed(base, bodies, concurrency=c, duration_s=10, pid=pid)
         best = r if best is None or r["images_per_s"] > best["images_per_s"] else best
     return best
 
@@ -249,7 +267,7 @@ async def measure(base: str, args, pid: int | None, sat: dict) -> dict:
         # every refusal comes straight back, so what a refusal costs is what goodput loses.
         await asyncio.sleep(3)
         before = await asyncio.to_thread(_counters, base)
-        storm = await closed(base, bodies, concurrency=args.storm, duration_s=args.duration)
+        storm = await closed(base, bodies, concurrency=args.storm, duration_s=args.duration, pid=pid)
         storm["goodput_over_saturation"] = round(storm["images_per_s"] / sat["images_per_s"], 3)
         storm["server_counted"] = dict(sorted((await asyncio.to_thread(_counters, base) - before).items()))
         print(f"storm of {args.storm} clients retrying at once: goodput {storm['images_per_s']} img/s "
@@ -331,13 +349,14 @@ def main(argv: list[str] | None = None) -> int:
 
     with (nullcontext() if args.url else _serve(args.project, args.artifact, settings, server_cpus)) as server:
         base = (args.url or server.url).rstrip("/")
+        pid = None if args.url else server.proc.pid
         if args.saturation is not None:
             sat = {"concurrency": None, "images_per_s": args.saturation, "latency": {}, "statuses": {}, "measured": "given"}
         else:  # on the server the phases load, with its own settings (up to twice the max batch in flight is never refused)
-            sat = {**uvloop.run(saturation(base, args.concurrency)), "measured": "before the phases, on the same server"}
-        result = uvloop.run(measure(base, args, None if args.url else server.proc.pid, sat))
+            sat = {**uvloop.run(saturation(base, args.concurrency, pid)), "measured": "before the phases, on the same server"}
+        result = uvloop.run(measure(base, args, pid, sat))
         if args.saturation is None:
-            after = {**uvloop.run(saturation(base, args.concurrency)), "measured": "after the phases, on the same server"}
+            after = {**uvloop.run(saturation(base, args.concurrency, pid)), "measured": "after the phases, on the same server"}
             against_mean(result, after)
     result["cores"] = split or "shared by the client and the server"
     payload = {"benchmark": "overload", "command": command_line("overload", argv),

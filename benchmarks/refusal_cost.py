@@ -27,7 +27,8 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.front_door import jpeg, server_cpu_s
+from benchmarks.front_door import jpeg
+from benchmarks.harness.measure import server_cpu_s
 from benchmarks.harness.results import command_line, environment, finish
 from benchmarks.harness.servers import ROOT, free_port, running
 

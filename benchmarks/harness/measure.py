@@ -96,3 +96,18 @@ def time_call(fn, *, warmup: int = 1, min_repeats: int = 3, min_seconds: float =
         fn()
         times.append(time.perf_counter() - t)
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": len(times)}
+
+
+def server_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of the server's whole process tree (BentoML's arbiter and workers)."""
+    import psutil
+
+    total = 0.0
+    root = psutil.Process(pid)
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
