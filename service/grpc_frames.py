@@ -87,7 +87,8 @@ class Context:
         self._call.send_message(message)
 
     async def read(self):
-        return await self._call.requests.get()
+        item = await self._call.requests.get()
+        return grpc.aio.EOF if item is None else deserialize(self._call, item)
 
 
 class Call:
@@ -120,9 +121,10 @@ class Call:
         self.door.write_frame(FINISH, self.id, b"".join(parts))
 
 
-async def requests_of(queue: asyncio.Queue):
-    while (item := await queue.get()) is not None:
-        yield item
+async def requests_of(call: Call):
+    """A client-streaming call's requests, parsed as the handler reads them, until the client's half-close."""
+    while (item := await call.requests.get()) is not None:
+        yield deserialize(call, item)
 
 
 class Frames(asyncio.Protocol):
@@ -179,14 +181,12 @@ class Frames(asyncio.Protocol):
     def on_frame(self, kind: int, call_id: int, body: memoryview) -> None:
         if kind == START:
             self.start(call_id, body)
-        elif kind == MESSAGE:
+        elif kind == MESSAGE or kind == HALF_CLOSE:  # client-streaming methods only; may come before the handler runs
             call = self.calls.get(call_id)
-            if call is not None and call.requests is not None:
-                call.requests.put_nowait(deserialize(call, body))
-        elif kind == HALF_CLOSE:
-            call = self.calls.get(call_id)
-            if call is not None and call.requests is not None:
-                call.requests.put_nowait(None)
+            if call is not None:
+                if call.requests is None:
+                    call.requests = asyncio.Queue()
+                call.requests.put_nowait(bytes(body) if kind == MESSAGE else None)  # parsed when the handler reads it
         elif kind == CANCEL:
             call = self.calls.pop(call_id, None)
             if call is not None:

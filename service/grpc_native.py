@@ -178,10 +178,12 @@ class NativeServer(grpc.aio.Server):
                 return
             call.handler = handler
             if handler.request_streaming:
-                call.requests = asyncio.Queue()
+                early, call.requests = call.requests, asyncio.Queue()  # messages that came before this task ran follow
                 if first_message is not None:
-                    call.requests.put_nowait(deserialize(call, first_message))
-                request = requests_of(call.requests)
+                    call.requests.put_nowait(bytes(first_message))
+                while early is not None and not early.empty():
+                    call.requests.put_nowait(early.get_nowait())
+                request = requests_of(call)
             else:
                 if first_message is None:
                     call.finish(grpc.StatusCode.INTERNAL, "the client sent no request message", ())
