@@ -44,7 +44,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from benchmarks.harness import perf_analyzer
+from benchmarks.harness import measure, perf_analyzer
 from benchmarks.harness.measure import latency_summary_ms, server_cpu_s
 from benchmarks.harness.results import command_line, environment, finish
 from benchmarks.photos import realistic_photos
@@ -189,13 +189,13 @@ async def closed_loop(protocol: str, url: str, grpc_target: str | None, pid: int
         wire = http_request(protocol, image, model, u.netloc, litserve)
         clients = [_http_client(u.hostname, u.port, wire, w1, records, timeout_s) for _ in range(concurrency)]
 
-    cpu: dict[str, float] = {}
+    cpu: dict[str, float] = {}  # the server's CPU (all of it, and by thread) at the window's edges
 
     async def sample() -> None:
         await asyncio.sleep(max(0.0, w0 - time.perf_counter()))
-        cpu["before"], cpu["t0"] = server_cpu_s(pid), time.perf_counter()
+        cpu["before"], cpu["t0"], cpu["threads0"] = server_cpu_s(pid), time.perf_counter(), measure.server_cpu_by_thread_s(pid)
         await asyncio.sleep(max(0.0, w1 - time.perf_counter()))
-        cpu["after"], cpu["t1"] = server_cpu_s(pid), time.perf_counter()
+        cpu["after"], cpu["t1"], cpu["threads1"] = server_cpu_s(pid), time.perf_counter(), measure.server_cpu_by_thread_s(pid)
 
     await asyncio.gather(sample(), *clients)
     if channel is not None:
@@ -210,6 +210,7 @@ async def closed_loop(protocol: str, url: str, grpc_target: str | None, pid: int
         "latency": latency_summary_ms(ok), "statuses": dict(statuses),
         "server_cpu_cores": round(cpu_s / (cpu["t1"] - cpu["t0"]), 2),
         "server_cpu_ms_per_image": round(cpu_s / max(len(ok), 1) * 1000, 3),
+        "server_cpu_ms_per_image_by_thread": measure.per_image_ms(cpu["threads0"], cpu["threads1"], len(ok)),
     }
 
 
@@ -228,7 +229,12 @@ PEER_PROTOCOLS = {"triton": ("v2-binary", "grpc"), "litserve": ("base64",), "flo
 def start_servers(stack, args, settings: dict) -> tuple[list, int]:
     """Ours and every peer asked for, up at once (an idle one costs < 0.02 cores): (name, server, protocols) each, and
     our max batch (the peers get the same)."""
-    from benchmarks.harness.servers import free_port, running, running_triton, running_vitserve
+    from benchmarks.harness.servers import (
+        free_port,
+        running,
+        running_triton,
+        running_vitserve,
+    )
 
     ours = stack.enter_context(running_vitserve(args.artifact, args.workdir, cpus=args.server_cpus, **settings))
     batch = httpx.get(f"{ours.url}/info", timeout=10, trust_env=False).json()["limits"]["max_batch_size"]
@@ -305,6 +311,9 @@ def run(args) -> dict:
                         "p99_ms": round(median(lambda r: r["latency"]["p99_ms"] or 0), 2)},
             "statuses": dict(sum((Counter(r["statuses"]) for r in runs), Counter())),
             "server_cpu_ms_per_image": round(median(lambda r: r["server_cpu_ms_per_image"]), 3),
+            "server_cpu_ms_per_image_by_thread": {
+                role: round(median(lambda r, role=role: r.get("server_cpu_ms_per_image_by_thread", {}).get(role, 0.0)), 3)
+                for role in dict.fromkeys(k for r in runs for k in r.get("server_cpu_ms_per_image_by_thread", {}))},
         })
     for r in phases:
         r["of_raw_serial"] = round(r["images_per_s"] / serial["images_per_s"], 3)
@@ -336,7 +345,17 @@ def table(result: dict) -> str:
         lines.append(f"| {r.get('server', 'vitserve')} | {r['protocol']}{client} | {r['concurrency']} | {r['images_per_s']} | {r['of_raw_serial']} | "
                      f"{r['latency']['p50_ms']} | {r['latency']['p99_ms']} | {bad} | {r['server_cpu_ms_per_image']} | "
                      f"{r['cpu_over_work']} | {versus} |")
-    return "\n".join(lines)
+    return "\n".join(lines + budget_table(result))
+
+
+def budget_table(result: dict) -> list[str]:
+    """Our servers' CPU per image by thread, beside what the work itself costs."""
+    rows = [(f"{r['server']} | {r['protocol']} | {r['concurrency']}", r["server_cpu_ms_per_image_by_thread"])
+            for r in result["phases"] if r["server"].startswith("vitserve") and r.get("server_cpu_ms_per_image_by_thread")]
+    s = result["raw_serial"]
+    return [] if not rows else ["", f"Server CPU ms per image by thread (the work alone, raw serial: decode {s['decode_cpu_ms_per_image']}"
+                                f", engine {s['engine_cpu_ms_per_image']} on {s['engine_threads']} threads):", "",
+                                *measure.thread_budget_table("server | protocol | clients", rows)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,11 +28,11 @@ import asyncio
 import collections
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from service.cpu_budget import named_pool
 from service.errors import DeadlineExceeded, EngineFailure, EngineStalled, Overloaded, ShuttingDown, drain_seconds
 
 
@@ -130,7 +130,7 @@ class Batcher:
         self._task: asyncio.Task | None = None
         # One thread: the engine sees one batch at a time (engines are not re-entrant, and on a GPU a
         # second concurrent batch only competes for the same SMs).
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vitserve-engine")
+        self._executor = named_pool("vitserve-engine", 1)
         self._batch_seconds_ewma: float | None = None
         self._batches_run = 0
         self.decoding = 0  # images admitted upstream and still decoding: the one count (the hold below, the gauge)

@@ -14,7 +14,6 @@ import asyncio
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,7 +77,7 @@ class Classifier:
         self.warmup_sizes = sorted({b for b in buckets if b <= self.max_batch_size} | {1, self.max_batch_size})
         self.engine.warmup(self.warmup_sizes)  # every bucket once, before readiness
         self.buckets = buckets
-        self._decode_pool = ThreadPoolExecutor(max_workers=self.threads.decode_threads, thread_name_prefix="vitserve-decode")
+        self._decode_pool = cpu_budget.named_pool("vitserve-decode", self.threads.decode_threads)
         timing = self._warm_and_time()
         self.admission = Admission(
             **timing, max_batch=self.max_batch_size, request_timeout_s=settings.request_timeout_s,
@@ -130,7 +129,7 @@ class Classifier:
         self.gate = cpu_budget.CpuGate(False)
         self.preprocessor = Preprocessor(self.manifest.preprocessing)
         self.max_batch_size, self.max_batch_reason, self.speed = facts["max_batch_size"], facts["max_batch_reason"], None
-        self._decode_pool = ThreadPoolExecutor(max_workers=self.threads.decode_threads, thread_name_prefix="vitserve-decode")
+        self._decode_pool = cpu_budget.named_pool("vitserve-decode", self.threads.decode_threads)
         self.admission = Admission(
             **facts["admission"], max_batch=self.max_batch_size, request_timeout_s=self.settings.request_timeout_s,
             max_latency_s=None if self.settings.max_latency_ms is None else self.settings.max_latency_ms / 1000,

@@ -337,5 +337,9 @@ def test_front_door_loads_every_protocol_and_the_litserve_peer(tiny_artifact, tm
     for p in phases.values():
         assert p["images_per_s"] > 0 and set(p["statuses"]) == {"200"}, p  # every request answered, none refused
         assert p["server_cpu_ms_per_image"] > 0 and p["of_raw_serial"] > 0
+        if p["server"] == "vitserve":  # the budget by thread: the loop and decode named, adding up to the whole
+            by = p["server_cpu_ms_per_image_by_thread"]
+            assert by["event loop"] > 0 and by["decode"] > 0, by
+            assert sum(by.values()) == pytest.approx(p["server_cpu_ms_per_image"], rel=0.25, abs=0.05), by
     assert payload["raw_serial"]["images_per_s"] > 0 and payload["raw_serial"]["decode_ms_per_image"] > 0
     assert "vitserve bench summary: front door" in capsys.readouterr().out

@@ -135,3 +135,13 @@ def test_a_batch_waits_briefly_for_images_still_being_decoded():
     waited = asyncio.run(scenario())
     assert seen[0] == 4, seen
     assert waited < 0.5, waited
+
+
+def test_pool_threads_carry_their_role_as_os_thread_names():
+    """What `top -H`, perf and the benchmarks' CPU budget by thread read (/proc/<pid>/task/<tid>/comm)."""
+    pool = cpu_budget.named_pool("vitserve-decode", 2)
+    try:
+        comm = pool.submit(lambda: open(f"/proc/self/task/{threading.get_native_id()}/comm").read().strip()).result()
+    finally:
+        pool.shutdown()
+    assert comm == "vitserve-decode"

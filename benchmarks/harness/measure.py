@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from pathlib import Path
 
 
 def percentile(values, q: float) -> float | None:
@@ -111,3 +112,62 @@ def server_cpu_s(pid: int) -> float:
         except psutil.Error:
             pass
     return total
+
+
+def server_cpu_by_thread_s(pid: int) -> dict[str, float]:
+    """The same CPU seconds as :func:`server_cpu_s`, by what each thread does, from /proc (Linux): ``event loop`` (the
+    workers' main threads: HTTP, gRPC in Python, the batcher, rendering), ``decode`` and ``engine`` (the service names
+    those OS threads, service/cpu_budget.py ``named_pool``), ``other threads`` (ONNX Runtime's intra-op pool, which
+    inherits its creator's name, and anything else in a worker), ``grpc front`` (the C++ gRPC front process) and
+    ``arbiter`` (BentoML's process manager, the root). Empty where /proc has no task list."""
+    import psutil
+
+    tick = os.sysconf("SC_CLK_TCK")  # /proc's unit
+    out: dict[str, float] = {}
+    root = psutil.Process(pid)
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            tasks = list(Path(f"/proc/{p.pid}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                stat = (task / "stat").read_text()
+            except OSError:
+                continue
+            comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+            fields = stat[stat.rindex(")") + 2 :].split()
+            seconds = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+            role = _thread_role(p.pid == pid, p.name(), int(task.name) == p.pid, comm)
+            out[role] = out.get(role, 0.0) + seconds
+    return out
+
+
+def _thread_role(is_root: bool, process: str, is_main: bool, comm: str) -> str:
+    if is_root:
+        return "arbiter"
+    if process.startswith("vitserve-grpc"):
+        return "grpc front"
+    if comm.startswith("vitserve-decode"):
+        return "decode"
+    if comm.startswith("vitserve-engine"):
+        return "engine"
+    return "event loop" if is_main else "other threads"
+
+
+def per_image_ms(before: dict[str, float], after: dict[str, float], images: int) -> dict[str, float]:
+    """CPU ms per image by role between two :func:`server_cpu_by_thread_s` readings, largest first."""
+    rows = {k: (after[k] - before.get(k, 0.0)) * 1000 / max(images, 1) for k in after}
+    return {k: round(v, 3) for k, v in sorted(rows.items(), key=lambda kv: -kv[1]) if v >= 0.0005}
+
+
+THREAD_ROLES = ("event loop", "decode", "engine", "other threads", "grpc front", "arbiter")
+
+
+def thread_budget_table(header: str, rows: list[tuple[str, dict[str, float]]]) -> list[str]:
+    """Markdown: ``header`` (its cells, " | " apart), then ms per image for each role and their total, one row each."""
+    cells = header.count("|") + 1
+    lines = [f"| {header} | " + " | ".join(THREAD_ROLES) + " | total |", "|" + "---|" * (cells + len(THREAD_ROLES) + 1)]
+    for label, by in rows:
+        lines.append(f"| {label} | " + " | ".join(str(by.get(k, 0.0)) for k in THREAD_ROLES) + f" | {round(sum(by.values()), 3)} |")
+    return lines
