@@ -35,9 +35,15 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.harness import measure
 from benchmarks.harness.load import multipart_bodies, poisson_schedule
-from benchmarks.harness.measure import latency_summary_ms, load_average, server_cpu_s
+from benchmarks.harness.measure import (
+    latency_summary_ms,
+    load_average,
+    per_image_ms,
+    server_cpu_by_thread_s,
+    server_cpu_s,
+    thread_budget_table,
+)
 from benchmarks.harness.prometheus import REQUESTS_TOTAL, parse_prometheus
 from benchmarks.harness.raw_http import RawHttp
 from benchmarks.harness.results import command_line, environment, finish
@@ -101,9 +107,9 @@ async def closed(base: str, bodies, *, concurrency: int, duration_s: float, warm
 
     async def window() -> None:  # the server's CPU over the measured window
         await asyncio.sleep(max(0.0, start - time.perf_counter()))
-        cpu["start"], threads["start"] = server_cpu_s(pid), measure.server_cpu_by_thread_s(pid)
+        cpu["start"], threads["start"] = server_cpu_s(pid), server_cpu_by_thread_s(pid)
         await asyncio.sleep(max(0.0, end - time.perf_counter()))
-        cpu["end"], threads["end"] = server_cpu_s(pid), measure.server_cpu_by_thread_s(pid)
+        cpu["end"], threads["end"] = server_cpu_s(pid), server_cpu_by_thread_s(pid)
 
     async def worker(i: int) -> None:
         k = i
@@ -119,7 +125,7 @@ async def closed(base: str, bodies, *, concurrency: int, duration_s: float, warm
     done_in = [r for r in records if r["status"] == "200" and start <= r["done"] < end]
     return {"concurrency": concurrency, "images_per_s": round(len(done_in) / duration_s, 2),
             "server_cpu_ms_per_200": round((cpu["end"] - cpu["start"]) * 1000 / max(len(done_in), 1), 3) if cpu else None,
-            "server_cpu_ms_per_200_by_thread": measure.per_image_ms(threads["start"], threads["end"], len(done_in)) if cpu else None,
+            "server_cpu_ms_per_200_by_thread": per_image_ms(threads["start"], threads["end"], len(done_in)) if cpu else None,
             "latency": latency_summary_ms([r["done"] - r["scheduled"] for r in ok]),
             "statuses": dict(Counter(r["status"] for r in records))}
 
@@ -136,7 +142,7 @@ async def open_phase(base: str, bodies, *, rate: float, duration_s: float, satur
     me = psutil.Process()
     cpu_before = sum(me.cpu_times()[:2])
     server_before = server_cpu_s(sampler.pid) if sampler.pid is not None else None
-    threads_before = measure.server_cpu_by_thread_s(sampler.pid) if sampler.pid is not None else None
+    threads_before = server_cpu_by_thread_s(sampler.pid) if sampler.pid is not None else None
     stop = asyncio.Event()
     sampling = asyncio.create_task(sampler.run(stop))
     tasks = []
@@ -151,7 +157,7 @@ async def open_phase(base: str, bodies, *, rate: float, duration_s: float, satur
     await asyncio.wait(tasks, timeout=timeout_s + 10)
     client_cores = (sum(me.cpu_times()[:2]) - cpu_before) / (time.perf_counter() - t0)
     server_s = server_cpu_s(sampler.pid) - server_before if server_before is not None else None
-    threads_after = measure.server_cpu_by_thread_s(sampler.pid) if sampler.pid is not None else None
+    threads_after = server_cpu_by_thread_s(sampler.pid) if sampler.pid is not None else None
     elapsed = time.perf_counter() - t0
     stop.set()
     await sampling
@@ -174,7 +180,7 @@ async def open_phase(base: str, bodies, *, rate: float, duration_s: float, satur
         # refusals' share in it, to set beside saturation's CPU per image
         "server_cores": None if server_s is None else round(server_s / elapsed, 3),
         "server_cpu_ms_per_200": None if server_s is None else round(server_s * 1000 / max(statuses.get("200", 0), 1), 3),
-        "server_cpu_ms_per_200_by_thread": None if server_s is None else measure.per_image_ms(threads_before, threads_after, statuses.get("200", 0)),
+        "server_cpu_ms_per_200_by_thread": None if server_s is None else per_image_ms(threads_before, threads_after, statuses.get("200", 0)),
         "goodput_images_per_s": round(goodput, 2), "goodput_over_saturation": round(goodput / saturation, 3),
         "accepted_latency": lat,
         "p99_over_unloaded_p99": None if lat["p99_ms"] is None else round(lat["p99_ms"] / unloaded_p99_ms, 2),
@@ -216,7 +222,7 @@ def table(result: dict) -> str:
     budget = [(f"saturation ({sat['concurrency']} clients)", sat.get("server_cpu_ms_per_200_by_thread"))]
     budget += [(f"{m}×", r.get("server_cpu_ms_per_200_by_thread")) for m, r in result["phases"].items()]
     if budget := [(label, by) for label, by in budget if by]:
-        lines += ["", "Server CPU ms per 200 by thread (refusals' share included):", "", *measure.thread_budget_table("load", budget)]
+        lines += ["", "Server CPU ms per 200 by thread (refusals' share included):", "", *thread_budget_table("load", budget)]
     return "\n".join(lines)
 
 
