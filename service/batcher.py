@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.cpu_budget import named_pool
 from service.errors import DeadlineExceeded, EngineFailure, EngineStalled, Overloaded, ShuttingDown, drain_seconds
+from service.thread_pool import LoopThreads
 
 
 @dataclass
@@ -130,7 +130,7 @@ class Batcher:
         self._task: asyncio.Task | None = None
         # One thread: the engine sees one batch at a time (engines are not re-entrant, and on a GPU a
         # second concurrent batch only competes for the same SMs).
-        self._executor = named_pool("vitserve-engine", 1)
+        self._executor = LoopThreads("vitserve-engine", 1)
         self._batch_seconds_ewma: float | None = None
         self._batches_run = 0
         self.decoding = 0  # images admitted upstream and still decoding: the one count (the hold below, the gauge)
@@ -208,7 +208,7 @@ class Batcher:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        self._executor.shutdown(wait=False)
+        self._executor.shutdown()
 
     # ---- the loop ------------------------------------------------------------------------------------
     # The loop sleeps until something it acts on changes: the first image of an empty queue, a full batch, the engine
@@ -288,7 +288,7 @@ class Batcher:
             x = np.stack([it.pixels for it in batch])  # (n, 3, H, W)
             if padded > n:
                 x = np.concatenate([x, np.zeros((padded - n, *x.shape[1:]), dtype=x.dtype)])
-            call = asyncio.get_running_loop().run_in_executor(self._executor, self._run_batch, x)
+            call = self._executor.run(self._run_batch, x)
             done, _ = await asyncio.wait({call}, timeout=self.watchdog_s)
             if not done:
                 await self._stall(batch, call)

@@ -26,6 +26,7 @@ from service.engines import select_engine, speed_curve
 from service.errors import EmptyRequest, InvalidParameter, NotReady, ShuttingDown, TooManyImages
 from service.preprocess import Preprocessor
 from service.settings import Settings
+from service.thread_pool import LoopThreads
 from service.topk import Prediction, rank, softmax
 
 log = logging.getLogger("vitserve.service")
@@ -77,7 +78,7 @@ class Classifier:
         self.warmup_sizes = sorted({b for b in buckets if b <= self.max_batch_size} | {1, self.max_batch_size})
         self.engine.warmup(self.warmup_sizes)  # every bucket once, before readiness
         self.buckets = buckets
-        self._decode_pool = cpu_budget.named_pool("vitserve-decode", self.threads.decode_threads)
+        self._decode_pool = LoopThreads("vitserve-decode", self.threads.decode_threads)
         timing = self._warm_and_time()
         self.admission = Admission(
             **timing, max_batch=self.max_batch_size, request_timeout_s=settings.request_timeout_s,
@@ -129,7 +130,7 @@ class Classifier:
         self.gate = cpu_budget.CpuGate(False)
         self.preprocessor = Preprocessor(self.manifest.preprocessing)
         self.max_batch_size, self.max_batch_reason, self.speed = facts["max_batch_size"], facts["max_batch_reason"], None
-        self._decode_pool = cpu_budget.named_pool("vitserve-decode", self.threads.decode_threads)
+        self._decode_pool = LoopThreads("vitserve-decode", self.threads.decode_threads)
         self.admission = Admission(
             **facts["admission"], max_batch=self.max_batch_size, request_timeout_s=self.settings.request_timeout_s,
             max_latency_s=None if self.settings.max_latency_ms is None else self.settings.max_latency_ms / 1000,
@@ -247,7 +248,7 @@ class Classifier:
         if self.batcher is not None:
             await self.batcher.close(timeout_s)
             self._loop_watch.cancel()
-        self._decode_pool.shutdown(wait=False)
+        self._decode_pool.shutdown()
 
     def decode(self, data: bytes, index: int = 0) -> tuple[np.ndarray, float]:
         """One image's bytes → (3, H, W) float32 (a front-end: (H, W, 3) uint8) and the seconds it took, taking turns
@@ -296,14 +297,13 @@ class Classifier:
         """Encoded images (JPEG, PNG, ...) → their classification. ``ticket``: the request's admission at the door."""
         k = self.check_request(len(images), top_k, ticket)
         t0 = time.perf_counter()
-        loop = asyncio.get_running_loop()
         self._decoding(len(images))  # a batch about to close waits (briefly) for these
         try:
             if len(images) == 1:  # most requests: one thread hop, without gather's task and future around it
-                decoded = [await loop.run_in_executor(self._decode_pool, self.decode, images[0], 0)]
+                decoded = [await self._decode_pool.run(self.decode, images[0], 0)]
             else:
                 decoded = await asyncio.gather(
-                    *(loop.run_in_executor(self._decode_pool, self.decode, b, i) for i, b in enumerate(images)),
+                    *(self._decode_pool.run(self.decode, b, i) for i, b in enumerate(images)),
                     return_exceptions=True,
                 )
         finally:

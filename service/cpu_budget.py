@@ -25,7 +25,6 @@ import math
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,21 +52,6 @@ def available_cores() -> int:
         affinity = os.cpu_count() or 1
     quota = _cgroup_quota()
     return max(1, min(affinity, math.floor(quota)) if quota else affinity)
-
-
-def named_pool(role: str, workers: int) -> ThreadPoolExecutor:
-    """A thread pool whose OS threads carry ``role`` as their name (Linux's ``comm``, 15 bytes), so that ``top -H``,
-    ``ps -L``, perf and the benchmarks' CPU budget per thread (benchmarks/harness/measure.py) tell decode from the
-    engine: Python before 3.14 names only its own thread objects, and every OS thread is called after the process."""
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix=role, initializer=name_os_thread, initargs=(role,))
-
-
-def name_os_thread(name: str) -> None:
-    try:
-        with open(f"/proc/self/task/{threading.get_native_id()}/comm", "w") as f:
-            f.write(name[:15])
-    except OSError:
-        pass  # not Linux, or /proc read-only: the names are for observation only
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
 from service import cpu_budget
 from service.batcher import Batcher
@@ -137,11 +138,32 @@ def test_a_batch_waits_briefly_for_images_still_being_decoded():
     assert waited < 0.5, waited
 
 
-def test_pool_threads_carry_their_role_as_os_thread_names():
-    """What `top -H`, perf and the benchmarks' CPU budget by thread read (/proc/<pid>/task/<tid>/comm)."""
-    pool = cpu_budget.named_pool("vitserve-decode", 2)
+def test_pool_threads_carry_their_role_as_os_thread_names_and_answer_on_the_loop():
+    """What `top -H`, perf and the benchmarks' CPU budget by thread read (/proc/<pid>/task/<tid>/comm); results and
+    exceptions come back to the awaiting coroutine, and a job cancelled before it starts never runs."""
+    from service.thread_pool import LoopThreads
+
+    pool = LoopThreads("vitserve-decode", 2)
+    ran = []
+
+    def comm() -> str:
+        ran.append(1)
+        return open(f"/proc/self/task/{threading.get_native_id()}/comm").read().strip()
+
+    async def main():
+        assert await pool.run(comm) == "vitserve-decode"
+        with pytest.raises(ZeroDivisionError):
+            await pool.run(lambda: 1 / 0)
+        gate = threading.Event()
+        blockers = [pool.run(gate.wait) for _ in range(2)]  # both threads busy
+        cancelled = pool.run(comm)
+        cancelled.cancel()
+        gate.set()
+        await asyncio.gather(*blockers)
+        assert await pool.run(len, "abc") == 3  # behind the cancelled job: it was skipped by now
+
     try:
-        comm = pool.submit(lambda: open(f"/proc/self/task/{threading.get_native_id()}/comm").read().strip()).result()
+        asyncio.run(main())
     finally:
         pool.shutdown()
-    assert comm == "vitserve-decode"
+    assert len(ran) == 1
