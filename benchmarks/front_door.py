@@ -10,7 +10,7 @@ One 640×480 JPEG per request, closed loop, the client on the same machine. It m
 
 - **raw serial**: the artifact's engine and the service's own Preprocessor in this process, decode one image at a time
   then the engine at the service's batch size, serially (the figure a server with a free door would reach on one
-  core of decode plus the engine's share);
+  core of decode plus the engine's share), once at the start of every round (benchmarks/harness/raw_serial.py);
 - for each protocol (``multipart`` POST /classify, ``raw`` POST /classify with the image as the whole body,
   ``base64`` JSON, ``v2-binary`` KServe v2 HTTP with Triton's binary extension, ``grpc`` KServe v2 ModelInfer):
   images/s, p50/p99, refusals, and the **server's CPU per image** (its process tree's user+system seconds over the
@@ -46,6 +46,7 @@ import numpy as np
 
 from benchmarks.harness import measure, perf_analyzer
 from benchmarks.harness.measure import latency_summary_ms, server_cpu_s
+from benchmarks.harness.raw_serial import RawSerial, median_of
 from benchmarks.harness.results import command_line, environment, finish
 from benchmarks.photos import realistic_photos
 
@@ -57,46 +58,6 @@ _LENGTH = re.compile(rb"(?i)\r\ncontent-length: *(\d+)")
 def jpeg() -> bytes:
     """The astronaut at 640×480, JPEG q90 (~60 KB): a typical web upload."""
     return next(p for p in realistic_photos(formats=("JPEG",)) if p.name.startswith("astronaut")).data
-
-
-# ---- what the work itself costs -----------------------------------------------------------------------------------------
-def raw_serial(artifact: Path, image: bytes, batch: int, seconds: float = 3.0) -> dict:
-    """Decode ``batch`` images one after another with the service's Preprocessor, then one engine call on them, the
-    engine opened with the service's CPU budget (service/cpu_budget.py: its threads, no spinning): images/s of that
-    loop, and each part's wall time and CPU time per image.
-
-    The CPU times are the denominator of the server's CPU per image: the engine's intra-op threads use every core, so
-    its CPU per image is about ``cores ×`` its wall time, and a spinning pool would charge its spin to the decode
-    that follows. Dividing server CPU by wall time would compare two different units."""
-    from service.artifact import load_artifact
-    from service.cpu_budget import plan
-    from service.engines import select_engine
-    from service.preprocess import Preprocessor
-
-    art = load_artifact(artifact, verify=False)
-    budget = plan(cpu_engine=True)  # a GPU engine would not be picked here: the benchmark loads CPU artifacts
-    engine = select_engine(art, "auto", intra_op_threads=budget.engine_threads, spinning=budget.spinning, check=False).engine
-    pre = Preprocessor(art.manifest.preprocessing)
-    batch = min(batch, engine.max_batch_size)
-    pre.from_bytes(image, max_pixels=40_000_000)  # the codec's cold first decode stays out of the timing
-    engine.warmup([batch])
-    decode_s = engine_s = decode_cpu_s = engine_cpu_s = 0.0
-    images = 0
-    t_end = time.perf_counter() + seconds
-    while time.perf_counter() < t_end:
-        t0, c0 = time.perf_counter(), time.process_time()
-        xs = [pre.from_bytes(image, max_pixels=40_000_000) for _ in range(batch)]
-        t1, c1 = time.perf_counter(), time.process_time()
-        engine.run(np.stack(xs))
-        t2, c2 = time.perf_counter(), time.process_time()
-        decode_s, engine_s, images = decode_s + t1 - t0, engine_s + t2 - t1, images + batch
-        decode_cpu_s, engine_cpu_s = decode_cpu_s + c1 - c0, engine_cpu_s + c2 - c1
-    per = (decode_s + engine_s) / images
-    ms = lambda s: round(s / images * 1000, 3)  # noqa: E731
-    return {"engine": engine.name, "batch": batch, "engine_threads": budget.engine_threads, "images_per_s": round(1 / per, 1),
-            "decode_ms_per_image": ms(decode_s), "engine_ms_per_image": ms(engine_s),
-            "decode_cpu_ms_per_image": ms(decode_cpu_s), "engine_cpu_ms_per_image": ms(engine_cpu_s),
-            "work_cpu_ms_per_image": ms(decode_cpu_s + engine_cpu_s)}
 
 
 # ---- request bodies -----------------------------------------------------------------------------------------------------------
@@ -280,7 +241,10 @@ def run(args) -> dict:
     rounds: list[dict] = []
     with ExitStack() as stack:
         servers, batch = start_servers(stack, args, settings)
+        work, serials = RawSerial(args.artifact, image, batch), []  # the yardstick, once a round, the servers idle
         for i in range(args.rounds):
+            serials.append(work())
+            print(f"  round {i + 1} raw serial {serials[-1]['images_per_s']:7.1f} img/s", flush=True)
             for concurrency in args.concurrency:
                 for name, server, protocols in servers:
                     for protocol, client in [(p, c) for p in protocols for c in clients_for(p, name, args.perf_analyzer)]:
@@ -298,7 +262,7 @@ def run(args) -> dict:
                               f"p99 {r['latency']['p99_ms']} ms  server {r['server_cpu_ms_per_image']:.2f} ms CPU/img  "
                               f"{r['statuses']}", flush=True)
                         rounds.append(r)
-    serial = raw_serial(args.artifact, image, batch)  # after the servers are gone: the same cores, quiet
+    serial = median_of(serials)
     work_ms = serial["work_cpu_ms_per_image"]  # CPU against CPU (see raw_serial)
     phases = []
     for key in dict.fromkeys((r["server"], r["protocol"], r["concurrency"], r["client"]) for r in rounds):
@@ -331,6 +295,7 @@ def table(result: dict) -> str:
     s = result["raw_serial"]
     lines = [
         f"raw serial (decode one at a time, then {s['engine']} at batch {s['batch']}): **{s['images_per_s']} img/s** "
+        f"(median of rounds: {', '.join(map(str, s.get('images_per_s_by_round', [])))}) "
         f"(decode {s['decode_ms_per_image']} ms + engine {s['engine_ms_per_image']} ms per image; their CPU: decode "
         f"{s['decode_cpu_ms_per_image']} ms + engine {s['engine_cpu_ms_per_image']} ms on {s['engine_threads']} threads "
         f"= **{s['work_cpu_ms_per_image']} ms** per image)", "",
