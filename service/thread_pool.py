@@ -47,19 +47,21 @@ class LoopThreads:
     def _work(self) -> None:
         name_os_thread(self.role)
         while (job := self._jobs.get()) is not None:
-            loop, future, fn, args = job
-            job = None  # hold no reference to the arguments (a request's bytes) while waiting for the next job
-            if future.cancelled():  # the caller gave up before the job started (a read of a flag: safe off the loop)
-                continue
-            try:
-                result, error = fn(*args), None
-            except BaseException as e:  # noqa: BLE001 - delivered to the awaiting caller, as run_in_executor does
-                result, error = None, e
-            try:
-                loop.call_soon_threadsafe(_settle, future, result, error)
-            except RuntimeError:
-                pass  # the loop is closed: nobody is waiting any more
-            future = fn = args = result = error = None
+            _run_job(*job)
+            job = None  # hold nothing of a finished job (a request's bytes) while waiting for the next
+
+
+def _run_job(loop: asyncio.AbstractEventLoop, future: asyncio.Future, fn: Callable[..., Any], args: tuple) -> None:
+    if future.cancelled():  # the caller gave up before the job started (a read of a flag: safe off the loop)
+        return
+    try:
+        result, error = fn(*args), None
+    except BaseException as e:  # noqa: BLE001 - delivered to the awaiting caller, as run_in_executor does
+        result, error = None, e
+    try:
+        loop.call_soon_threadsafe(_settle, future, result, error)
+    except RuntimeError:
+        pass  # the loop is closed: nobody is waiting any more
 
 
 def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
