@@ -190,12 +190,7 @@ PEER_PROTOCOLS = {"triton": ("v2-binary", "grpc"), "litserve": ("base64",), "flo
 def start_servers(stack, args, settings: dict) -> tuple[list, int]:
     """Ours and every peer asked for, up at once (an idle one costs < 0.02 cores): (name, server, protocols) each, and
     our max batch (the peers get the same)."""
-    from benchmarks.harness.servers import (
-        free_port,
-        running,
-        running_triton,
-        running_vitserve,
-    )
+    from benchmarks.harness.servers import free_port, running, running_triton, running_vitserve
 
     ours = stack.enter_context(running_vitserve(args.artifact, args.workdir, cpus=args.server_cpus, **settings))
     batch = httpx.get(f"{ours.url}/info", timeout=10, trust_env=False).json()["limits"]["max_batch_size"]

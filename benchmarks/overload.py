@@ -36,14 +36,8 @@ from pathlib import Path
 import httpx
 
 from benchmarks.harness.load import multipart_bodies, poisson_schedule
-from benchmarks.harness.measure import (
-    latency_summary_ms,
-    load_average,
-    per_image_ms,
-    server_cpu_by_thread_s,
-    server_cpu_s,
-    thread_budget_table,
-)
+from benchmarks.harness.measure import (latency_summary_ms, load_average, per_image_ms, server_cpu_by_thread_s, server_cpu_s,
+                                        thread_budget_table)
 from benchmarks.harness.prometheus import REQUESTS_TOTAL, parse_prometheus
 from benchmarks.harness.raw_http import RawHttp
 from benchmarks.harness.results import command_line, environment, finish
@@ -102,14 +96,13 @@ async def closed(base: str, bodies, *, concurrency: int, duration_s: float, warm
     t0 = time.perf_counter()
     start, end = t0 + warmup_s, t0 + warmup_s + duration_s
 
-    cpu: dict[str, float] = {}
-    threads: dict[str, dict] = {}
+    cpu: dict[str, float] = {}  # the server's CPU (all of it, and by thread) at the window's edges
 
-    async def window() -> None:  # the server's CPU over the measured window
+    async def window() -> None:
         await asyncio.sleep(max(0.0, start - time.perf_counter()))
-        cpu["start"], threads["start"] = server_cpu_s(pid), server_cpu_by_thread_s(pid)
+        cpu["start"], cpu["threads0"] = server_cpu_s(pid), server_cpu_by_thread_s(pid)
         await asyncio.sleep(max(0.0, end - time.perf_counter()))
-        cpu["end"], threads["end"] = server_cpu_s(pid), server_cpu_by_thread_s(pid)
+        cpu["end"], cpu["threads1"] = server_cpu_s(pid), server_cpu_by_thread_s(pid)
 
     async def worker(i: int) -> None:
         k = i
@@ -125,7 +118,7 @@ async def closed(base: str, bodies, *, concurrency: int, duration_s: float, warm
     done_in = [r for r in records if r["status"] == "200" and start <= r["done"] < end]
     return {"concurrency": concurrency, "images_per_s": round(len(done_in) / duration_s, 2),
             "server_cpu_ms_per_200": round((cpu["end"] - cpu["start"]) * 1000 / max(len(done_in), 1), 3) if cpu else None,
-            "server_cpu_ms_per_200_by_thread": per_image_ms(threads["start"], threads["end"], len(done_in)) if cpu else None,
+            "server_cpu_ms_per_200_by_thread": per_image_ms(cpu["threads0"], cpu["threads1"], len(done_in)) if cpu else None,
             "latency": latency_summary_ms([r["done"] - r["scheduled"] for r in ok]),
             "statuses": dict(Counter(r["status"] for r in records))}
 

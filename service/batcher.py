@@ -223,7 +223,7 @@ class Batcher:
     async def _wait(self, timeout: float | None) -> None:
         loop = asyncio.get_running_loop()
         self._waiter = waiter = loop.create_future()
-        timer = None if timeout is None else loop.call_later(timeout, _resolve, waiter)
+        timer = None if timeout is None else loop.call_later(timeout, self._poke)  # cancelled below: it pokes this waiter
         try:
             await waiter
         finally:
@@ -338,8 +338,3 @@ class Batcher:
         for item in items:
             if not item.future.done():
                 item.future.set_exception(error)
-
-
-def _resolve(waiter: asyncio.Future) -> None:
-    if not waiter.done():
-        waiter.set_result(None)

@@ -127,8 +127,8 @@ def server_cpu_by_thread_s(pid: int) -> dict[str, float]:
     root = psutil.Process(pid)
     for p in [root, *root.children(recursive=True)]:
         try:
-            tasks = list(Path(f"/proc/{p.pid}/task").iterdir())
-        except OSError:
+            tasks, process = list(Path(f"/proc/{p.pid}/task").iterdir()), p.name()
+        except (OSError, psutil.Error):
             continue
         for task in tasks:
             try:
@@ -138,7 +138,7 @@ def server_cpu_by_thread_s(pid: int) -> dict[str, float]:
             comm = stat[stat.index("(") + 1 : stat.rindex(")")]
             fields = stat[stat.rindex(")") + 2 :].split()
             seconds = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
-            role = _thread_role(p.pid == pid, p.name(), int(task.name) == p.pid, comm)
+            role = _thread_role(p.pid == pid, process, int(task.name) == p.pid, comm)
             out[role] = out.get(role, 0.0) + seconds
     return out
 
