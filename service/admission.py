@@ -135,10 +135,10 @@ class Admission:
         predicted = self.predict(estimate)
         refusal = self._refusal(estimate, predicted, budget)
         if refusal is not None:
-            metrics.labelled(metrics.ADMISSIONS, protocol, "refused").inc()
+            metrics.TALLY.inc(metrics.labelled(metrics.ADMISSIONS, protocol, "refused"))
             raise refusal
-        metrics.labelled(metrics.ADMISSIONS, protocol, "admitted").inc()
-        metrics.ADMISSION_PREDICTED_SECONDS.observe(predicted)
+        metrics.TALLY.inc(metrics.labelled(metrics.ADMISSIONS, protocol, "admitted"))
+        metrics.TALLY.observe(metrics.ADMISSION_PREDICTED_SECONDS, predicted)
         ticket = Ticket(images=estimate, ahead=self.work, predicted_s=predicted, deadline=now + budget,
                         limited=self.work + 2 * estimate > self.limit, admitted_at=now, waited_s=self.loop_lag_s)
         self.work += estimate
@@ -152,7 +152,7 @@ class Admission:
         budget = self.request_timeout_s if client_timeout_s is None else min(client_timeout_s, self.request_timeout_s)
         refusal = self._refusal(self.images_per_request, self.predict(self.images_per_request), budget)
         if refusal is not None:
-            metrics.labelled(metrics.ADMISSIONS, protocol, "refused").inc()
+            metrics.TALLY.inc(metrics.labelled(metrics.ADMISSIONS, protocol, "refused"))
         return refusal
 
     def _refusal(self, estimate: float, predicted: float, budget: float) -> Overloaded | None:
@@ -194,7 +194,7 @@ class Admission:
         if answered:
             took = now - ticket.admitted_at + ticket.waited_s
             self._learn(now, ticket, took)
-            metrics.ADMISSION_PREDICTION_RATIO.observe(took / ticket.predicted_s)
+            metrics.TALLY.observe(metrics.ADMISSION_PREDICTION_RATIO, took / ticket.predicted_s)
 
     # ---- learning -------------------------------------------------------------------------------------------------
     def _learn(self, now: float, ticket: Ticket, took: float) -> None:

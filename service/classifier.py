@@ -312,7 +312,7 @@ class Classifier:
             if isinstance(d, BaseException):
                 raise d
         for _, secs in decoded:
-            metrics.DECODE_SECONDS.observe(secs)
+            metrics.TALLY.observe(metrics.DECODE_SECONDS, secs)
         pixels = np.stack([x for x, _ in decoded])  # (N, 3, H, W)
         return await self._infer(pixels, k, protocol, decode_s=time.perf_counter() - t0, ticket=ticket)
 
@@ -320,7 +320,7 @@ class Classifier:
         """Images entering (or leaving) the decode pool: counted once, by the batcher, whose closing batch waits for
         them; the gauge shows the same count."""
         self.batcher.expect(images)
-        metrics.labelled(metrics.WORK_IN_FLIGHT, "decoding").set(self.batcher.decoding)
+        metrics.TALLY.set(metrics.labelled(metrics.WORK_IN_FLIGHT, "decoding"), self.batcher.decoding)
 
     async def classify_pixels(self, pixels: np.ndarray, top_k: int | None = None, protocol: str = metrics.V2_HTTP,
                               ticket: Ticket | None = None) -> Classification:
@@ -341,8 +341,8 @@ class Classifier:
         probs = softmax(logits, self.manifest.temperature)
         top = rank(probs, self.manifest.labels, k)
         post_s = time.perf_counter() - t_inferred
-        metrics.POSTPROCESS_SECONDS.observe(post_s)
-        metrics.labelled(metrics.IMAGES, protocol).inc(len(pixels))
+        metrics.TALLY.observe(metrics.POSTPROCESS_SECONDS, post_s)
+        metrics.TALLY.inc(metrics.labelled(metrics.IMAGES, protocol), len(pixels))
         return Classification(
             probabilities=probs.astype(np.float32),
             top=top,

@@ -264,6 +264,8 @@ class InferenceRoutes:
         path = scope["path"]
         v2_target = v2_infer_path(path) if path.startswith("/v2/") else None
         if path != "/classify" and path != "/classify/base64" and v2_target is None:
+            if path == "/metrics":
+                metrics.TALLY.flush()  # what this process counted so far, before BentoML reads the files
             return await self.app(scope, receive, send)
         protocol = JSON_API if v2_target is None else V2_HTTP
         if scope["method"] != "POST":

@@ -7,7 +7,9 @@ processes (livesum: dead workers drop out). Buckets span 0.5 ms (GPU batches) to
 
 from __future__ import annotations
 
+import asyncio
 import functools
+from bisect import bisect_left
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -125,6 +127,94 @@ def labelled(metric, *values: str):
     return metric.labels(*values)
 
 
+class Tally:
+    """The hot path's metric updates, summed in plain dicts and written to prometheus_client in bulk.
+
+    Why not write each one: BentoML runs prometheus_client in multiprocess mode, where every ``inc``/``set`` takes a
+    lock, asks the pid and writes an mmap (~0.9 µs; an ``observe`` ~2.4 µs), and a request made about twenty of them on
+    the event loop: 34 µs of the loop's ~0.34 ms per image (A/B, the demo model, metrics on and off). Here each is a dict
+    update, and ``flush`` writes one ``inc`` per counter and per histogram bucket touched, one ``set`` per gauge.
+
+    When it is written: as soon as the loop is free after the service goes idle (``settle``: the last request in flight
+    answered, or the batcher's queue empty after a batch), before this process serves /metrics, and otherwise at most
+    ``FLUSH_S`` after an update (one loop timer at a time): /metrics is exact once requests are answered and at most
+    ``FLUSH_S`` behind under load. Used from the event loop's thread only (every caller is), so the dicts need no lock.
+    """
+
+    FLUSH_S = 0.05
+
+    def __init__(self):
+        self._deltas: dict = {}  # Counter or Gauge child → amount to add
+        self._values: dict = {}  # Gauge child → last value set
+        self._observed: dict = {}  # Histogram child → [sum, per-bucket counts, upper bounds]
+        self._timer = None  # the one pending FLUSH_S timer
+        self._settling = False  # a flush is scheduled for the loop's next turn
+
+    def inc(self, child, amount: float = 1.0) -> None:
+        """``child.inc(amount)`` (a Counter, or a Gauge; a negative amount on a Gauge is its ``dec``)."""
+        self._deltas[child] = self._deltas.get(child, 0.0) + amount
+        if self._timer is None:
+            self._arm()
+
+    def set(self, child, value: float) -> None:
+        """``child.set(value)`` (a Gauge): the last value set in a flush interval is written."""
+        self._values[child] = value
+        if self._timer is None:
+            self._arm()
+
+    def observe(self, child, value: float) -> None:
+        """``child.observe(value)`` (a Histogram)."""
+        entry = self._observed.get(child)
+        if entry is None:
+            bounds = child._upper_bounds
+            entry = self._observed[child] = [0.0, [0] * len(bounds), bounds]
+        entry[0] += value
+        entry[1][bisect_left(entry[2], value)] += 1  # the first bucket with value <= bound, as observe() picks
+        if self._timer is None:
+            self._arm()
+
+    def settle(self) -> None:
+        """The service went idle: write everything on the loop's next turn (once, however many ask this turn)."""
+        if not self._settling:
+            self._settling = True
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:
+                self.flush()
+
+    def flush(self) -> None:
+        self._settling = False
+        deltas, values, observed = self._deltas, self._values, self._observed
+        if not (deltas or values or observed):
+            return
+        self._deltas, self._values, self._observed = {}, {}, {}
+        for child, amount in deltas.items():
+            if amount:
+                child.inc(amount)
+        for child, value in values.items():
+            child.set(value)
+        for child, (total, counts, _) in observed.items():
+            # A histogram is its sum and one counter per bucket (prometheus_client's Histogram.observe writes exactly
+            # these two); written here a bucket at a time. tests/test_metrics_tally.py checks the exposition matches.
+            child._sum.inc(total)
+            for bucket, count in zip(child._buckets, counts):
+                if count:
+                    bucket.inc(count)
+
+    def _arm(self) -> None:
+        try:
+            self._timer = asyncio.get_running_loop().call_later(self.FLUSH_S, self._on_timer)
+        except RuntimeError:  # no event loop in this thread (a script, a test): write at once
+            self.flush()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.flush()
+
+
+TALLY = Tally()
+
+
 # Client went away before an answer (HTTP disconnect, gRPC cancel): nginx's convention, so it never reads as ours.
 CLIENT_CLOSED = "499"
 
@@ -137,11 +227,11 @@ def record_outcome(protocol: str, error: BaseException | None, seconds: float) -
         status = CLIENT_CLOSED
     else:
         status = str(http_status(error))
-    labelled(REQUEST_SECONDS, protocol, status).observe(seconds)
-    labelled(REQUESTS, protocol, status).inc()
+    TALLY.observe(labelled(REQUEST_SECONDS, protocol, status), seconds)
+    TALLY.inc(labelled(REQUESTS, protocol, status))
     if error is not None:
         reason = error.type if isinstance(error, ServiceError) else ("client_closed" if status == CLIENT_CLOSED else "internal")
-        labelled(REJECTIONS, protocol, reason).inc()
+        TALLY.inc(labelled(REJECTIONS, protocol, reason))
 
 
 class PrometheusBatcherHooks(BatcherHooks):
@@ -150,22 +240,26 @@ class PrometheusBatcherHooks(BatcherHooks):
         self._inference = INFERENCE_SECONDS.labels(engine=engine_name)
         self._batch = BATCH_SIZE.labels(engine=engine_name)
         self._padding = PADDING.labels(engine=engine_name)
+        self._depth = 0
 
     def queue_depth(self, depth: int) -> None:
-        QUEUE_DEPTH.set(depth)
-        labelled(WORK_IN_FLIGHT, "queued").set(depth)
+        self._depth = depth
+        TALLY.set(QUEUE_DEPTH, depth)
+        TALLY.set(labelled(WORK_IN_FLIGHT, "queued"), depth)
 
     def running(self, images: int) -> None:
-        labelled(WORK_IN_FLIGHT, "inference").set(images)
+        TALLY.set(labelled(WORK_IN_FLIGHT, "inference"), images)
+        if images == 0 and self._depth == 0:
+            TALLY.settle()  # a batch done and nothing queued (the engine process has no requests of its own to settle on)
 
     def queue_wait(self, seconds: float) -> None:
-        QUEUE_WAIT_SECONDS.observe(seconds)
+        TALLY.observe(QUEUE_WAIT_SECONDS, seconds)
 
     def batch(self, size: int, padded_to: int, seconds: float) -> None:
-        self._batch.observe(size)
-        self._inference.observe(seconds)
+        TALLY.observe(self._batch, size)
+        TALLY.observe(self._inference, seconds)
         if padded_to > size:
-            self._padding.inc(padded_to - size)
+            TALLY.inc(self._padding, padded_to - size)
 
     def expired(self, count: int) -> None:
         EXPIRED.inc(count)

@@ -25,7 +25,7 @@ class RequestScope:
         self.answered = False
 
     def __enter__(self) -> "RequestScope":
-        metrics.IN_FLIGHT.inc()
+        metrics.TALLY.inc(metrics.IN_FLIGHT)
         self._t0 = time.perf_counter()
         try:
             self.clf.check_accepting()
@@ -42,8 +42,10 @@ class RequestScope:
         self.clf.in_flight -= 1
         self.clf.admission.release(self.ticket, answered=self.answered)
         self._account(exc)
+        if self.clf.in_flight == 0:
+            metrics.TALLY.settle()  # idle: written before anyone could ask /metrics about these answers
 
     def _account(self, error: BaseException | None) -> None:
         """In-flight gauge, end-to-end latency, the answer by protocol and status (an error as what it is answered as)."""
-        metrics.IN_FLIGHT.dec()
+        metrics.TALLY.inc(metrics.IN_FLIGHT, -1)
         metrics.record_outcome(self.protocol, error, time.perf_counter() - self._t0)
