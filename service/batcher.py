@@ -193,7 +193,7 @@ class Batcher:
                 if not it.future.done():
                     it.future.cancel()
             raise
-        logits = np.stack([r[0] for r in results])
+        logits = results[0][0][None] if n == 1 else np.stack([r[0] for r in results])
         return logits, [r[1] for r in results]
 
     async def close(self, timeout_s: float | None = None) -> None:

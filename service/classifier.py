@@ -313,7 +313,8 @@ class Classifier:
                 raise d
         for _, secs in decoded:
             metrics.TALLY.observe(metrics.DECODE_SECONDS, secs)
-        pixels = np.stack([x for x, _ in decoded])  # (N, 3, H, W)
+        # (N, 3, H, W); one image (most requests) as a view, without np.stack's ~2 µs of Python
+        pixels = decoded[0][0][None] if len(decoded) == 1 else np.stack([x for x, _ in decoded])
         return await self._infer(pixels, k, protocol, decode_s=time.perf_counter() - t0, ticket=ticket)
 
     def _decoding(self, images: int) -> None:
