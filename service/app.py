@@ -55,8 +55,13 @@ def _refuse_to_serve(reason: str) -> None:
     os._exit(2)
 
 
+# Resolved once: bentoml's top-level names go through a module __getattr__ (an import_module per access, ~2 µs), and
+# every HTTP request asks for the classifier once or twice.
+_get_current_service = bentoml.get_current_service
+
+
 def _current_classifier():
-    return bentoml.get_current_service().classifier
+    return _get_current_service().classifier
 
 
 def _make_http_app():
