@@ -285,10 +285,7 @@ class Batcher:
         batch_id = self._batches_run
         self.hooks.running(n)
         try:
-            x = np.stack([it.pixels for it in batch])  # (n, 3, H, W)
-            if padded > n:
-                x = np.concatenate([x, np.zeros((padded - n, *x.shape[1:]), dtype=x.dtype)])
-            call = self._executor.run(self._run_batch, x)
+            call = self._executor.run(self._assemble_and_run, [it.pixels for it in batch], padded)
             done, _ = await asyncio.wait({call}, timeout=self.watchdog_s)
             if not done:
                 await self._stall(batch, call)
@@ -310,6 +307,17 @@ class Batcher:
             self.hooks.running(0)
             self._busy = False
             self._poke()
+
+    def _assemble_and_run(self, rows: list[np.ndarray], padded: int) -> np.ndarray:
+        """On the engine's thread: the batch's rows copied into one (padded, 3, H, W) array, then the engine. The copy is
+        not the event loop's to make: 32 of ViT-L's float32 224² inputs are 19 MB (2.5 ms on the 2-core EPYC here, with
+        the GIL released), which at a GPU's thousands of images a second would be a quarter of the loop."""
+        n = len(rows)
+        if padded == n:
+            return self._run_batch(np.stack(rows))
+        x = np.zeros((padded, *rows[0].shape), dtype=rows[0].dtype)  # zero rows up to the bucket's size
+        np.stack(rows, out=x[:n])
+        return self._run_batch(x)
 
     async def _stall(self, batch: list[_Item], call: asyncio.Future) -> None:
         """The watchdog fired: fail this batch and everything queued, refuse new work until ``call`` returns (its

@@ -21,9 +21,11 @@ def counter(name: str, **labels: str) -> float:
 def test_padding_and_expiries_are_counted():
     engine = "test-batcher-hooks"  # a label of its own, so other tests' batches don't count
     seen: list[int] = []
+    batches: list[np.ndarray] = []
 
     def run(x: np.ndarray) -> np.ndarray:
         seen.append(len(x))
+        batches.append(x.copy())
         return x.reshape(len(x), -1)[:, :2].copy()
 
     async def scenario():
@@ -41,6 +43,10 @@ def test_padding_and_expiries_are_counted():
     logits = asyncio.run(scenario())
     assert seen == [4]  # one padded batch; the expired images never reached the engine
     assert logits.shape == (3, 2)  # padding rows discarded
+    pixels = np.arange(3 * 3 * 2 * 2, dtype=np.float32).reshape(3, 3, 2, 2)
+    np.testing.assert_array_equal(batches[0][:3], pixels)  # the rows, in order, assembled on the engine's thread
+    assert not batches[0][3].any()  # the padding row is zeros
+    np.testing.assert_array_equal(logits, pixels.reshape(3, -1)[:, :2])  # each image gets its own row back
     assert counter("vitserve_batch_padding_images_total", engine=engine) - padding0 == 1
     assert counter("vitserve_deadline_expired_images_total") - expired0 == 2
 
