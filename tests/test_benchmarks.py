@@ -323,6 +323,22 @@ def test_refusal_cost_refuses_every_request_and_measures_both_servers(tmp_path, 
     assert "vitserve bench summary: refusal cost" in capsys.readouterr().out
 
 
+def test_batch_assembly_measures_this_checkouts_batcher_against_the_engines_ceiling(tmp_path, monkeypatch, capsys):
+    """`vitserve bench batch-assembly` end to end on small rows: the real Batcher in a child process answers the
+    submitters, throughput is positive and cannot beat the stand-in engine's ceiling, the loop's CPU is measured."""
+    from benchmarks.cli import main
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    assert main(["batch-assembly", "--size", "32", "--batch", "8", "--engine-ms", "4", "--clients", "16", "--rounds", "1",
+                 "--warmup", "0.3", "--duration", "1", "--name", "assembly-test"]) == 0
+    payload = json.loads((tmp_path / f"assembly-test_{common.env_tag(common.environment())}.json").read_text())
+    (row,) = payload["results"]
+    assert payload["engine_ceiling_images_per_s"] == 2000.0
+    assert 0 < row["images_per_s"] <= payload["engine_ceiling_images_per_s"] * 1.02  # timer slack, not a faster engine
+    assert row["loop_cpu_us_per_image"] > 0
+    assert "vitserve bench summary: batch assembly" in capsys.readouterr().out
+
+
 def test_front_door_loads_every_protocol_and_the_litserve_peer(tiny_artifact, tmp_path, monkeypatch, capsys):
     """`vitserve bench front-door` end to end on the tiny artifact: every protocol of ours answered (no refusals at
     default settings), LitServe's idiom around the same engine answered too, each figure against raw serial."""
