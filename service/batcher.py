@@ -3,15 +3,18 @@
 Protocol-independent on purpose: every front-end (our JSON API, KServe v2 over HTTP and gRPC) reaches it through
 :meth:`service.classifier.Classifier.classify` (or ``classify_pixels``), the only caller of :meth:`Batcher.submit`;
 batches mix their requests.
-One asyncio task assembles batches; the engine call runs in one worker thread, so exactly one batch is in
-flight per engine while the next one is assembled on the event loop. Rules:
+One asyncio task forms batches; the engine call runs in one worker thread, so exactly one batch is in flight per
+engine. While it runs, a full batch waiting behind it is taken and copied into one array on another thread
+(*assembled ahead*), so that the engine starts it as soon as it is free instead of waiting for the copy (32 of
+ViT-L's float32 inputs are 19 MB). Rules:
 
 - bounded queue (in images): a request that does not fit is rejected whole with ``Overloaded`` (429);
 - a batch closes when it is full, or when its oldest image has waited ``max_wait_s`` and the engine is free and no
   admitted image is still being decoded (``expect``): those would otherwise miss this batch by a few milliseconds
   and wait a whole batch for the next. The wait for them is bounded by ``DECODE_HOLD_S``;
 - an image whose deadline passed while queued fails with ``DeadlineExceeded`` and is never computed;
-- an image whose caller went away (future cancelled) is dropped before computing;
+- an image whose caller went away (future cancelled) is dropped before computing (a batch assembled ahead that lost
+  an image, or one whose deadline passed meanwhile, goes back to the head of the queue and is formed again);
 - batches are padded up to the next configured bucket for fixed-shape engines; padding rows are discarded;
 - results are matched to callers by position in the batch, so completion order never mixes them up;
 - an engine call that raises fails only its batch's requests (``EngineFailure``); the next batch runs;
@@ -131,6 +134,9 @@ class Batcher:
         # One thread: the engine sees one batch at a time (engines are not re-entrant, and on a GPU a
         # second concurrent batch only competes for the same SMs).
         self._executor = LoopThreads("vitserve-engine", 1)
+        # The next full batch, taken while the engine runs and copied into one array on this thread meanwhile.
+        self._assembler = LoopThreads("vitserve-assemble", 1)
+        self._ahead: tuple[list[_Item], int, asyncio.Future] | None = None  # (items, padded size, the array to come)
         self._batch_seconds_ewma: float | None = None
         self._batches_run = 0
         self.decoding = 0  # images admitted upstream and still decoding: the one count (the hold below, the gauge)
@@ -142,11 +148,12 @@ class Batcher:
 
     @property
     def depth(self) -> int:
-        return len(self._pending)
+        """Images waiting for the engine, a batch assembled ahead included."""
+        return len(self._pending) + (len(self._ahead[0]) if self._ahead is not None else 0)
 
     @property
     def idle(self) -> bool:
-        return not self._pending and not self._busy
+        return not self._pending and not self._busy and self._ahead is None
 
     def expect(self, images: int) -> None:
         """Upstream is decoding ``images`` more (negative: they arrived or failed). Called on the loop's thread."""
@@ -173,9 +180,9 @@ class Batcher:
             raise ShuttingDown("the server is shutting down and accepts no new work")
         self.check_engine()
         n = len(pixels)
-        if len(self._pending) + n > self.queue_capacity:
+        if self.depth + n > self.queue_capacity:
             raise Overloaded(
-                f"queue full ({len(self._pending)}/{self.queue_capacity} images waiting); retry later",
+                f"queue full ({self.depth}/{self.queue_capacity} images waiting); retry later",
                 retry_after_s=self.retry_after_s(),
             )
         loop = asyncio.get_running_loop()
@@ -183,8 +190,8 @@ class Batcher:
         items = [_Item(pixels[i], deadline, now, loop.create_future()) for i in range(n)]
         was_empty = not self._pending
         self._pending.extend(items)
-        self.hooks.queue_depth(len(self._pending))
-        if not self._busy and (was_empty or len(self._pending) >= self.max_batch_size):
+        self.hooks.queue_depth(self.depth)
+        if (not self._busy and was_empty) or (len(self._pending) >= self.max_batch_size and self._ahead is None):
             self._poke()  # otherwise the loop's timer, or the running batch's end, is the next moment anything changes
         try:
             results = [await items[0].future] if n == 1 else await asyncio.gather(*(it.future for it in items))
@@ -209,6 +216,7 @@ class Batcher:
             except asyncio.CancelledError:
                 pass
         self._executor.shutdown()
+        self._assembler.shutdown()
 
     # ---- the loop ------------------------------------------------------------------------------------
     # The loop sleeps until something it acts on changes: the first image of an empty queue, a full batch, the engine
@@ -233,24 +241,59 @@ class Batcher:
 
     async def _loop(self) -> None:
         while True:
+            if self._busy:
+                if self._ahead is None and len(self._pending) >= self.max_batch_size:
+                    self._assemble_ahead()
+                await self._wait(None)  # the running batch's end, or a submit that fills a batch, wakes it
+                continue
+            if self._ahead is not None:
+                self._start_ahead()
+                continue
             if not self._pending:
                 await self._wait(None)
                 continue
-            # Assemble: keep collecting while the engine is busy (up to a full batch), and otherwise
-            # until the oldest image has waited max_wait_s.
+            # The engine is free: a batch closes when it is full, or once its oldest image has waited max_wait_s
+            # (and the decodes it holds for have arrived, up to DECODE_HOLD_S more).
             oldest = self._pending[0].enqueued
             full = len(self._pending) >= self.max_batch_size
             waited = time.monotonic() - oldest
             due = waited >= self.max_wait_s and (self.decoding <= 0 or waited >= self.max_wait_s + DECODE_HOLD_S)
-            if self._busy or not (full or due):
+            if not (full or due):
                 limit = self.max_wait_s + (DECODE_HOLD_S if self.decoding > 0 else 0.0)
-                timeout = None if self._busy else max(0.0, oldest + limit - time.monotonic())
-                await self._wait(timeout)
+                await self._wait(max(0.0, oldest + limit - time.monotonic()))
                 continue
             batch = self._take()
             if batch:
                 self._busy = True
-                asyncio.get_running_loop().create_task(self._run(batch))
+                asyncio.get_running_loop().create_task(self._run(batch, self._bucket(len(batch))))
+
+    def _assemble_ahead(self) -> None:
+        batch = self._take()
+        if batch:
+            padded = self._bucket(len(batch))
+            self._ahead = (batch, padded, self._assembler.run(self._assemble, [it.pixels for it in batch], padded))
+            self.hooks.queue_depth(self.depth)  # still waiting for the engine: queued, as far as scaling is concerned
+
+    def _start_ahead(self) -> bool:
+        """The engine is free: start the batch assembled ahead (on the engine's thread at once when its copy is done,
+        as it normally is), unless an image of it was cancelled or ran out of time meanwhile; then its images go back
+        to the head of the queue and the batch is formed again (rare). True when a batch started."""
+        batch, padded, assembled = self._ahead
+        self._ahead = None
+        now = time.monotonic()
+        started = all(not it.future.done() and now <= it.deadline for it in batch)
+        if started:
+            self._busy = True
+            if assembled.done() and not assembled.cancelled() and assembled.exception() is None:
+                call = self._executor.run(self._run_batch, assembled.result())  # before any caller is answered
+                asyncio.get_running_loop().create_task(self._run(batch, padded, call=call))
+            else:
+                asyncio.get_running_loop().create_task(self._run(batch, padded, assembled=assembled))
+        else:
+            self._pending.extendleft(reversed(batch))
+            assembled.cancel()
+        self.hooks.queue_depth(self.depth)
+        return started
 
     def _take(self) -> list[_Item]:
         now = time.monotonic()
@@ -268,7 +311,7 @@ class Batcher:
             batch.append(item)
         if expired:
             self.hooks.expired(expired)
-        self.hooks.queue_depth(len(self._pending))
+        self.hooks.queue_depth(self.depth)
         return batch
 
     def _bucket(self, n: int) -> int:
@@ -277,21 +320,32 @@ class Batcher:
                 return b
         return n
 
-    async def _run(self, batch: list[_Item]) -> None:
+    async def _run(self, batch: list[_Item], padded: int, *, call: asyncio.Future | None = None,
+                   assembled: asyncio.Future | None = None) -> None:
+        """One batch through the engine: ``call`` already started (a batch assembled ahead), or its ``assembled``
+        array still being copied, or neither (copied on the engine's thread, then run)."""
         started = time.monotonic()
         n = len(batch)
-        padded = self._bucket(n)
         self._batches_run += 1
         batch_id = self._batches_run
         self.hooks.running(n)
+        handed_over = False
         try:
-            call = self._executor.run(self._assemble_and_run, [it.pixels for it in batch], padded)
+            if call is None:
+                if assembled is None:
+                    call = self._executor.run(self._assemble_and_run, [it.pixels for it in batch], padded)
+                else:
+                    call = self._executor.run(self._run_batch, await assembled)
             done, _ = await asyncio.wait({call}, timeout=self.watchdog_s)
             if not done:
                 await self._stall(batch, call)
                 return
             logits = call.result()
             elapsed = time.monotonic() - started
+            # The engine is free: the batch assembled ahead starts before this one's callers are answered, so the
+            # engine does not wait for their wake-ups on the event loop.
+            self._busy = False
+            handed_over = self._ahead is not None and self._start_ahead()
             self.hooks.batch(n, padded, elapsed)
             self._batch_seconds_ewma = elapsed if self._batch_seconds_ewma is None else 0.8 * self._batch_seconds_ewma + 0.2 * elapsed
             self.health.failures_in_a_row = 0
@@ -304,20 +358,26 @@ class Batcher:
             self.hooks.engine_failed("raised")
             self._fail(batch, EngineFailure(f"inference failed: {type(e).__name__}"))
         finally:
-            self.hooks.running(0)
-            self._busy = False
+            if not handed_over:  # else the next batch's run owns the engine's state now
+                self.hooks.running(0)
+                self._busy = False
             self._poke()
 
     def _assemble_and_run(self, rows: list[np.ndarray], padded: int) -> np.ndarray:
-        """On the engine's thread: the batch's rows copied into one (padded, 3, H, W) array, then the engine. The copy is
-        not the event loop's to make: 32 of ViT-L's float32 224² inputs are 19 MB (2.5 ms on the 2-core EPYC here, with
-        the GIL released), which at a GPU's thousands of images a second would be a quarter of the loop."""
+        """On the engine's thread, when no batch was assembled ahead: the batch's rows copied, then the engine."""
+        return self._run_batch(self._assemble(rows, padded))
+
+    @staticmethod
+    def _assemble(rows: list[np.ndarray], padded: int) -> np.ndarray:
+        """The batch's rows copied into one (padded, 3, H, W) array, off the event loop: 32 of ViT-L's float32 224²
+        inputs are 19 MB (2.5 ms on the 2-core EPYC here, with the GIL released), a quarter of the loop at a GPU's
+        thousands of images a second (`vitserve bench batch-assembly`)."""
         n = len(rows)
         if padded == n:
-            return self._run_batch(np.stack(rows))
+            return np.stack(rows)
         x = np.zeros((padded, *rows[0].shape), dtype=rows[0].dtype)  # zero rows up to the bucket's size
         np.stack(rows, out=x[:n])
-        return self._run_batch(x)
+        return x
 
     async def _stall(self, batch: list[_Item], call: asyncio.Future) -> None:
         """The watchdog fired: fail this batch and everything queued, refuse new work until ``call`` returns (its
@@ -331,6 +391,10 @@ class Batcher:
         self._fail(batch, EngineFailure(f"inference did not return within the engine watchdog's {self.watchdog_s:.1f} s"))
         queued = list(self._pending)
         self._pending.clear()
+        if self._ahead is not None:  # assembled ahead, never started: it fails with the queue
+            queued = self._ahead[0] + queued
+            self._ahead[2].cancel()
+            self._ahead = None
         self.hooks.queue_depth(0)
         self._fail(queued, EngineFailure("the engine stalled on an earlier batch; not computed"))
         try:

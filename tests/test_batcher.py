@@ -232,3 +232,65 @@ def test_each_request_gets_its_own_images_results_in_order_whatever_batches_they
     requests, answers, sizes = asyncio.run(scenario())
     assert answers == [[float(v) for v in r] for r in requests]  # every request its own rows, in its own order
     assert sum(sizes) == 24 and max(sizes) <= 4 and len(sizes) < 24  # batched, never beyond the limit
+
+
+# ---- a full batch behind a running one is assembled ahead ------------------------------------------------------------------
+def test_a_full_batch_behind_a_running_one_is_assembled_ahead_and_runs_next_with_its_own_rows():
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        gate = asyncio.Event()
+        given: list[list[float]] = []
+
+        def engine(x):
+            if not given:  # the first batch holds the engine until the test has looked
+                asyncio.run_coroutine_threadsafe(gate.wait(), loop).result(10)
+            given.append(x[:, 0, 0, 0].tolist())
+            return identity_rows(x)
+
+        b = Batcher(engine, max_batch_size=2, max_wait_s=0.0, queue_capacity=16)
+        b.start()
+        first = asyncio.ensure_future(b.submit(images([1, 2]), time.monotonic() + 30))
+        await asyncio.sleep(0.05)
+        behind = [asyncio.ensure_future(b.submit(images([v]), time.monotonic() + 30)) for v in (3, 4, 5)]
+        await asyncio.sleep(0.05)
+        ahead = b._ahead is not None and [it.pixels[0, 0, 0] for it in b._ahead[0]]
+        depth = b.depth  # the batch assembled ahead still counts as waiting
+        gate.set()
+        answers = [await first] + [await f for f in behind]
+        return ahead, depth, given, [a[0][:, 0].tolist() for a in answers], [a[1][0].batch_id for a in answers]
+
+    ahead, depth, given, answers, batch_ids = asyncio.run(scenario())
+    assert ahead == [3.0, 4.0] and depth == 3
+    assert given == [[1.0, 2.0], [3.0, 4.0], [5.0]]  # the batch assembled ahead ran next, then the rest
+    assert answers == [[1.0, 2.0], [3.0], [4.0], [5.0]]  # every caller its own row
+    assert batch_ids == [1, 2, 2, 3]
+
+
+def test_a_batch_assembled_ahead_fails_with_the_queue_when_the_engine_stalls():
+    from service.errors import EngineFailure
+
+    engine = FaultyEngine("hang")
+
+    async def scenario():
+        b = Batcher(engine, max_batch_size=2, max_wait_s=0.0, queue_capacity=16, watchdog_s=0.2)
+        b.start()
+        hung = asyncio.ensure_future(b.submit(images([1, 2]), time.monotonic() + 5))
+        await asyncio.sleep(0.05)
+        ahead = asyncio.ensure_future(b.submit(images([3, 4]), time.monotonic() + 5))
+        await asyncio.sleep(0.05)
+        assembled = b._ahead is not None
+        with pytest.raises(EngineFailure, match="watchdog"):
+            await hung
+        with pytest.raises(EngineFailure, match="stalled"):
+            await ahead
+        engine.release.set()
+        for _ in range(100):
+            if not b.health.stalled:
+                break
+            await asyncio.sleep(0.01)
+        logits, _ = await b.submit(images([5]), time.monotonic() + 5)
+        return assembled, logits, b.idle
+
+    assembled, logits, idle = asyncio.run(scenario())
+    assert assembled and logits[:, 0].tolist() == [5.0] and idle
+    assert engine.calls == 2  # the batch assembled ahead never reached the engine
