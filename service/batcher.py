@@ -4,9 +4,7 @@ Protocol-independent on purpose: every front-end (our JSON API, KServe v2 over H
 :meth:`service.classifier.Classifier.classify` (or ``classify_pixels``), the only caller of :meth:`Batcher.submit`;
 batches mix their requests.
 One asyncio task forms batches; the engine call runs in one worker thread, so exactly one batch is in flight per
-engine. While it runs, a full batch waiting behind it is taken and copied into one array on another thread
-(*assembled ahead*), so that the engine starts it as soon as it is free instead of waiting for the copy (32 of
-ViT-L's float32 inputs are 19 MB). Rules:
+engine, and a full batch waiting behind it is copied into one array meanwhile (*assembled ahead*). Rules:
 
 - bounded queue (in images): a request that does not fit is rejected whole with ``Overloaded`` (429);
 - a batch closes when it is full, or when its oldest image has waited ``max_wait_s`` and the engine is free and no
@@ -59,6 +57,16 @@ class _Item:
 
 # How long a batch may wait, beyond max_wait, for images still being decoded: a few decodes of a large photo.
 DECODE_HOLD_S = 0.05
+
+
+def assemble(rows: list[np.ndarray], padded: int) -> np.ndarray:
+    """A batch's rows copied into one (padded, 3, H, W) array, off the event loop: 32 of ViT-L's float32 224² inputs
+    are 19 MB (2.5 ms on the 2-core EPYC here, the GIL released), a quarter of the loop at a GPU's rate."""
+    if padded == len(rows):
+        return np.stack(rows)
+    x = np.zeros((padded, *rows[0].shape), dtype=rows[0].dtype)  # zero rows up to the bucket's size
+    np.stack(rows, out=x[: len(rows)])
+    return x
 
 
 @dataclass
@@ -271,13 +279,12 @@ class Batcher:
         batch = self._take()
         if batch:
             padded = self._bucket(len(batch))
-            self._ahead = (batch, padded, self._assembler.run(self._assemble, [it.pixels for it in batch], padded))
+            self._ahead = (batch, padded, self._assembler.run(assemble, [it.pixels for it in batch], padded))
             self.hooks.queue_depth(self.depth)  # still waiting for the engine: queued, as far as scaling is concerned
 
     def _start_ahead(self) -> bool:
-        """The engine is free: start the batch assembled ahead (on the engine's thread at once when its copy is done,
-        as it normally is), unless an image of it was cancelled or ran out of time meanwhile; then its images go back
-        to the head of the queue and the batch is formed again (rare). True when a batch started."""
+        """The engine is free: start the batch assembled ahead (at once when its copy is done, as it normally is), unless
+        an image of it was cancelled or timed out meanwhile: then it goes back to the head of the queue (rare)."""
         batch, padded, assembled = self._ahead
         self._ahead = None
         now = time.monotonic()
@@ -322,8 +329,7 @@ class Batcher:
 
     async def _run(self, batch: list[_Item], padded: int, *, call: asyncio.Future | None = None,
                    assembled: asyncio.Future | None = None) -> None:
-        """One batch through the engine: ``call`` already started (a batch assembled ahead), or its ``assembled``
-        array still being copied, or neither (copied on the engine's thread, then run)."""
+        """One batch through the engine: ``call`` started already, or its ``assembled`` array to come, or neither."""
         started = time.monotonic()
         n = len(batch)
         self._batches_run += 1
@@ -331,11 +337,9 @@ class Batcher:
         self.hooks.running(n)
         handed_over = False
         try:
-            if call is None:
-                if assembled is None:
-                    call = self._executor.run(self._assemble_and_run, [it.pixels for it in batch], padded)
-                else:
-                    call = self._executor.run(self._run_batch, await assembled)
+            if call is None:  # its copy made ahead (awaited here), or made on the engine's thread before it runs
+                x, rows = (await assembled if assembled is not None else None), [it.pixels for it in batch]
+                call = self._executor.run(lambda: self._run_batch(x if x is not None else assemble(rows, padded)))
             done, _ = await asyncio.wait({call}, timeout=self.watchdog_s)
             if not done:
                 await self._stall(batch, call)
@@ -362,22 +366,6 @@ class Batcher:
                 self.hooks.running(0)
                 self._busy = False
             self._poke()
-
-    def _assemble_and_run(self, rows: list[np.ndarray], padded: int) -> np.ndarray:
-        """On the engine's thread, when no batch was assembled ahead: the batch's rows copied, then the engine."""
-        return self._run_batch(self._assemble(rows, padded))
-
-    @staticmethod
-    def _assemble(rows: list[np.ndarray], padded: int) -> np.ndarray:
-        """The batch's rows copied into one (padded, 3, H, W) array, off the event loop: 32 of ViT-L's float32 224²
-        inputs are 19 MB (2.5 ms on the 2-core EPYC here, with the GIL released), a quarter of the loop at a GPU's
-        thousands of images a second (`vitserve bench batch-assembly`)."""
-        n = len(rows)
-        if padded == n:
-            return np.stack(rows)
-        x = np.zeros((padded, *rows[0].shape), dtype=rows[0].dtype)  # zero rows up to the bucket's size
-        np.stack(rows, out=x[:n])
-        return x
 
     async def _stall(self, batch: list[_Item], call: asyncio.Future) -> None:
         """The watchdog fired: fail this batch and everything queued, refuse new work until ``call`` returns (its

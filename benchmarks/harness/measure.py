@@ -117,7 +117,7 @@ def server_cpu_s(pid: int) -> float:
 def server_cpu_by_thread_s(pid: int) -> dict[str, float]:
     """The same CPU seconds as :func:`server_cpu_s`, by what each thread does, from /proc (Linux): ``event loop`` (the
     workers' main threads: HTTP, gRPC in Python, the batcher, rendering), ``decode`` and ``engine`` (the service names
-    those OS threads, service/thread_pool.py), ``other threads`` (ONNX Runtime's intra-op pool, which
+    those OS threads, service/thread_pool.py; a batch assembled ahead is copied on the engine's behalf), ``other threads`` (ONNX Runtime's intra-op pool, which
     inherits its creator's name, and anything else in a worker), ``grpc front`` (the C++ gRPC front process) and
     ``arbiter`` (BentoML's process manager, the root). Empty where /proc has no task list."""
     import psutil
@@ -150,7 +150,7 @@ def _thread_role(is_root: bool, process: str, is_main: bool, comm: str) -> str:
         return "grpc front"
     if comm.startswith("vitserve-decode"):
         return "decode"
-    if comm.startswith("vitserve-engine"):
+    if comm.startswith(("vitserve-engine", "vitserve-assemble")):  # a batch's copy into one array is the engine's input
         return "engine"
     return "event loop" if is_main else "other threads"
 
