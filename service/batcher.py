@@ -291,11 +291,9 @@ class Batcher:
         started = all(not it.future.done() and now <= it.deadline for it in batch)
         if started:
             self._busy = True
-            if assembled.done() and not assembled.cancelled() and assembled.exception() is None:
-                call = self._executor.run(self._run_batch, assembled.result())  # before any caller is answered
-                asyncio.get_running_loop().create_task(self._run(batch, padded, call=call))
-            else:
-                asyncio.get_running_loop().create_task(self._run(batch, padded, assembled=assembled))
+            ready = assembled.done() and not assembled.cancelled() and assembled.exception() is None
+            call = self._executor.run(self._run_batch, assembled.result()) if ready else None  # before callers are answered
+            asyncio.get_running_loop().create_task(self._run(batch, padded, call=call, assembled=None if ready else assembled))
         else:
             self._pending.extendleft(reversed(batch))
             assembled.cancel()
@@ -314,7 +312,6 @@ class Batcher:
                 expired += 1
                 item.future.set_exception(DeadlineExceeded("request deadline passed while queued; not computed"))
                 continue
-            self.hooks.queue_wait(now - item.enqueued)
             batch.append(item)
         if expired:
             self.hooks.expired(expired)
@@ -335,6 +332,8 @@ class Batcher:
         self._batches_run += 1
         batch_id = self._batches_run
         self.hooks.running(n)
+        for item in batch:  # until its batch started: a batch assembled ahead waited too, and one formed again once
+            self.hooks.queue_wait(started - item.enqueued)
         handed_over = False
         try:
             if call is None:  # its copy made ahead (awaited here), or made on the engine's thread before it runs

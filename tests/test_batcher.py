@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from service import metrics
-from service.batcher import Batcher
+from service.batcher import Batcher, BatcherHooks
 from service.errors import DeadlineExceeded
 
 
@@ -294,3 +294,43 @@ def test_a_batch_assembled_ahead_fails_with_the_queue_when_the_engine_stalls():
     assembled, logits, idle = asyncio.run(scenario())
     assert assembled and logits[:, 0].tolist() == [5.0] and idle
     assert engine.calls == 2  # the batch assembled ahead never reached the engine
+
+
+def test_each_computed_image_has_its_queue_wait_observed_once_even_when_its_batch_is_formed_again():
+    class Waits(BatcherHooks):
+        def __init__(self):
+            self.waits: list[float] = []
+
+        def queue_wait(self, seconds: float) -> None:
+            self.waits.append(seconds)
+
+    hooks = Waits()
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        gate = asyncio.Event()
+        seen: list[float] = []
+
+        def engine(x):
+            if not seen:
+                asyncio.run_coroutine_threadsafe(gate.wait(), loop).result(10)
+            seen.extend(x[:, 0, 0, 0].tolist())
+            return identity_rows(x)
+
+        b = Batcher(engine, max_batch_size=2, max_wait_s=0.0, queue_capacity=16, hooks=hooks)
+        b.start()
+        first = asyncio.ensure_future(b.submit(images([1]), time.monotonic() + 30))
+        await asyncio.sleep(0.05)
+        gone = asyncio.ensure_future(b.submit(images([2]), time.monotonic() + 30))
+        kept = asyncio.ensure_future(b.submit(images([3]), time.monotonic() + 30))
+        await asyncio.sleep(0.05)
+        assembled_ahead = b._ahead is not None
+        gone.cancel()  # the batch assembled ahead lost an image: it is formed again from what is left
+        gate.set()
+        await first
+        result = await kept
+        return assembled_ahead, seen, result[0][:, 0].tolist()
+
+    assembled_ahead, seen, kept = asyncio.run(scenario())
+    assert assembled_ahead and seen == [1.0, 3.0] and kept == [3.0]
+    assert len(hooks.waits) == 2 and all(w >= 0 for w in hooks.waits)  # images 1 and 3, once each
