@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -68,11 +69,6 @@ def measure(project: Path, args) -> dict:
     return {"images_per_s": round(out["images_per_s"], 1), "loop_cpu_us_per_image": round(out["loop_cpu_us_per_image"], 1)}
 
 
-def median(values: list[float]) -> float:
-    v = sorted(values)
-    return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
-
-
 def run(args) -> dict:
     projects = [ROOT] + ([args.against.resolve()] if args.against else [])
     ceiling = args.batch / (args.engine_ms / 1000)
@@ -83,10 +79,10 @@ def run(args) -> dict:
     rows = []
     for p in projects:
         rs = rounds[str(p)]
-        ips = round(median([r["images_per_s"] for r in rs]), 1)
+        ips = round(statistics.median([r["images_per_s"] for r in rs]), 1)
         rows.append({"project": str(p), "git": git_label(p), "rounds": rs, "images_per_s": ips,
                      "over_engine_ceiling": round(ips / ceiling, 3),
-                     "loop_cpu_us_per_image": round(median([r["loop_cpu_us_per_image"] for r in rs]), 1)})
+                     "loop_cpu_us_per_image": round(statistics.median([r["loop_cpu_us_per_image"] for r in rs]), 1)})
     return {"row_shape": [3, args.size, args.size], "batch": args.batch, "engine_ms": args.engine_ms,
             "clients": args.clients, "engine_ceiling_images_per_s": round(ceiling, 1), "results": rows}
 

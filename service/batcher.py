@@ -142,8 +142,7 @@ class Batcher:
         # One thread: the engine sees one batch at a time (engines are not re-entrant, and on a GPU a
         # second concurrent batch only competes for the same SMs).
         self._executor = LoopThreads("vitserve-engine", 1)
-        # The next full batch, taken while the engine runs and copied into one array on this thread meanwhile.
-        self._assembler = LoopThreads("vitserve-assemble", 1)
+        self._assembler = LoopThreads("vitserve-assemble", 1)  # copies the next full batch while the engine runs
         self._ahead: tuple[list[_Item], int, asyncio.Future] | None = None  # (items, padded size, the array to come)
         self._batch_seconds_ewma: float | None = None
         self._batches_run = 0
@@ -336,17 +335,18 @@ class Batcher:
             self.hooks.queue_wait(started - item.enqueued)
         handed_over = False
         try:
-            if call is None:  # its copy made ahead (awaited here), or made on the engine's thread before it runs
-                x, rows = (await assembled if assembled is not None else None), [it.pixels for it in batch]
-                call = self._executor.run(lambda: self._run_batch(x if x is not None else assemble(rows, padded)))
+            if call is None and assembled is not None:  # copied ahead, but not done when the engine was free (rare)
+                call = self._executor.run(self._run_batch, await assembled)
+            elif call is None:  # copied on the engine's thread, then run
+                rows = [it.pixels for it in batch]
+                call = self._executor.run(lambda: self._run_batch(assemble(rows, padded)))
             done, _ = await asyncio.wait({call}, timeout=self.watchdog_s)
             if not done:
                 await self._stall(batch, call)
                 return
             logits = call.result()
             elapsed = time.monotonic() - started
-            # The engine is free: the batch assembled ahead starts before this one's callers are answered, so the
-            # engine does not wait for their wake-ups on the event loop.
+            # The engine is free: a batch assembled ahead starts before this one's callers are answered (their wake-ups)
             self._busy = False
             handed_over = self._ahead is not None and self._start_ahead()
             self.hooks.batch(n, padded, elapsed)

@@ -117,8 +117,8 @@ def server_cpu_s(pid: int) -> float:
 def server_cpu_by_thread_s(pid: int) -> dict[str, float]:
     """The same CPU seconds as :func:`server_cpu_s`, by what each thread does, from /proc (Linux): ``event loop`` (the
     workers' main threads: HTTP, gRPC in Python, the batcher, rendering), ``decode`` and ``engine`` (the service names
-    those OS threads, service/thread_pool.py; a batch assembled ahead is copied on the engine's behalf), ``other threads`` (ONNX Runtime's intra-op pool, which
-    inherits its creator's name, and anything else in a worker), ``grpc front`` (the C++ gRPC front process) and
+    those OS threads, service/thread_pool.py; a batch assembled ahead is copied on the engine's behalf), ``other
+    threads`` (ONNX Runtime's intra-op pool, which inherits its creator's name, and anything else in a worker), ``grpc front`` (the C++ gRPC front process) and
     ``arbiter`` (BentoML's process manager, the root). Empty where /proc has no task list."""
     import psutil
 
