@@ -10,101 +10,38 @@ engine, and a full batch waiting behind it is copied into one array meanwhile (*
 - a batch closes when it is full, or when its oldest image has waited ``max_wait_s`` and the engine is free and no
   admitted image is still being decoded (``expect``): those would otherwise miss this batch by a few milliseconds
   and wait a whole batch for the next. The wait for them is bounded by ``DECODE_HOLD_S``;
-- an image whose deadline passed while queued fails with ``DeadlineExceeded`` and is never computed;
-- an image whose caller went away (future cancelled) is dropped before computing (a batch assembled ahead that lost
-  an image, or one whose deadline passed meanwhile, goes back to the head of the queue and is formed again);
+- an image whose deadline passed while queued fails with ``DeadlineExceeded`` and is never computed; one whose caller
+  went away is dropped (a batch assembled ahead that lost one meanwhile goes back to the queue's head, formed again);
 - batches are padded up to the next configured bucket for fixed-shape engines; padding rows are discarded;
 - results are matched to callers by position in the batch, so completion order never mixes them up;
 - an engine call that raises fails only its batch's requests (``EngineFailure``); the next batch runs;
 - an engine call that outlives the **watchdog** fails its batch's requests the same way and everything queued behind
   it, and the batcher is *stalled*: new work is refused (``EngineStalled``, 503) until the call returns, since the
   engine runs one call at a time and Python cannot interrupt a thread inside a native call;
-- :class:`EngineHealth` keeps what readiness and liveness need: stalled or not, and failed calls in a row (a pod
-  whose engine keeps failing, or stays stalled, is better restarted by its orchestrator than left answering 5xx).
+- :class:`service.engine_health.EngineHealth` keeps what readiness and liveness need.
+
+Images come in by ``submit`` (on the loop, decoded) or ``offer`` (from a decode thread, as soon as decoded: no trip
+back through the loop, which is woken only when that changes what it does; docs/serving.md "The front door").
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 
+from service.batch_types import BatcherHooks, BatchStats, QueuedImage, assemble, settle_error
+from service.engine_health import EngineHealth
 from service.errors import DeadlineExceeded, EngineFailure, EngineStalled, Overloaded, ShuttingDown, drain_seconds
 from service.thread_pool import LoopThreads
 
 
-@dataclass
-class BatchStats:
-    """What one image experienced, for response headers and histograms."""
-
-    queue_wait_s: float = 0.0
-    inference_s: float = 0.0
-    batch_size: int = 0
-    batch_id: int = 0  # which engine batch computed the image (a counter per batcher): shows who shared batches
-
-
-@dataclass
-class _Item:
-    pixels: np.ndarray  # (3, H, W) float32
-    deadline: float  # time.monotonic() after which it must not be computed
-    enqueued: float
-    future: asyncio.Future = field(repr=False)
-
-
 # How long a batch may wait, beyond max_wait, for images still being decoded: a few decodes of a large photo.
 DECODE_HOLD_S = 0.05
-
-
-def assemble(rows: list[np.ndarray], padded: int) -> np.ndarray:
-    """A batch's rows copied into one (padded, 3, H, W) array, off the event loop: 32 of ViT-L's float32 224² inputs
-    are 19 MB (2.5 ms on the 2-core EPYC here, the GIL released), a quarter of the loop at a GPU's rate."""
-    if padded == len(rows):
-        return np.stack(rows)
-    x = np.zeros((padded, *rows[0].shape), dtype=rows[0].dtype)  # zero rows up to the bucket's size
-    np.stack(rows, out=x[: len(rows)])
-    return x
-
-
-@dataclass
-class EngineHealth:
-    """What the batcher has seen of its engine. ``stalled_since``: when the watchdog gave up on a call that has not
-    returned yet. Not alive (restart me) after ``max_failures`` failed calls in a row, or when stalled for
-    ``restart_after_s``."""
-
-    max_failures: int = 3
-    restart_after_s: float = 60.0
-    failures_in_a_row: int = 0
-    stalled_since: float | None = None
-
-    @property
-    def stalled(self) -> bool:
-        return self.stalled_since is not None
-
-    @property
-    def alive(self) -> bool:
-        if self.failures_in_a_row >= self.max_failures:
-            return False
-        return self.stalled_since is None or time.monotonic() - self.stalled_since < self.restart_after_s
-
-    def describe(self) -> dict:
-        return {"alive": self.alive, "stalled": self.stalled, "failures_in_a_row": self.failures_in_a_row,
-                "max_failures": self.max_failures}
-
-
-class BatcherHooks:
-    """Observation points; the service plugs Prometheus in here. Defaults do nothing."""
-
-    def queue_depth(self, depth: int) -> None: ...
-    def queue_wait(self, seconds: float) -> None: ...
-    def batch(self, size: int, padded_to: int, seconds: float) -> None: ...
-    def expired(self, count: int) -> None: ...
-    def running(self, images: int) -> None: ...
-    def engine_failed(self, kind: str) -> None: ...  # kind: "raised" or "watchdog"
-    def engine_stalled(self, stalled: bool) -> None: ...
 
 
 class Batcher:
@@ -134,16 +71,17 @@ class Batcher:
         self.watchdog_s = watchdog_s  # None: an engine call may take as long as it takes
         self.health = health or EngineHealth()
         self._on_stall = on_stall  # e.g. the CPU gate lets decodes go on without the hung batch
-        self._pending: collections.deque[_Item] = collections.deque()
+        self._pending: collections.deque[QueuedImage] = collections.deque()  # appended from decode threads too (offer):
+        self._offers = threading.Lock()  # the counts, the checks before appending and a stall's clearing take this
+        self._event_loop: asyncio.AbstractEventLoop | None = None
         self._waiter: asyncio.Future | None = None  # the assembling loop's sleep, while it sleeps (see _poke)
         self._busy = False
         self._closed = False
         self._task: asyncio.Task | None = None
-        # One thread: the engine sees one batch at a time (engines are not re-entrant, and on a GPU a
-        # second concurrent batch only competes for the same SMs).
+        # One thread: the engine sees one batch at a time (engines are not re-entrant; on a GPU a second batch competes)
         self._executor = LoopThreads("vitserve-engine", 1)
         self._assembler = LoopThreads("vitserve-assemble", 1)  # copies the next full batch while the engine runs
-        self._ahead: tuple[list[_Item], int, asyncio.Future] | None = None  # (items, padded size, the array to come)
+        self._ahead: tuple[list[QueuedImage], int, asyncio.Future] | None = None  # (items, padded size, the array to come)
         self._batch_seconds_ewma: float | None = None
         self._batches_run = 0
         self.decoding = 0  # images admitted upstream and still decoding: the one count (the hold below, the gauge)
@@ -151,7 +89,8 @@ class Batcher:
     # ---- public interface -------------------------------------------------------------------------
     def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._loop(), name="vitserve-batcher")
+            self._event_loop = asyncio.get_running_loop()
+            self._task = self._event_loop.create_task(self._loop(), name="vitserve-batcher")
 
     @property
     def depth(self) -> int:
@@ -164,42 +103,98 @@ class Batcher:
 
     def expect(self, images: int) -> None:
         """Upstream is decoding ``images`` more (negative: they arrived or failed). Called on the loop's thread."""
-        self.decoding += images
+        with self._offers:
+            self.decoding += images
         if images < 0 and self.decoding <= 0 and not self._busy and self._pending:
             self._poke()  # a batch held for these decodes may close now
 
     def check_engine(self) -> None:
         """Refuse new work while the engine is stalled (raises ``EngineStalled``)."""
-        if self.health.stalled:
-            raise EngineStalled(
-                f"the engine has not returned from a call for {time.monotonic() - self.health.stalled_since:.0f} s "
-                f"(watchdog {self.watchdog_s:.1f} s); retry on another replica", retry_after_s=self.watchdog_s,
-            )
+        if (refusal := self._refusal(0, queue=False)) is not None:
+            raise refusal
 
     def retry_after_s(self) -> float:
         """Until the queue and the batch in the engine have cleared, at the measured batch rate."""
         per_batch = self._batch_seconds_ewma or 0.1
         return drain_seconds(len(self._pending) + self.max_batch_size, self.max_batch_size / per_batch)
 
+    def _refusal(self, n: int, queue: bool = True) -> Exception | None:
+        if self._closed and queue:
+            return ShuttingDown("the server is shutting down and accepts no new work")
+        if self.health.stalled:
+            return EngineStalled(f"the engine has not returned from a call for {time.monotonic() - self.health.stalled_since:.0f} "
+                                 f"s (watchdog {self.watchdog_s:.1f} s); retry on another replica", retry_after_s=self.watchdog_s)
+        if queue and self.depth + n > self.queue_capacity:
+            return Overloaded(f"queue full ({self.depth}/{self.queue_capacity} images waiting); retry later",
+                              retry_after_s=self.retry_after_s())
+        return None
+
+    def _wakes(self, was_empty: bool) -> bool:
+        """Whether the loop must act on what just arrived (else its timer, or the running batch's end, is the next moment
+        anything changes for it): a full batch, the first image for an idle engine, a due batch's last awaited decode."""
+        if len(self._pending) >= self.max_batch_size and self._ahead is None:
+            return True
+        try:
+            return not self._busy and (was_empty or (
+                self.decoding <= 0 and time.monotonic() - self._pending[0].enqueued >= self.max_wait_s))
+        except IndexError:  # taken by the loop meanwhile
+            return False
+
     async def submit(self, pixels: np.ndarray, deadline: float) -> tuple[np.ndarray, list[BatchStats]]:
         """(N, 3, H, W) → ((N, L) logits, per-image stats). All N images are admitted or none is."""
-        if self._closed:
-            raise ShuttingDown("the server is shutting down and accepts no new work")
-        self.check_engine()
-        n = len(pixels)
-        if self.depth + n > self.queue_capacity:
-            raise Overloaded(
-                f"queue full ({self.depth}/{self.queue_capacity} images waiting); retry later",
-                retry_after_s=self.retry_after_s(),
-            )
+        if (refusal := self._refusal(len(pixels))) is not None:
+            raise refusal
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        items = [_Item(pixels[i], deadline, now, loop.create_future()) for i in range(n)]
-        was_empty = not self._pending
-        self._pending.extend(items)
+        items = [QueuedImage(pixels[i], deadline, now, loop.create_future()) for i in range(len(pixels))]
+        with self._offers:
+            was_empty = not self._pending
+            self._pending.extend(items)
         self.hooks.queue_depth(self.depth)
-        if (not self._busy and was_empty) or (len(self._pending) >= self.max_batch_size and self._ahead is None):
-            self._poke()  # otherwise the loop's timer, or the running batch's end, is the next moment anything changes
+        if self._wakes(was_empty):
+            self._poke()
+        return await self.results(items)
+
+    def placeholder(self, deadline: float) -> QueuedImage:
+        """On the loop: an image still to be decoded, counted as decoding; a decode thread ``offer``s it (or
+        ``withdraw``s it), and ``results`` awaits it."""
+        self.expect(1)
+        return QueuedImage(None, deadline, 0.0, asyncio.get_running_loop().create_future())
+
+    def offer(self, item: QueuedImage, pixels: np.ndarray) -> None:
+        """From a decode thread: the placeholder's pixels join the queue now. A refusal (full, stalled, shutting down)
+        reaches its caller on the loop. The queue-depth gauge is written as batches form, on the loop."""
+        item.pixels, item.decoded_at = pixels, time.perf_counter()
+        with self._offers:
+            self.decoding -= 1
+            refusal = self._refusal(1)
+            if refusal is None:
+                was_empty = not self._pending
+                item.enqueued = time.monotonic()
+                self._pending.append(item)
+        if refusal is not None:
+            self._from_thread(settle_error, item.future, refusal)
+        elif self._wakes(was_empty):
+            self._from_thread(self._poke)
+
+    def withdraw(self, item: QueuedImage, error: BaseException | None) -> None:
+        """From a decode thread: the placeholder will not come (its decode failed with ``error``, or its caller left)."""
+        with self._offers:
+            self.decoding -= 1
+        if error is not None:
+            self._from_thread(settle_error, item.future, error)
+        if self._wakes(was_empty=False):
+            self._from_thread(self._poke)
+
+    def _from_thread(self, fn: Callable, *args) -> None:
+        try:
+            self._event_loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:
+            pass  # the loop is closed: nobody is waiting any more
+
+    async def results(self, items: list[QueuedImage]) -> tuple[np.ndarray, list[BatchStats]]:
+        """The items' ((N, L) logits, per-image stats), once computed; a caller that leaves drops the rest."""
+        n = len(items)
         try:
             results = [await items[0].future] if n == 1 else await asyncio.gather(*(it.future for it in items))
         except BaseException:
@@ -222,14 +217,17 @@ class Batcher:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        with self._offers:  # out of time: what is still queued is answered all the same
+            left = list(self._pending) + (self._ahead[0] if self._ahead is not None else [])
+            self._pending.clear()
+            self._ahead = None
+        self._fail(left, ShuttingDown("the server shut down before this image was computed"))
         self._executor.shutdown()
         self._assembler.shutdown()
 
     # ---- the loop ------------------------------------------------------------------------------------
-    # The loop sleeps until something it acts on changes: the first image of an empty queue, a full batch, the engine
-    # free, the decodes a due batch holds for arriving, or its timer. Waking it for every image instead (each submit
-    # and each decode) cost the event loop a wake-up and a wait_for task per image; under open-loop arrivals, which
-    # come one per loop iteration rather than in bursts, that was measured in the main thread's CPU per image.
+    # The loop sleeps until something it acts on changes (``_wakes``) or its timer fires. Waking it for every image
+    # (each submit and each decode) cost the event loop a wake-up and a wait_for task per image, measured.
     def _poke(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -299,9 +297,9 @@ class Batcher:
         self.hooks.queue_depth(self.depth)
         return started
 
-    def _take(self) -> list[_Item]:
+    def _take(self) -> list[QueuedImage]:
         now = time.monotonic()
-        batch: list[_Item] = []
+        batch: list[QueuedImage] = []
         expired = 0
         while self._pending and len(batch) < self.max_batch_size:
             item = self._pending.popleft()
@@ -323,7 +321,7 @@ class Batcher:
                 return b
         return n
 
-    async def _run(self, batch: list[_Item], padded: int, *, call: asyncio.Future | None = None,
+    async def _run(self, batch: list[QueuedImage], padded: int, *, call: asyncio.Future | None = None,
                    assembled: asyncio.Future | None = None) -> None:
         """One batch through the engine: ``call`` started already, or its ``assembled`` array to come, or neither."""
         started = time.monotonic()
@@ -366,7 +364,7 @@ class Batcher:
                 self._busy = False
             self._poke()
 
-    async def _stall(self, batch: list[_Item], call: asyncio.Future) -> None:
+    async def _stall(self, batch: list[QueuedImage], call: asyncio.Future) -> None:
         """The watchdog fired: fail this batch and everything queued, refuse new work until ``call`` returns (its
         result is dropped), then serve again. ``_busy`` stays set meanwhile: the engine takes one call at a time."""
         self.health.failures_in_a_row += 1
@@ -376,8 +374,9 @@ class Batcher:
         if self._on_stall is not None:
             self._on_stall()
         self._fail(batch, EngineFailure(f"inference did not return within the engine watchdog's {self.watchdog_s:.1f} s"))
-        queued = list(self._pending)
-        self._pending.clear()
+        with self._offers:  # decode threads check the stall under this lock: nothing lands between the copy and clear
+            queued = list(self._pending)
+            self._pending.clear()
         if self._ahead is not None:  # assembled ahead, never started: it fails with the queue
             queued = self._ahead[0] + queued
             self._ahead[2].cancel()
@@ -393,7 +392,8 @@ class Batcher:
             self.hooks.engine_stalled(False)
 
     @staticmethod
-    def _fail(items: list[_Item], error: Exception) -> None:
+    def _fail(items: list[QueuedImage], error: Exception) -> None:
         for item in items:
             if not item.future.done():
                 item.future.set_exception(error)
+

@@ -21,7 +21,9 @@ import numpy as np
 from service import cpu_budget, hardware, metrics
 from service.admission import Admission, Ticket
 from service.artifact import SpeedCurve, load_artifact
-from service.batcher import Batcher, BatchStats, EngineHealth
+from service.batch_types import BatchStats, QueuedImage
+from service.batcher import Batcher
+from service.engine_health import EngineHealth
 from service.engines import select_engine, speed_curve
 from service.errors import EmptyRequest, InvalidParameter, NotReady, ShuttingDown, TooManyImages
 from service.preprocess import Preprocessor
@@ -297,6 +299,8 @@ class Classifier:
         """Encoded images (JPEG, PNG, ...) → their classification. ``ticket``: the request's admission at the door."""
         k = self.check_request(len(images), top_k, ticket)
         t0 = time.perf_counter()
+        if len(images) == 1 and self.engine_socket is None:
+            return await self._classify_one(images[0], k, protocol, ticket, t0)
         self._decoding(len(images))  # a batch about to close waits (briefly) for these
         try:
             if len(images) == 1:  # most requests: one thread hop, without gather's task and future around it
@@ -317,6 +321,31 @@ class Classifier:
         pixels = decoded[0][0][None] if len(decoded) == 1 else np.stack([x for x, _ in decoded])
         return await self._infer(pixels, k, protocol, decode_s=time.perf_counter() - t0, ticket=ticket)
 
+    async def _classify_one(self, data: bytes, k: int, protocol: str, ticket: Ticket | None, t0: float) -> Classification:
+        """A request of one image (most are): decoded straight into the batcher's queue by a decode thread, without
+        coming back through the event loop in between (service/batcher.py ``offer``). A request of several is decoded
+        whole first (above), so that its lowest-index bad image is the one named and none of it is computed."""
+        item = self.batcher.placeholder(self._deadline(ticket))
+        self._decode_pool.post(self._decode_into_queue, data, item)
+        logits, stats = await self.batcher.results([item])
+        decode_s = item.decoded_at - t0  # the wait for a decode thread included, as for a request of several
+        metrics.TALLY.observe(metrics.DECODE_SECONDS, decode_s)
+        metrics.TALLY.set(metrics.labelled(metrics.WORK_IN_FLIGHT, "decoding"), self.batcher.decoding)
+        return self._classification(logits, stats, k, protocol, decode_s)
+
+    def _decode_into_queue(self, data: bytes, item: QueuedImage) -> None:
+        """On a decode thread: decode, then queue the pixels for the engine (or hand the caller its bad image)."""
+        if item.future.cancelled():  # the caller left while this waited for a thread
+            return self.batcher.withdraw(item, None)
+        try:
+            pixels, _ = self.decode(data, 0)
+        except BaseException as e:  # noqa: BLE001 - the caller's bad image (or a decoder's failure) is its answer
+            return self.batcher.withdraw(item, e)
+        self.batcher.offer(item, pixels)
+
+    def _deadline(self, ticket: Ticket | None) -> float:
+        return ticket.deadline if ticket is not None else time.monotonic() + self.settings.request_timeout_s
+
     def _decoding(self, images: int) -> None:
         """Images entering (or leaving) the decode pool: counted once, by the batcher, whose closing batch waits for
         them; the gauge shows the same count."""
@@ -335,15 +364,16 @@ class Classifier:
         return await self._infer(np.ascontiguousarray(pixels), k, protocol, decode_s=0.0, ticket=ticket)
 
     async def _infer(self, pixels: np.ndarray, k: int, protocol: str, *, decode_s: float, ticket: Ticket | None) -> Classification:
-        assert self.batcher is not None
-        deadline = ticket.deadline if ticket is not None else time.monotonic() + self.settings.request_timeout_s
-        logits, stats = await self.batcher.submit(pixels, deadline)
+        logits, stats = await self.batcher.submit(pixels, self._deadline(ticket))
+        return self._classification(logits, stats, k, protocol, decode_s)
+
+    def _classification(self, logits: np.ndarray, stats: list[BatchStats], k: int, protocol: str, decode_s: float) -> Classification:
         t_inferred = time.perf_counter()
         probs = softmax(logits, self.manifest.temperature)
         top = rank(probs, self.manifest.labels, k)
         post_s = time.perf_counter() - t_inferred
         metrics.TALLY.observe(metrics.POSTPROCESS_SECONDS, post_s)
-        metrics.TALLY.inc(metrics.labelled(metrics.IMAGES, protocol), len(pixels))
+        metrics.TALLY.inc(metrics.labelled(metrics.IMAGES, protocol), len(logits))
         return Classification(
             probabilities=probs.astype(np.float32),
             top=top,

@@ -36,7 +36,7 @@ import time
 
 import numpy as np
 
-from service.batcher import BatchStats
+from service.batch_types import BatchStats
 from service.errors import ERROR_TABLE, EngineFailure, ServiceError, ShuttingDown
 
 log = logging.getLogger("vitserve.engine")

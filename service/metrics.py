@@ -13,7 +13,7 @@ from bisect import bisect_left
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from service.batcher import BatcherHooks
+from service.batch_types import BatcherHooks
 from service.errors import ServiceError, http_status
 
 LATENCY_BUCKETS = (

@@ -16,6 +16,7 @@ names only its own thread objects, and every OS thread is otherwise called after
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 from collections.abc import Callable
@@ -39,6 +40,11 @@ class LoopThreads:
         self._jobs.put((loop, future, fn, args))
         return future
 
+    def post(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Call ``fn(*args)`` on a pool thread, from any thread; nothing comes back: ``fn`` delivers its own result (the
+        decoder queueing pixels for the engine, service/batcher.py ``offer``) and must not raise."""
+        self._jobs.put((None, None, fn, args))
+
     def shutdown(self) -> None:
         """Threads exit once the jobs already queued are done; nothing waits for them (they are daemons)."""
         for _ in self._threads:
@@ -47,7 +53,10 @@ class LoopThreads:
     def _work(self) -> None:
         name_os_thread(self.role)
         while (job := self._jobs.get()) is not None:
-            _run_job(*job)
+            if job[1] is None:  # posted
+                _run_posted(job[2], job[3])
+            else:
+                _run_job(*job)
             job = None  # hold nothing of a finished job (a request's bytes) while waiting for the next
 
 
@@ -62,6 +71,13 @@ def _run_job(loop: asyncio.AbstractEventLoop, future: asyncio.Future, fn: Callab
         loop.call_soon_threadsafe(_settle, future, result, error)
     except RuntimeError:
         pass  # the loop is closed: nobody is waiting any more
+
+
+def _run_posted(fn: Callable[..., Any], args: tuple) -> None:
+    try:
+        fn(*args)
+    except BaseException:  # noqa: BLE001 - a bug in fn: logged, and the thread goes on serving the others
+        logging.getLogger("vitserve").exception("a job posted to a pool thread raised")
 
 
 def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:

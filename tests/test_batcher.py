@@ -10,7 +10,8 @@ import pytest
 from prometheus_client import REGISTRY
 
 from service import metrics
-from service.batcher import Batcher, BatcherHooks
+from service.batch_types import BatcherHooks
+from service.batcher import Batcher
 from service.errors import DeadlineExceeded
 
 
@@ -95,7 +96,7 @@ def test_an_engine_that_raises_fails_only_its_batch_and_the_next_batch_serves():
 
 
 def test_failures_in_a_row_end_liveness():
-    from service.batcher import EngineHealth
+    from service.engine_health import EngineHealth
     from service.errors import EngineFailure
 
     async def scenario():
@@ -334,3 +335,104 @@ def test_each_computed_image_has_its_queue_wait_observed_once_even_when_its_batc
     assembled_ahead, seen, kept = asyncio.run(scenario())
     assert assembled_ahead and seen == [1.0, 3.0] and kept == [3.0]
     assert len(hooks.waits) == 2 and all(w >= 0 for w in hooks.waits)  # images 1 and 3, once each
+
+
+# ---- images offered by decode threads --------------------------------------------------------------------------------------
+def test_images_offered_from_threads_each_get_their_own_result_and_the_decoding_count_returns_to_zero():
+    """Many decode threads queue images straight into the batcher (``offer``) while the loop submits others: every image
+    is answered with its own row, batches form as usual, a failed decode reaches its caller, and nothing stays counted."""
+    import threading
+
+    from service.errors import InvalidImage
+
+    async def scenario():
+        sizes: list[int] = []
+
+        def engine(x):
+            sizes.append(len(x))
+            return identity_rows(x)
+
+        b = Batcher(engine, max_batch_size=8, max_wait_s=0.005, queue_capacity=256)
+        b.start()
+        items = [b.placeholder(time.monotonic() + 30) for _ in range(60)]
+        assert b.decoding == 60
+
+        def decoder(part: list[int]) -> None:
+            for i in part:
+                time.sleep(0.0005 * (i % 3))
+                if i % 20 == 7:
+                    b.withdraw(items[i], InvalidImage(f"image {i} is corrupt", index=0))
+                else:
+                    b.offer(items[i], np.full((3, 2, 2), i, np.float32))
+
+        threads = [threading.Thread(target=decoder, args=(list(range(t, 60, 4)),)) for t in range(4)]
+        for t in threads:
+            t.start()
+        submitted = b.submit(images([1000, 1001]), time.monotonic() + 30)
+        answers = await asyncio.gather(*(b.results([it]) for it in items), submitted, return_exceptions=True)
+        for t in threads:
+            t.join()
+        await b.close(1)
+        return answers, sizes, b.decoding
+
+    answers, sizes, decoding = asyncio.run(scenario())
+    for i, answer in enumerate(answers[:60]):
+        if i % 20 == 7:
+            assert isinstance(answer, InvalidImage) and f"image {i}" in str(answer)
+        else:
+            logits, stats = answer
+            assert logits[:, 0].tolist() == [float(i)] and stats[0].batch_size >= 1
+    assert answers[60][0][:, 0].tolist() == [1000.0, 1001.0]
+    assert decoding == 0
+    assert sum(sizes) == 57 + 2 and max(sizes) <= 8 and len(sizes) < 59  # batched, never beyond the limit
+
+
+def test_a_due_batch_holds_for_a_placeholder_and_closes_when_its_decode_thread_offers_it():
+    """The hold for images still decoding works for offered images: the batch waits for the placeholder, not max_wait."""
+    import threading
+
+    async def scenario():
+        seen: list[int] = []
+        b = Batcher(lambda x: seen.append(len(x)) or identity_rows(x), max_batch_size=8, max_wait_s=0.002, queue_capacity=16)
+        b.start()
+        late = b.placeholder(time.monotonic() + 30)
+        first = asyncio.ensure_future(b.submit(images([1]), time.monotonic() + 30))
+        await asyncio.sleep(0.02)  # 10 × max_wait, within the hold for decodes (DECODE_HOLD_S)
+        threading.Thread(target=b.offer, args=(late, np.full((3, 2, 2), 2, np.float32))).start()
+        a, c = await asyncio.gather(first, b.results([late]))
+        await b.close(1)
+        return seen, a[0][:, 0].tolist(), c[0][:, 0].tolist()
+
+    assert asyncio.run(scenario()) == ([2], [1.0], [2.0])
+
+
+def test_offered_images_are_refused_when_the_queue_is_full_or_closed_and_a_closing_batcher_answers_what_is_queued():
+    """What ``submit`` refuses, ``offer`` refuses too, to the caller on the loop; a close that runs out of time answers
+    the images still queued (ShuttingDown) instead of leaving them unanswered."""
+    import threading
+
+    from service.errors import Overloaded, ShuttingDown
+
+    async def scenario():
+        gate = threading.Event()
+        b = Batcher(lambda x: gate.wait(10) and identity_rows(x), max_batch_size=1, max_wait_s=0.0, queue_capacity=2)
+        b.start()
+        running = asyncio.ensure_future(b.submit(images([1]), time.monotonic() + 30))  # held in the engine
+        await asyncio.sleep(0.05)
+        queued = asyncio.ensure_future(b.submit(images([2, 3]), time.monotonic() + 30))  # the queue is full
+        await asyncio.sleep(0.01)
+        full = b.placeholder(time.monotonic() + 30)
+        threading.Thread(target=b.offer, args=(full, images([4])[0])).start()
+        with pytest.raises(Overloaded, match="queue full"):
+            await b.results([full])
+        await b.close(0.1)  # the engine is still held: out of time
+        with pytest.raises(ShuttingDown):
+            await queued
+        late = b.placeholder(time.monotonic() + 30)
+        threading.Thread(target=b.offer, args=(late, images([5])[0])).start()
+        with pytest.raises(ShuttingDown):
+            await b.results([late])
+        gate.set()
+        return (await running)[0][:, 0].tolist(), b.decoding
+
+    assert asyncio.run(scenario()) == ([1.0], 0)
