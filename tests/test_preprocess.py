@@ -184,6 +184,26 @@ def test_decompression_bomb_is_refused_from_the_header():
         decode_image(data, max_pixels=50_000_000, index=0)
 
 
+def test_pillows_warning_between_its_own_limits_does_not_escape_and_ours_decides():
+    """90 M pixels: over Pillow's warning threshold (~89 M), under its error (~179 M). Pillow's warning is ignored by a
+    filter the module installs once (not by catch_warnings per decode: not thread-safe), so the service's own limit
+    decides. In a fresh interpreter with such warnings turned into errors: pytest discards filters added while it
+    collects, and a warning raised as an error would surface as "could not be read" instead."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import io\nfrom PIL import Image\nfrom service.preprocess import decode_image\nfrom service.errors import ImageTooLarge\n"
+        "buf = io.BytesIO(); Image.new('1', (10000, 9000)).save(buf, 'PNG', optimize=True)\n"
+        "try:\n    decode_image(buf.getvalue(), max_pixels=50_000_000)\nexcept ImageTooLarge as e:\n    print('refused:', e)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", code], cwd=root, capture_output=True,
+                         text=True, timeout=120)
+    assert "refused: image 0 is 10000x9000 = 90000000 pixels" in out.stdout, out.stdout + out.stderr
+
+
 def test_our_pixel_limit_applies_below_pillows():
     data = encode(Image.new("RGB", (3000, 2000)), "PNG")
     with pytest.raises(ImageTooLarge, match="6000000 pixels, over the limit of 5000000"):
