@@ -26,6 +26,7 @@ class QueuedImage:
     enqueued: float
     future: asyncio.Future = field(repr=False)
     decoded_at: float = 0.0  # time.perf_counter() when an offered image's decode ended
+    decode_s: float = 0.0  # that decode's own seconds (the decode histogram), without its wait for a thread
 
 
 def assemble(rows: list[np.ndarray], padded: int) -> np.ndarray:

@@ -95,7 +95,8 @@ class Batcher:
     @property
     def depth(self) -> int:
         """Images waiting for the engine, a batch assembled ahead included."""
-        return len(self._pending) + (len(self._ahead[0]) if self._ahead is not None else 0)
+        ahead = self._ahead  # read once: decode threads ask too (offer), while the loop may clear it
+        return len(self._pending) + (len(ahead[0]) if ahead is not None else 0)
 
     @property
     def idle(self) -> bool:

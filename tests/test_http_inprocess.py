@@ -36,6 +36,7 @@ async def client(anyio_backend, tiny_artifact):
     service = app(settings)
     async with LifespanManager(service) as manager:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://vitserve") as c:
+            c.guarded_app = service  # the guard (BodyLimit, no API keys here) → the inference routes → the Classifier
             yield c
 
 
@@ -117,3 +118,22 @@ async def test_malformed_multipart_and_unknown_routes_use_the_error_format(clien
         assert r.status_code == 404 and r.json()["error"]["type"] == "not_found", (path, r.text)
 
 
+
+
+async def test_the_decode_histogram_times_the_decode_and_the_response_header_its_wait_too(client, photo_bytes):
+    """A one-image request is decoded straight into the batcher's queue (service/batcher.py ``offer``): the decode
+    histogram still observes the decode alone, and X-Vitserve-Decode-Ms the time until it was decoded, the wait for a
+    busy decode thread included."""
+    import time
+
+    classifier = client.guarded_app.app.get_classifier()
+    threads = len(classifier._decode_pool._threads)  # noqa: SLF001
+    for _ in range(threads):  # every decode thread busy for 0.4 s
+        classifier._decode_pool.post(time.sleep, 0.4)  # noqa: SLF001
+    before = (await client.get("/metrics")).text
+    r = await client.post("/classify", content=photo_bytes[0][1], headers={"content-type": "image/png"})
+    after = (await client.get("/metrics")).text
+    assert r.status_code == 200, r.text
+    decoded = metric_value(after, "vitserve_decode_duration_seconds_sum") - metric_value(before, "vitserve_decode_duration_seconds_sum")
+    assert metric_value(after, "vitserve_decode_duration_seconds_count") - metric_value(before, "vitserve_decode_duration_seconds_count") == 1
+    assert float(r.headers["x-vitserve-decode-ms"]) >= 300 > decoded * 1000, (r.headers["x-vitserve-decode-ms"], decoded)
