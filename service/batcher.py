@@ -76,6 +76,7 @@ class Batcher:
         self._event_loop: asyncio.AbstractEventLoop | None = None
         self._waiter: asyncio.Future | None = None  # the assembling loop's sleep, while it sleeps (see _poke)
         self._busy = False
+        self._holding = False  # the loop sleeps holding a due batch for decodes still running
         self._closed = False
         self._task: asyncio.Task | None = None
         # One thread: the engine sees one batch at a time (engines are not re-entrant; on a GPU a second batch competes)
@@ -100,13 +101,13 @@ class Batcher:
 
     @property
     def idle(self) -> bool:
-        return not self._pending and not self._busy and self._ahead is None
+        return not self._pending and not self._busy and self._ahead is None and self.decoding <= 0
 
     def expect(self, images: int) -> None:
         """Upstream is decoding ``images`` more (negative: they arrived or failed). Called on the loop's thread."""
         with self._offers:
             self.decoding += images
-        if images < 0 and self.decoding <= 0 and not self._busy and self._pending:
+        if images < 0 and self._pending and self._wakes(was_empty=False):
             self._poke()  # a batch held for these decodes may close now
 
     def check_engine(self) -> None:
@@ -116,8 +117,7 @@ class Batcher:
 
     def retry_after_s(self) -> float:
         """Until the queue and the batch in the engine have cleared, at the measured batch rate."""
-        per_batch = self._batch_seconds_ewma or 0.1
-        return drain_seconds(len(self._pending) + self.max_batch_size, self.max_batch_size / per_batch)
+        return drain_seconds(len(self._pending) + self.max_batch_size, self.max_batch_size / (self._batch_seconds_ewma or 0.1))
 
     def _refusal(self, n: int, queue: bool = True) -> Exception | None:
         if self._closed and queue:
@@ -132,23 +132,19 @@ class Batcher:
 
     def _wakes(self, was_empty: bool) -> bool:
         """Whether the loop must act on what just arrived (else its timer, or the running batch's end, is the next moment
-        anything changes for it): a full batch, the first image for an idle engine, a due batch's last awaited decode."""
+        anything changes for it): a full batch, the first image for an idle engine, the last decode a sleep held for."""
         if len(self._pending) >= self.max_batch_size and self._ahead is None:
             return True
-        try:
-            return not self._busy and (was_empty or (
-                self.decoding <= 0 and time.monotonic() - self._pending[0].enqueued >= self.max_wait_s))
-        except IndexError:  # taken by the loop meanwhile
-            return False
+        return not self._busy and (was_empty or (self._holding and self.decoding <= 0))
 
     async def submit(self, pixels: np.ndarray, deadline: float) -> tuple[np.ndarray, list[BatchStats]]:
         """(N, 3, H, W) → ((N, L) logits, per-image stats). All N images are admitted or none is."""
-        if (refusal := self._refusal(len(pixels))) is not None:
-            raise refusal
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         items = [QueuedImage(pixels[i], deadline, now, loop.create_future()) for i in range(len(pixels))]
-        with self._offers:
+        with self._offers:  # checked and queued at once: decode threads append too
+            if (refusal := self._refusal(len(pixels))) is not None:
+                raise refusal
             was_empty = not self._pending
             self._pending.extend(items)
         self.hooks.queue_depth(self.depth)
@@ -174,7 +170,7 @@ class Batcher:
                 item.enqueued = time.monotonic()
                 self._pending.append(item)
         if refusal is not None:
-            self._from_thread(settle_error, item.future, refusal)
+            self.fail_from_thread(item, refusal)
         elif self._wakes(was_empty):
             self._from_thread(self._poke)
 
@@ -183,9 +179,12 @@ class Batcher:
         with self._offers:
             self.decoding -= 1
         if error is not None:
-            self._from_thread(settle_error, item.future, error)
+            self.fail_from_thread(item, error)
         if self._wakes(was_empty=False):
             self._from_thread(self._poke)
+
+    def fail_from_thread(self, item: QueuedImage, error: BaseException) -> None:
+        self._from_thread(settle_error, item.future, error)
 
     def _from_thread(self, fn: Callable, *args) -> None:
         try:
@@ -265,8 +264,9 @@ class Batcher:
             waited = time.monotonic() - oldest
             due = waited >= self.max_wait_s and (self.decoding <= 0 or waited >= self.max_wait_s + DECODE_HOLD_S)
             if not (full or due):
-                limit = self.max_wait_s + (DECODE_HOLD_S if self.decoding > 0 else 0.0)
-                await self._wait(max(0.0, oldest + limit - time.monotonic()))
+                self._holding = self.decoding > 0  # then the last of those decodes wakes it (_wakes)
+                await self._wait(max(0.0, oldest + self.max_wait_s + (DECODE_HOLD_S if self._holding else 0.0) - time.monotonic()))
+                self._holding = False
                 continue
             batch = self._take()
             if batch:

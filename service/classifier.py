@@ -327,11 +327,13 @@ class Classifier:
         whole first (above), so that its lowest-index bad image is the one named and none of it is computed."""
         item = self.batcher.placeholder(self._deadline(ticket))
         self._decode_pool.post(self._decode_into_queue, data, item)
-        logits, stats = await self.batcher.results([item])
-        decode_s = item.decoded_at - t0  # the wait for a decode thread included, as for a request of several
-        metrics.TALLY.observe(metrics.DECODE_SECONDS, item.decode_s)  # the decode alone, as for a request of several
-        metrics.TALLY.set(metrics.labelled(metrics.WORK_IN_FLIGHT, "decoding"), self.batcher.decoding)
-        return self._classification(logits, stats, k, protocol, decode_s)
+        try:
+            logits, stats = await self.batcher.results([item])
+        finally:  # decoded, even if then refused or expired: counted, as for a request of several
+            if item.pixels is not None:
+                metrics.TALLY.observe(metrics.DECODE_SECONDS, item.decode_s)  # the decode alone, without its wait
+            metrics.TALLY.set(metrics.labelled(metrics.WORK_IN_FLIGHT, "decoding"), self.batcher.decoding)
+        return self._classification(logits, stats, k, protocol, item.decoded_at - t0)  # the wait for a thread included
 
     def _decode_into_queue(self, data: bytes, item: QueuedImage) -> None:
         """On a decode thread: decode, then queue the pixels for the engine (or hand the caller its bad image)."""
@@ -341,7 +343,10 @@ class Classifier:
             pixels, item.decode_s = self.decode(data, 0)
         except BaseException as e:  # noqa: BLE001 - the caller's bad image (or a decoder's failure) is its answer
             return self.batcher.withdraw(item, e)
-        self.batcher.offer(item, pixels)
+        try:
+            self.batcher.offer(item, pixels)
+        except BaseException as e:  # noqa: BLE001 - a bug there must not leave the caller waiting forever
+            self.batcher.fail_from_thread(item, e)
 
     def _deadline(self, ticket: Ticket | None) -> float:
         return ticket.deadline if ticket is not None else time.monotonic() + self.settings.request_timeout_s

@@ -436,3 +436,30 @@ def test_offered_images_are_refused_when_the_queue_is_full_or_closed_and_a_closi
         return (await running)[0][:, 0].tolist(), b.decoding
 
     assert asyncio.run(scenario()) == ([1.0], 0)
+
+
+def test_the_last_decode_a_sleeping_batch_holds_for_wakes_it_even_before_max_wait(monkeypatch):
+    """A batch held for decodes sleeps until max_wait + DECODE_HOLD_S; the offer that ends the last of them wakes it, so
+    it closes at max_wait, not at the end of the hold (a lost wake-up once: the offer woke it only after max_wait)."""
+    import threading
+
+    from service import batcher as batcher_module
+
+    monkeypatch.setattr(batcher_module, "DECODE_HOLD_S", 1.0)
+
+    async def scenario():
+        seen: list[int] = []
+        b = Batcher(lambda x: seen.append(len(x)) or identity_rows(x), max_batch_size=8, max_wait_s=0.02, queue_capacity=16)
+        b.start()
+        first, second = b.placeholder(time.monotonic() + 30), b.placeholder(time.monotonic() + 30)
+        t0 = time.monotonic()
+        b.offer(first, np.full((3, 2, 2), 1, np.float32))  # the loop wakes, sees one still decoding: holds for it
+        await asyncio.sleep(0.005)  # before max_wait
+        threading.Thread(target=b.offer, args=(second, np.full((3, 2, 2), 2, np.float32))).start()
+        await asyncio.gather(b.results([first]), b.results([second]))
+        took = time.monotonic() - t0
+        await b.close(1)
+        return seen, took
+
+    seen, took = asyncio.run(scenario())
+    assert seen == [2] and took < 0.5, (seen, took)
