@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--config", choices=sorted(CONFIGS), default="vit-small")
     src.add_argument("--checkpoint", type=Path)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--name", default=None, help="results file name (default: decode_<model>)")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     quiet_libraries()
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     md = table(result)
     print(md)
     rows = [(f"margin {r['margin']:g}", f"{r['decode_ms']} ms/img; top-1 {r['top1_agreement']:.3f}") for r in result["rows"]]
-    name = f"decode_{Path(str(args.checkpoint)).name if args.checkpoint else args.config}"
+    name = args.name or f"decode_{Path(str(args.checkpoint)).name if args.checkpoint else args.config}"
     return finish("decode", payload, rows, table=md, name=None if args.no_write else name)
 
 

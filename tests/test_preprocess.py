@@ -208,3 +208,17 @@ def test_our_pixel_limit_applies_below_pillows():
     data = encode(Image.new("RGB", (3000, 2000)), "PNG")
     with pytest.raises(ImageTooLarge, match="6000000 pixels, over the limit of 5000000"):
         decode_image(data, max_pixels=5_000_000, index=2)
+
+
+def test_normalize_is_the_float32_formula_bit_for_bit():
+    """Every uint8 value in every channel, one image and a batch: ``pixel * scale + offset`` in float32, as the served
+    arithmetic has always been (training and the parity gate fold it the same way), in a C-contiguous (..., 3, H, W)."""
+    spec = VIT.model_copy(update={"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]})
+    pre = Preprocessor(spec)
+    rng = np.random.default_rng(0)
+    every_value = np.broadcast_to(np.arange(256, dtype=np.uint8)[:, None, None], (256, 2, 3)).reshape(16, 32, 3)
+    for hwc in (every_value, rng.integers(0, 256, (4, 7, 5, 3), dtype=np.uint8)):
+        reference = np.moveaxis(hwc, -1, -3).astype(np.float32) * pre.scale + pre.offset
+        out = pre.normalize(hwc)
+        assert out.dtype == np.float32 and out.flags.c_contiguous and out.shape == reference.shape
+        assert np.array_equal(out, reference)
