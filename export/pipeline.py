@@ -174,7 +174,7 @@ class _Export:
         t = time.perf_counter()
         # As the service runs a CPU engine: ONNX Runtime's pool does not spin (service/cpu_budget.py), so the speed
         # measured here is the speed served.
-        engine = build_engine(kind, self.out / e.file, e, self.input_size, spinning=False, trt_cache_dir=self.out / "trt_cache")
+        engine = build_engine(kind, self.out / e.file, e, self.input_size, idle_spinning=False, trt_cache_dir=self.out / "trt_cache")
         report = check_engine(
             engine, self.pixels, self.reference, temperature=self.ckpt.temperature,
             thresholds=self.opts.thresholds[e.precision], hardware=hardware.describe(engine.device),

@@ -66,7 +66,7 @@ class Classifier:
         # Checksum, load, and re-check the golden set on this machine (auto skips an engine that fails it).
         self.selection = select_engine(
             self.artifact, settings.engine, intra_op_threads=self.threads.engine_threads,
-            spinning=self.threads.spinning, check=settings.startup_check,
+            idle_spinning=self.threads.idle_spinning, check=settings.startup_check,
         )  # fmt: skip
         self.engine = self.selection.engine
         if (self.engine.device == "cpu") != bool(self.threads.engine_threads):

@@ -9,8 +9,8 @@ The rule (each part can be overridden by a setting):
   turns* (:class:`CpuGate`): a batch runs when no decode is running, decodes run when no batch is. On a machine the
   engine saturates, running both at once only makes each slower (measured on 2 cores, ViT-S: inference 40 ms/image
   and decode 19 ms/image in the service against 27.5 and 6.1 alone); taking turns costs the engine at most one
-  decode's wait, and decodes then use all cores instead of one. ONNX Runtime's threads do not spin between calls
-  (a spinning pool burns the cores the decode turn needs).
+  decode's wait, and decodes then use all cores instead of one. ONNX Runtime's threads spin inside a call but stop
+  as it returns (a pool spinning on burns the cores the decode turn needs; one that sleeps inside a call is slower).
 - **GPU engine**: the GPU computes; every core decodes, without a gate.
 - The event loop (HTTP and gRPC parsing) is the worker's main thread and is not counted: it only waits, parses and
   renders between the two.
@@ -60,7 +60,7 @@ class ThreadPlan:
     engine_threads: int  # ONNX Runtime intra-op threads (0 = not a CPU engine)
     decode_threads: int
     gate: bool  # decode and the engine take turns
-    spinning: bool  # ONNX Runtime's pool may spin between parallel regions
+    idle_spinning: bool  # ONNX Runtime's pool may go on spinning after a run returns (inside a run it always spins)
     source: str  # where the core count came from
 
     def describe(self) -> dict:
@@ -77,7 +77,7 @@ def plan(*, cpu_engine: bool, cores: int = 0, decode_threads: int = 0, engine_th
         engine_threads=(engine_threads or cores) if cpu_engine else 0,
         decode_threads=decode_threads or cores,
         gate=gate,
-        spinning=not gate,
+        idle_spinning=not gate,
         source=source,
     )
 

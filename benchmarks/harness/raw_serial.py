@@ -11,8 +11,8 @@ import numpy as np
 
 class RawSerial:
     """Decode ``batch`` images one after another with the service's Preprocessor, then one engine call on them, the
-    engine opened with the service's CPU budget (service/cpu_budget.py: its threads, no spinning). Loaded once; each
-    call times that loop for ``seconds``: images/s, and each part's wall time and CPU time per image.
+    engine opened with the service's CPU budget (service/cpu_budget.py: its threads, no spinning between calls).
+    Loaded once; each call times that loop for ``seconds``: images/s, and each part's wall time and CPU time per image.
 
     Called once per round of a benchmark that interleaves its servers (the servers up but idle meanwhile), so that the
     yardstick drifts with the machine as the figures it divides do: measured once after the servers, it moved by 20 %
@@ -30,7 +30,7 @@ class RawSerial:
 
         art = load_artifact(artifact, verify=False)
         self.budget = plan(cpu_engine=True)  # a GPU engine would not be picked here: the benchmark loads CPU artifacts
-        self.engine = select_engine(art, "auto", intra_op_threads=self.budget.engine_threads, spinning=self.budget.spinning,
+        self.engine = select_engine(art, "auto", intra_op_threads=self.budget.engine_threads, idle_spinning=self.budget.idle_spinning,
                                     check=False).engine
         self.pre = Preprocessor(art.manifest.preprocessing)
         self.image, self.batch = image, min(batch, self.engine.max_batch_size)

@@ -101,17 +101,17 @@ def build_engine(
     input_size: tuple[int, int],
     *,
     intra_op_threads: int = 0,
-    spinning: bool = True,
+    idle_spinning: bool = True,
     trt_cache_dir: Path | None = None,
 ) -> Engine:
     """Load one engine file as ``kind``. Plain arguments: export builds engines before any manifest exists.
-    ``intra_op_threads`` and ``spinning`` are the CPU budget's (service/cpu_budget.py); 0 = the runtime's default."""
+    ``intra_op_threads`` and ``idle_spinning`` are the CPU budget's (service/cpu_budget.py); 0 = the runtime's default."""
     if kind.startswith("onnxruntime-"):
         from service.engines.onnxruntime_engine import OnnxRuntimeEngine
 
         provider = kind.removeprefix("onnxruntime-")
         return OnnxRuntimeEngine(
-            path, entry, input_size, provider=provider, intra_op_threads=intra_op_threads, spinning=spinning,
+            path, entry, input_size, provider=provider, intra_op_threads=intra_op_threads, idle_spinning=idle_spinning,
             trt_cache_dir=trt_cache_dir,
         )  # fmt: skip
     if kind == "tensorrt":
@@ -127,11 +127,11 @@ def build_engine(
     raise ValueError(f"unknown engine {kind!r}; choose one of {', '.join(ENGINE_CHOICES)}")
 
 
-def open_engine(kind: str, artifact: Artifact, entry: EngineFile, *, intra_op_threads: int = 0, spinning: bool = True) -> Engine:
+def open_engine(kind: str, artifact: Artifact, entry: EngineFile, *, intra_op_threads: int = 0, idle_spinning: bool = True) -> Engine:
     """:func:`build_engine` for a file of an artifact on disk."""
     return build_engine(
         kind, artifact.path(entry), entry, artifact.manifest.preprocessing.input_size,
-        intra_op_threads=intra_op_threads, spinning=spinning, trt_cache_dir=artifact.root / "trt_cache",
+        intra_op_threads=intra_op_threads, idle_spinning=idle_spinning, trt_cache_dir=artifact.root / "trt_cache",
     )  # fmt: skip
 
 
@@ -231,7 +231,7 @@ def _figures(r: ParityReport) -> str:
 
 
 def select_engine(
-    artifact: Artifact, choice: str = "auto", *, intra_op_threads: int = 0, spinning: bool = True, check: bool = True
+    artifact: Artifact, choice: str = "auto", *, intra_op_threads: int = 0, idle_spinning: bool = True, check: bool = True
 ) -> Selection:
     """Verify, load and (``check``) re-check on this machine; ``auto`` falls through to the next candidate."""
     if choice not in ENGINE_CHOICES:
@@ -243,7 +243,7 @@ def select_engine(
     for kind, entry in options:
         artifact.verify([entry])  # a checksum failure is fatal, never a reason to fall through
         try:
-            engine = open_engine(kind, artifact, entry, intra_op_threads=intra_op_threads, spinning=spinning)
+            engine = open_engine(kind, artifact, entry, intra_op_threads=intra_op_threads, idle_spinning=idle_spinning)
         except Exception as e:  # noqa: BLE001 - try the next candidate, report all at the end
             if choice != "auto":
                 raise EngineRefused(f"engine {kind} ({entry.file}) could not be loaded: {e}") from e
