@@ -339,6 +339,22 @@ def test_batch_assembly_measures_this_checkouts_batcher_against_the_engines_ceil
     assert "vitserve bench summary: batch assembly" in capsys.readouterr().out
 
 
+def test_engine_turns_times_every_pool_setting_on_the_served_engine_file(tmp_path, monkeypatch, capsys):
+    """`vitserve bench engine-turns` on the demo artifact: each of the three ONNX Runtime pool settings runs whole
+    cycles (an engine call, then a decode turn of as many photos), with its own session config written down."""
+    from benchmarks.cli import main
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    assert main(["engine-turns", "--batch", "4", "--rounds", "1", "--cycles", "2", "--name", "turns-test"]) == 0
+    payload = json.loads((tmp_path / f"turns-test_{common.env_tag(common.environment())}.json").read_text())
+    assert [r["config"] for r in payload["rows"]] == [
+        {"session.intra_op.allow_spinning": "0"}, {"session.force_spinning_stop": "1"}, {}]
+    for row in payload["rows"]:
+        assert row["engine_ms"] > 0 and row["decode_turn_ms"] > 0 and row["images_per_s"] > 0 and row["cpu_ms_per_image"] > 0
+        assert row["cycle_ms"] == pytest.approx(row["engine_ms"] + row["decode_turn_ms"], abs=0.01)
+    assert "vitserve bench summary: engine-turns" in capsys.readouterr().out
+
+
 def test_front_door_loads_every_protocol_and_the_litserve_peer(tiny_artifact, tmp_path, monkeypatch, capsys):
     """`vitserve bench front-door` end to end on the tiny artifact: every protocol of ours answered (no refusals at
     default settings), LitServe's idiom around the same engine answered too, each figure against raw serial."""
