@@ -14,8 +14,8 @@ threads (the artifact's Preprocessor), for each pool setting in turn, rounds int
   plan that takes turns);
 - ``spin on``: ONNX Runtime's default, as an engine alone would run.
 
-Sessions are built with OnnxRuntimeEngine's options (all graph optimisations, sequential, the plan's intra-op
-threads). Reported: medians of engine ms per call, decode-turn ms and cycle ms, img/s, and process CPU ms per image.
+Sessions take OnnxRuntimeEngine's own fixed options (``session_options``: all graph optimisations, sequential, the
+plan's intra-op threads). Reported: medians of engine ms per call, decode-turn ms and cycle ms, img/s, and process CPU ms per image.
 """
 
 from __future__ import annotations
@@ -45,10 +45,9 @@ SETTINGS = {  # name → session config entries beyond OnnxRuntimeEngine's fixed
 def session(path: Path, threads: int, entries: dict[str, str]):
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = threads
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    from service.engines.onnxruntime_engine import session_options
+
+    opts = session_options(threads)
     for key, value in entries.items():
         opts.add_session_config_entry(key, value)
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])

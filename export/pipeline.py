@@ -172,8 +172,8 @@ class _Export:
     def gate(self, kind: str, e: EngineFile) -> tuple[EngineFile, Engine]:
         """Load ``e`` through the service's engine class and judge it against the FP32 reference."""
         t = time.perf_counter()
-        # As the service runs a CPU engine: ONNX Runtime's pool does not spin (service/cpu_budget.py), so the speed
-        # measured here is the speed served.
+        # As the service runs a CPU engine: ONNX Runtime's pool stops spinning as a call returns (service/cpu_budget.py),
+        # so the speed measured here is the speed served.
         engine = build_engine(kind, self.out / e.file, e, self.input_size, idle_spinning=False, trt_cache_dir=self.out / "trt_cache")
         report = check_engine(
             engine, self.pixels, self.reference, temperature=self.ckpt.temperature,

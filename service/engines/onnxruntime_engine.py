@@ -39,6 +39,17 @@ def available_providers() -> list[str]:
     return ort.get_available_providers()
 
 
+def session_options(intra_op_threads: int = 0):
+    """Every session's fixed options (``vitserve bench engine-turns`` adds its pool settings to these)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = intra_op_threads  # 0 = one per physical core
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # one batch at a time: intra-op parallelism only
+    return opts
+
+
 class OnnxRuntimeEngine(Engine):
     def __init__(
         self,
@@ -58,10 +69,7 @@ class OnnxRuntimeEngine(Engine):
                 f"ONNX Runtime here has no {PROVIDERS[provider][0]} (available: {available_providers()}); "
                 "install onnxruntime-gpu in place of onnxruntime for CUDA/TensorRT"
             )
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = intra_op_threads  # 0 = one per physical core
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # one batch at a time: intra-op parallelism only
+        opts = session_options(intra_op_threads)
         if not idle_spinning:
             # The CPU budget gives these cores to decoding between batches (service/cpu_budget.py): the pool stops
             # spinning the moment a run returns. Inside a run it spins: a ViT's parallel regions follow each other
