@@ -10,15 +10,11 @@ being read count for at most one full batch, so slow uploads cannot hold the doo
    at most once per bound's length of time; answers in between change nothing. So the limit settles where answers
    take 3/4 to all of the bound: enough queued to fill batches, not more, and few answers over the bound. No model of the stages is needed:
    it holds whether the engine, decoding or HTTP parsing is the bottleneck.
-   **The limit never falls below its floor**: the work the bound allows at the measured answer rate (Little's law:
-   ``(bound - unloaded) × rate``), at most two full batches (``2 × max_batch`` images). Two full batches are what a
-   batching server needs in the building to keep its engine at its best batch while the next batch is decoded, and
-   the default bound is what that much work costs, so with defaults the floor is two full batches and closed-loop
-   clients up to twice the maximum batch are always all served. Without a floor the limit learned from a bound of
+   **The limit never falls below two full batches** (``2 × max_batch`` images): that much work is what a batching
+   server needs in the building to keep its engine at its best batch while the next batch is decoded, so closed-loop
+   clients up to twice the maximum batch are always all served. Without the floor the limit learned from a bound of
    3 × unloaded settled at 3-9 images on the demo model (best batch 32): most of a busy client pool was refused,
-   and each refusal cost CPU that answers needed. A bound the user sets below what two full batches cost
-   (``VITSERVE_MAX_LATENCY_MS``) lowers the floor with it: under sustained overload the admitted requests' wait then
-   stays within the user's budget, and fewer clients than two full batches are served at once (the rest refused).
+   and each refusal cost CPU that answers needed.
 2. **The client's deadline** (``X-Vitserve-Timeout-Ms``, Envoy's ``x-envoy-expected-rq-timeout-ms``, or the gRPC
    deadline; capped by ``request_timeout_s``): refused at once if the predicted time to answer exceeds it, by
    Little's law from the measured answer rate: ``predicted = unloaded + (work ahead + its images - 1) / throughput``.
@@ -86,6 +82,7 @@ class Admission:
         self.request_timeout_s = request_timeout_s
         self.fixed_bound_s = max_latency_s
         self.max_batch = max_batch
+        self.floor = 2.0 * max_batch  # what a batching engine needs in the building (see the module's docstring)
         self.work = 0.0  # images in the building, estimates included
         self.reading = 0.0  # of which: requests whose image count is not known yet
         self.requests = 0
@@ -107,23 +104,11 @@ class Admission:
         return max(self._samples) if self._samples else None
 
     @property
-    def _rate(self) -> float:
-        """The measured answer rate; until one is measured, the engine's own full-batch rate stands in for it."""
-        return self.throughput or self.max_batch / max(self.full_batch_s, 1e-6)
-
-    @property
     def bound_s(self) -> float:
         if self.fixed_bound_s is not None:
             return self.fixed_bound_s
-        return max(BOUND_OVER_UNLOADED * self.unloaded_s, self.unloaded_s + 2 * self.max_batch / self._rate)
-
-    @property
-    def floor(self) -> float:
-        """The least the limit holds (see the module's docstring): two full batches, or the work the bound allows at
-        the measured rate where that is less (only ever a bound the user set: the default allows two full batches)."""
-        if self.fixed_bound_s is None:
-            return 2.0 * self.max_batch
-        return max(1.0, min(2.0 * self.max_batch, (self.fixed_bound_s - self.unloaded_s) * self._rate))
+        rate = self.throughput or self.max_batch / max(self.full_batch_s, 1e-6)
+        return max(BOUND_OVER_UNLOADED * self.unloaded_s, self.unloaded_s + 2 * self.max_batch / rate)
 
     def predict(self, images: float) -> float:
         x = self.throughput
@@ -226,7 +211,6 @@ class Admission:
         if self._busy_s >= BUSY_WINDOW_S:
             self._samples.append(self._done_images / self._busy_s)
             self._busy_s = self._done_images = 0.0
-        self.limit = max(self.limit, self.floor)  # a user's bound moves the floor with what was just measured
 
     async def watch_loop(self, every_s: float = 0.01, gauges_every: int = 10) -> None:
         """Keep ``loop_lag_s`` current: how late a timer on this loop fires (an EWMA), for as long as the loop runs; and
