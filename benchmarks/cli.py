@@ -9,6 +9,7 @@
     vitserve bench refusal-cost                        # server CPU per refused upload against uvicorn's floor
     vitserve bench batch-assembly                      # the batcher between requests and a fast stand-in engine
     vitserve bench engine-turns                        # ONNX Runtime's pool spinning against decode turns on the CPU
+    vitserve bench door-budget                         # the event loop's CPU per request, layer by layer, in process
     vitserve bench gpu-check [--dry-run]               # the whole GPU proof in one run (docs/verification.md "GPU check")
     vitserve bench predict --images DIR                 # vitserve predict vs the raw engine on a folder
     vitserve bench autoscale                           # the shipped autoscaling rule, simulated on our measured curve
@@ -36,6 +37,7 @@ SUBCOMMANDS = {
     "overload": ("benchmarks.overload", "1x, 2x, 5x saturation: goodput, accepted p99, refusals, unanswered requests, RSS"),
     "refusal-cost": ("benchmarks.refusal_cost", "server CPU per refused 61 KB upload against uvicorn's own floor, server on its own core"),
     "engine-turns": ("benchmarks.engine_turns", "a CPU engine taking turns with decoding: ONNX Runtime pool spinning settings, cycle img/s"),
+    "door-budget": ("benchmarks.door_budget", "the event loop's CPU per request, layer by layer (uvicorn, body, door, top-k, render, hand-offs), in process"),
     "batch-assembly": ("benchmarks.batch_assembly", "the batcher alone with ViT-L-shaped rows and a stand-in engine: img/s against the engine's ceiling, event loop CPU per image"),
     "gpu-check": ("benchmarks.gpu_check", "the GPU path proven in one prepared run (<= 7.5 min): engines, GPU tests, memory, decode, service; --dry-run on CPU"),
     "predict": ("benchmarks.predict_throughput", "vitserve predict against the raw engine on one folder: img/s of each"),

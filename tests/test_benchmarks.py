@@ -355,6 +355,29 @@ def test_engine_turns_times_every_pool_setting_on_the_served_engine_file(tmp_pat
     assert "vitserve bench summary: engine-turns" in capsys.readouterr().out
 
 
+def test_door_budget_splits_the_loops_cpu_into_the_routes_own_layers(tmp_path, monkeypatch, capsys):
+    """`vitserve bench door-budget` on the demo artifact: the service's own HTTP protocol in front of its guarded app,
+    serving real closed-loop requests of every protocol in process (a refusal or error fails the run), the same
+    protocol in front of a fixed answer, then each layer of the route timed alone; the split adds up to the in-process
+    total by construction, so every layer is checked on its own."""
+    from benchmarks.cli import main
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    assert main(["door-budget", "--clients", "4", "--requests", "16", "--calls", "20", "--rounds", "1", "--name", "door-test"]) == 0
+    payload = json.loads((tmp_path / f"door-test_{common.env_tag(common.environment())}.json").read_text())
+    assert set(payload["protocols"]) == {"raw", "multipart", "v2-binary"}
+    for protocol, figures in payload["protocols"].items():
+        assert figures["whole request in process"] > 0 and figures["requests/s in process"] > 0, figures
+        for layer in ("uvicorn: HTTP parse, request cycle, response bytes", "read the body", "the door (accept, admit, count)", "top-k (softmax, rank, tally)", "render the answer",
+                      "two ASGI messages"):
+            assert figures[layer] > 0, (protocol, layer, figures)
+        assert (figures["body → images"] > 0) == (protocol != "raw"), figures  # the raw body is the image itself
+        split = payload["budget"][protocol]
+        parts = sum(v for k, v in split.items() if not k.startswith("total"))
+        assert parts == pytest.approx(split["total in process (all but the client sockets' system calls)"], abs=0.1)
+    assert "vitserve bench summary: door-budget" in capsys.readouterr().out
+
+
 def test_front_door_loads_every_protocol_and_the_litserve_peer(tiny_artifact, tmp_path, monkeypatch, capsys):
     """`vitserve bench front-door` end to end on the tiny artifact: every protocol of ours answered (no refusals at
     default settings), LitServe's idiom around the same engine answered too, each figure against raw serial."""
