@@ -283,6 +283,7 @@ async def profile(app, wires: dict[str, bytes], requests: int, clients: int, top
     from collections import Counter
 
     for p, wire in wires.items():
+        await uvicorn_closed_loop(app, wire, clients * 4, clients)  # what was left running before is not this request's
         profiler = cProfile.Profile()
         profiler.enable()
         await uvicorn_closed_loop(app, wire, requests, clients)
