@@ -28,7 +28,6 @@ import numpy as np
 from service.admission import Ticket
 from service.classifier import Classification, Classifier
 from service.errors import EmptyRequest, InvalidParameter, NotFound
-from service.topk import rank
 
 IMAGE_INPUT = "image"
 PIXELS_INPUT = "pixel_values"
@@ -216,8 +215,10 @@ async def infer(model: Model, inputs: list[Tensor], outputs: list[RequestedOutpu
     rendered = []
     for o in outputs or [RequestedOutput(PROBABILITIES_OUTPUT)]:
         if o.classification:
-            strings = [[f"{p.score:f}:{p.index}:{p.label}".encode() for p in top] for top in rank(result.probabilities, model.labels, o.classification)]
-            rendered.append(Tensor(o.name, "BYTES", [n, o.classification], [s for row in strings for s in row]))
+            # The classifier ranked k = the most any output asks for, as for our JSON API's top-k (on the float64
+            # probabilities): each output takes its first ones instead of ranking the float32 copy again.
+            strings = [f"{p.score:f}:{p.index}:{p.label}".encode() for top in result.top for p in top[: o.classification]]
+            rendered.append(Tensor(o.name, "BYTES", [n, o.classification], strings))
         else:
             rendered.append(Tensor(o.name, "FP32", [n, len(model.labels)], result.probabilities))
     return rendered, result

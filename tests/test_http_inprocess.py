@@ -6,7 +6,9 @@ socket-level limits) stays in test_service.py and the other server tests."""
 from __future__ import annotations
 
 import io
+import json
 import os
+import struct
 
 import httpx
 import pytest
@@ -137,3 +139,22 @@ async def test_the_decode_histogram_times_the_decode_and_the_response_header_its
     decoded = metric_value(after, "vitserve_decode_duration_seconds_sum") - metric_value(before, "vitserve_decode_duration_seconds_sum")
     assert metric_value(after, "vitserve_decode_duration_seconds_count") - metric_value(before, "vitserve_decode_duration_seconds_count") == 1
     assert float(r.headers["x-vitserve-decode-ms"]) >= 300 > decoded * 1000, (r.headers["x-vitserve-decode-ms"], decoded)
+
+
+async def test_v2_classification_strings_are_the_json_apis_top_k(client, photo_bytes):
+    """KServe v2's classification extension ("score:index:label", best first) answers the ranking our JSON API gives
+    for the same image, one output per k asked for, each its first k of the largest."""
+    image = photo_bytes[0][1]
+    ours = (await post_images(client, [photo_bytes[0]], top_k=5)).json()["predictions"][0]["top5"]
+    name = (await client.get("/info")).json()["model"]["name"]
+    head = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                                   "parameters": {"binary_data_size": 4 + len(image)}}],
+                       "outputs": [{"name": "probabilities", "parameters": {"classification": 5}},
+                                   {"name": "probabilities", "parameters": {"classification": 2}}]}).encode()
+    r = await client.post(f"/v2/models/{name}/infer", content=head + struct.pack("<I", len(image)) + image,
+                          headers={"Inference-Header-Content-Length": str(len(head)), "Content-Type": "application/octet-stream"})
+    assert r.status_code == 200, r.text
+    five, two = r.json()["outputs"]
+    expected = [f"{p['score']:f}:{p['index']}:{p['label']}" for p in ours]
+    assert (five["shape"], five["data"]) == ([1, 5], expected)
+    assert (two["shape"], two["data"]) == ([1, 2], expected[:2])
