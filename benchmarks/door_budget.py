@@ -40,17 +40,11 @@ TOTAL = "total in process (all but the client sockets' system calls)"
 
 
 # ---- requests as the front-door clients send them -------------------------------------------------------------------
-def split_wire(wire: bytes) -> tuple[dict, bytes]:
-    """(ASGI scope, body) of one HTTP/1.1 request's bytes, as uvicorn would build the scope."""
+def headers_and_body(wire: bytes) -> tuple[dict[bytes, bytes], bytes]:
+    """(header names lower-cased → values, body) of one HTTP/1.1 request's bytes, as the route reads them."""
     head, body = wire.split(b"\r\n\r\n", 1)
-    first, *lines = head.split(b"\r\n")
-    method, target, _ = first.split(b" ")
-    path, _, query = target.partition(b"?")
-    headers = [(k.strip().lower(), v.strip()) for k, v in (line.split(b":", 1) for line in lines)]
-    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1", "scheme": "http",
-             "method": method.decode(), "path": path.decode(), "raw_path": path, "query_string": query, "root_path": "",
-             "headers": headers, "server": ("127.0.0.1", 3000), "client": ("127.0.0.1", 50000), "state": {}}
-    return scope, body
+    lines = head.split(b"\r\n")[1:]
+    return {k.strip().lower(): v.strip() for k, v in (line.split(b":", 1) for line in lines)}, body
 
 
 # ---- 1. uvicorn's protocol on in-memory transports ---------------------------------------------------------------------
@@ -157,7 +151,7 @@ def fixed_answer(size: int):
 
 
 # ---- 3. the layers, each alone --------------------------------------------------------------------------------------
-async def layers(clf, protocol: str, scope: dict, body: bytes, calls: int) -> dict[str, float]:
+async def layers(clf, protocol: str, headers: dict[bytes, bytes], body: bytes, calls: int) -> dict[str, float]:
     """Loop CPU µs per call of each layer the route runs for one request of ``protocol``."""
     from service import kserve_v2
     from service.http_errors import JSON_API, V2_HTTP
@@ -166,7 +160,6 @@ async def layers(clf, protocol: str, scope: dict, body: bytes, calls: int) -> di
     from service.request_scope import RequestScope
     from service.v2_http_api import parse_request, render_response
 
-    headers = dict(scope["headers"])
     wire_protocol = V2_HTTP if protocol == "v2-binary" else JSON_API
 
     async def receive():
@@ -256,13 +249,12 @@ async def measure(args) -> dict:
             sizes[p] = (await uvicorn_closed_loop(app, wires[p], args.clients * 4, args.clients))[2]
         for _ in range(args.rounds):
             for p in args.protocols:
-                scope, body = split_wire(wires[p])
                 cpu, rate, _ = await uvicorn_closed_loop(app, wires[p], args.requests, args.clients)
                 rows[p].setdefault("whole request in process", []).append(cpu)
                 rows[p].setdefault("requests/s in process", []).append(rate)
                 cpu, _, _ = await uvicorn_closed_loop(fixed_answer(sizes[p]), wires[p], args.requests, args.clients)
                 rows[p].setdefault(UVICORN, []).append(cpu)
-                for name, us in (await layers(clf, p, scope, body, args.calls)).items():
+                for name, us in (await layers(clf, p, *headers_and_body(wires[p]), args.calls)).items():
                     rows[p].setdefault(name, []).append(us)
         if args.profile:
             await profile(app, wires, args.requests, args.clients)
@@ -290,7 +282,7 @@ async def profile(app, wires: dict[str, bytes], requests: int, clients: int, top
         profiler.disable()
         stats = pstats.Stats(profiler)
         by_module: Counter[str] = Counter()
-        for (file, _, _), (_, calls, tottime, _, _) in stats.stats.items():
+        for (file, _, _), (_, _, tottime, _, _) in stats.stats.items():
             by_module[module_of(file)] += tottime
         total = sum(by_module.values())
         print(f"\n{p}: {stats.total_calls / requests:.0f} Python calls per request; own time by module:")
