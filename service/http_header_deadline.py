@@ -12,8 +12,9 @@ fails if that stops taking effect.
 
 from __future__ import annotations
 
-import json
 import logging
+
+import orjson
 
 from service import metrics
 from service.errors import RequestTimeout, error_body, http_status
@@ -22,7 +23,7 @@ log = logging.getLogger("vitserve.http")
 
 
 def _response(exc: RequestTimeout) -> bytes:
-    body = json.dumps(error_body(exc)).encode()
+    body = orjson.dumps(error_body(exc))
     return (f"HTTP/1.1 {http_status(exc)} Request Timeout\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
             "connection: close\r\n\r\n").encode() + body
 

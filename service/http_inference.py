@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import json
 import os
 import re
 import time
@@ -29,6 +28,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
 
+import orjson
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -105,7 +105,7 @@ async def send_response(send: Send, status: int, body: bytes, content_type: byte
 def error_answer(exc: BaseException, protocol: str) -> tuple[int, bytes, dict[str, str]]:
     """Status, body and headers of an error, from the one table, as service/http_errors.py renders it."""
     status, body, headers = error_parts(exc, protocol)
-    return status, json.dumps(body).encode(), headers
+    return status, orjson.dumps(body), headers
 
 
 # ---- request bodies → images ------------------------------------------------------------------------------------------------
@@ -157,8 +157,8 @@ def multipart_images(body: bytes, content_type: bytes) -> tuple[list[bytes], str
 
 def base64_images(body: bytes) -> tuple[list[bytes], object]:
     try:
-        request = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        request = orjson.loads(body)
+    except orjson.JSONDecodeError as e:  # invalid UTF-8 included
         raise InvalidParameter(f"request body is not valid JSON: {e}") from None
     if not isinstance(request, dict) or not isinstance(request.get("images"), list):
         raise InvalidParameter("images: the body must be a JSON object with 'images', a list of base64 strings")
@@ -193,7 +193,7 @@ def query_top_k(scope: Scope) -> str | None:
 def classify_body(clf: Classifier, result: Classification) -> bytes:
     m = clf.manifest.model
     predictions = [{"top1": _prediction(top[0]), "top5": [_prediction(p) for p in top]} for top in result.top]
-    return json.dumps({"model": m.name, "version": m.version, "predictions": predictions}).encode()
+    return orjson.dumps({"model": m.name, "version": m.version, "predictions": predictions})
 
 
 def _prediction(p) -> dict:

@@ -17,9 +17,9 @@ Errors are ``{"error": "<message>"}`` with the status from service.errors' table
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 
+import orjson
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
@@ -51,8 +51,8 @@ def parse_request(body: bytes, header_length: str | None) -> tuple[list[kserve_v
     else:
         head, binary = body, memoryview(b"")
     try:
-        request = json.loads(head)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        request = orjson.loads(head)
+    except orjson.JSONDecodeError as e:  # invalid UTF-8 included
         raise MalformedRequest(f"the inference request is not valid JSON: {e}") from None
     if not isinstance(request, dict):
         raise MalformedRequest("the inference request must be a JSON object")
@@ -119,7 +119,7 @@ def render_response(model: kserve_v2.Model, tensors: list[kserve_v2.Tensor], wan
     body = {"model_name": model.name, "model_version": model.version, "parameters": parameters, "outputs": outputs}
     if request_id is not None:
         body["id"] = request_id
-    head = json.dumps(body).encode()
+    head = orjson.dumps(body)
     if not chunks:
         return head, b"application/json", None
     return head + b"".join(chunks), b"application/octet-stream", {"Inference-Header-Content-Length": str(len(head))}
