@@ -14,7 +14,8 @@ the event loop's own thread (``time.thread_time``: the decode and engine threads
 2. **uvicorn**: the same protocol and requests in front of an app that reads the body and sends a fixed answer of
    the same size: HTTP parsing, the request cycle and its task, the response's bytes.
 3. **Layers**: the service's own functions on one request, each timed alone: the body read, body → images, the door
-   (``RequestScope``: accepting, admission, the tally), top-k, rendering the answer, the two ASGI messages.
+   (``RequestScope``: accepting, admission, the tally), top-k (a request's share: its batch was scored at once, in the
+   rest), rendering the answer, the two ASGI messages.
 
 What 1 has beyond 2 and 3 is the rest of the route: the guard and the dispatch, handing the image to a decode thread,
 the request's task and the batcher's futures, the loop's wake-ups as results come back from the decode and engine
@@ -180,7 +181,7 @@ async def layers(clf, protocol: str, headers: dict[bytes, bytes], body: bytes, c
             await make()
         return (time.thread_time_ns() - c0) / calls / 1000
 
-    # One real answer to render, and its logits and batch stats for top-k, from the service's own batcher.
+    # One real answer to render, and its scored row and batch stats for top-k, from the service's own batcher.
     image = body if protocol == "raw" else None
     if protocol == "multipart":
         image = multipart_images(body, headers[b"content-type"])[0][0]
@@ -192,7 +193,7 @@ async def layers(clf, protocol: str, headers: dict[bytes, bytes], body: bytes, c
     else:
         result = await clf.classify([image], 5, protocol=JSON_API)
     pixels, _ = clf.decode(image)
-    logits, stats = await clf.batcher.submit(pixels[None], time.monotonic() + 10)
+    rows, stats = await clf.batcher.submit(pixels[None], time.monotonic() + 10)
 
     out = {"read the body": await timed_async(lambda: read_body(receive, 10.0, 500.0))}
     if protocol == "multipart":
@@ -212,7 +213,7 @@ async def layers(clf, protocol: str, headers: dict[bytes, bytes], body: bytes, c
         out["the door (accept, admit, count)"] = timed(door)
     finally:
         clf.in_flight -= 1
-    out["top-k (softmax, rank, tally)"] = timed(lambda: clf._classification(logits, stats, 5, wire_protocol, 0.001))
+    out["top-k (from the batch's scores; the tally)"] = timed(lambda: clf._classification(rows, stats, 5, wire_protocol, 0.001))
     if protocol == "v2-binary":
         params = kserve_v2.response_parameters(result)
         out["render the answer"] = timed(lambda: render_response(model, tensors, outputs, binary_default, request_id,

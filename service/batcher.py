@@ -57,6 +57,7 @@ class Batcher:
         watchdog_s: float | None = None,
         health: EngineHealth | None = None,
         on_stall: Callable[[], None] | None = None,
+        score: Callable[[np.ndarray], Sequence] | None = None,
     ):
         if max_batch_size < 1 or queue_capacity < 1:
             raise ValueError("max_batch_size and queue_capacity must be at least 1")
@@ -71,6 +72,9 @@ class Batcher:
         self.watchdog_s = watchdog_s  # None: an engine call may take as long as it takes
         self.health = health or EngineHealth()
         self._on_stall = on_stall  # e.g. the CPU gate lets decodes go on without the hung batch
+        # What callers get of a batch: rows of score(its outputs), once per batch on the loop (the service's softmax and
+        # ranking, service/topk.py score_batch), or rows of the engine's outputs
+        self._score = score
         self._pending: collections.deque[QueuedImage] = collections.deque()  # appended from decode threads too (offer):
         self._offers = threading.Lock()  # the counts, the checks before appending and a stall's clearing take this
         self._event_loop: asyncio.AbstractEventLoop | None = None
@@ -137,8 +141,8 @@ class Batcher:
             return True
         return not self._busy and (was_empty or (self._holding and self.decoding <= 0))
 
-    async def submit(self, pixels: np.ndarray, deadline: float) -> tuple[np.ndarray, list[BatchStats]]:
-        """(N, 3, H, W) → ((N, L) logits, per-image stats). All N images are admitted or none is."""
+    async def submit(self, pixels: np.ndarray, deadline: float) -> tuple[np.ndarray | list, list[BatchStats]]:
+        """(N, 3, H, W) → (their rows, per-image stats), as ``results``. All N images are admitted or none is."""
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         items = [QueuedImage(pixels[i], deadline, now, loop.create_future()) for i in range(len(pixels))]
@@ -192,8 +196,9 @@ class Batcher:
         except RuntimeError:
             pass  # the loop is closed: nobody is waiting any more
 
-    async def results(self, items: list[QueuedImage]) -> tuple[np.ndarray, list[BatchStats]]:
-        """The items' ((N, L) logits, per-image stats), once computed; a caller that leaves drops the rest."""
+    async def results(self, items: list[QueuedImage]) -> tuple[np.ndarray | list, list[BatchStats]]:
+        """The items' rows, once computed: ((N, L) logits, or the list of their ``score`` rows; per-image stats). A caller
+        that leaves drops the rest."""
         n = len(items)
         try:
             results = [await items[0].future] if n == 1 else await asyncio.gather(*(it.future for it in items))
@@ -202,6 +207,8 @@ class Batcher:
                 if not it.future.done():
                     it.future.cancel()
             raise
+        if self._score is not None:
+            return [r[0] for r in results], [r[1] for r in results]
         logits = results[0][0][None] if n == 1 else np.stack([r[0] for r in results])
         return logits, [r[1] for r in results]
 
@@ -351,10 +358,11 @@ class Batcher:
             self.hooks.batch(n, padded, elapsed)
             self._batch_seconds_ewma = elapsed if self._batch_seconds_ewma is None else 0.8 * self._batch_seconds_ewma + 0.2 * elapsed
             self.health.failures_in_a_row = 0
+            rows = logits if self._score is None else self._score(logits[:n])  # while the next batch runs: GIL released
             for i, item in enumerate(batch):
                 if not item.future.done():
                     stats = BatchStats(queue_wait_s=started - item.enqueued, inference_s=elapsed, batch_size=n, batch_id=batch_id)
-                    item.future.set_result((logits[i], stats))
+                    item.future.set_result((rows[i], stats))
         except Exception as e:  # noqa: BLE001 - an engine failure fails this batch's requests, not the loop
             self.health.failures_in_a_row += 1
             self.hooks.engine_failed("raised")

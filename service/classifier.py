@@ -1,6 +1,7 @@
 """The protocol-independent request flow:
 
-    image bytes → decode + preprocess (thread pool) → batcher → engine → softmax (manifest temperature) → top-k
+    image bytes → decode + preprocess (thread pool) → batcher → engine → softmax (manifest temperature) and ranking,
+    once per batch → each request's top-k
     (or already-preprocessed pixels, from KServe v2 clients, straight to the batcher)
 
 Every front-end (our JSON API in http_api.py, KServe v2 over HTTP in v2_http_api.py and over gRPC in grpc_api.py)
@@ -11,6 +12,7 @@ calls :meth:`Classifier.classify` or :meth:`Classifier.classify_pixels` and rend
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -29,7 +31,7 @@ from service.errors import EmptyRequest, InvalidParameter, NotReady, ShuttingDow
 from service.preprocess import Preprocessor
 from service.settings import Settings
 from service.thread_pool import LoopThreads
-from service.topk import Prediction, rank, softmax
+from service.topk import Prediction, ScoredRow, score_batch, top_of
 
 log = logging.getLogger("vitserve.service")
 
@@ -57,6 +59,10 @@ class Classifier:
         t0 = time.perf_counter()
         self.artifact = load_artifact(settings.artifact, verify=False)  # engine files are verified as loaded
         self.manifest = self.artifact.manifest
+        # Softmax and ranking of every batch at once (service/topk.py score_batch), keeping the answers' usual k; a
+        # request that asks for more is ranked again from its probabilities
+        keep = min(len(self.manifest.labels), max(settings.default_top_k, 5))
+        self._score = functools.partial(score_batch, temperature=self.manifest.temperature, keep=keep)
         if engine_socket is not None:
             self._attach(engine_socket)
             return
@@ -197,8 +203,10 @@ class Classifier:
         # + 1 ms for the event loop's share (HTTP parsing, softmax, JSON): the first unloaded requests correct it.
         return {"unloaded_s": float(np.mean(decode_s[2:])) + one + 0.001, "full_batch_s": full}
 
-    def start(self) -> None:
-        """Start the batcher (or the link to the engine process's) on the running event loop; ready after this."""
+    def start(self, *, score_batches: bool = True) -> None:
+        """Start the batcher (or the link to the engine process's) on the running event loop; ready after this.
+        ``score_batches``: the batcher hands back each image's scores (softmax and ranking once per batch), else its
+        logits (the engine process, whose front-ends score what it sends them)."""
         if self.engine_socket is not None:
             from service.engine_process import RemoteBatcher
 
@@ -217,6 +225,7 @@ class Classifier:
             watchdog_s=self.watchdog_s,
             health=self.engine_health,
             on_stall=self.gate.abandon_engine,
+            score=self._score if score_batches else None,
         )
         self.batcher.start()
         self._loop_watch = asyncio.get_running_loop().create_task(self.admission.watch_loop(), name="vitserve-loop-lag")
@@ -328,12 +337,12 @@ class Classifier:
         item = self.batcher.placeholder(self._deadline(ticket))
         self._decode_pool.post(self._decode_into_queue, data, item)
         try:
-            logits, stats = await self.batcher.results([item])
+            rows, stats = await self.batcher.results([item])
         finally:  # decoded, even if then refused or expired: counted, as for a request of several
             if item.pixels is not None:
                 metrics.TALLY.observe(metrics.DECODE_SECONDS, item.decode_s)  # the decode alone, without its wait
             metrics.TALLY.set(metrics.labelled(metrics.WORK_IN_FLIGHT, "decoding"), self.batcher.decoding)
-        return self._classification(logits, stats, k, protocol, item.decoded_at - t0)  # the wait for a thread included
+        return self._classification(rows, stats, k, protocol, item.decoded_at - t0)  # the wait for a thread included
 
     def _decode_into_queue(self, data: bytes, item: QueuedImage) -> None:
         """On a decode thread: decode, then queue the pixels for the engine (or hand the caller its bad image)."""
@@ -369,18 +378,20 @@ class Classifier:
         return await self._infer(np.ascontiguousarray(pixels), k, protocol, decode_s=0.0, ticket=ticket)
 
     async def _infer(self, pixels: np.ndarray, k: int, protocol: str, *, decode_s: float, ticket: Ticket | None) -> Classification:
-        logits, stats = await self.batcher.submit(pixels, self._deadline(ticket))
-        return self._classification(logits, stats, k, protocol, decode_s)
+        rows, stats = await self.batcher.submit(pixels, self._deadline(ticket))
+        if self.engine_socket is not None:  # the engine process sends logits: scored here, the request's rows at once
+            rows = self._score(rows)
+        return self._classification(rows, stats, k, protocol, decode_s)
 
-    def _classification(self, logits: np.ndarray, stats: list[BatchStats], k: int, protocol: str, decode_s: float) -> Classification:
+    def _classification(self, rows: list[ScoredRow], stats: list[BatchStats], k: int, protocol: str, decode_s: float) -> Classification:
         t_inferred = time.perf_counter()
-        probs = softmax(logits, self.manifest.temperature)
-        top = rank(probs, self.manifest.labels, k)
+        labels = self.manifest.labels
+        top = [top_of(row, labels, k) for row in rows]
         post_s = time.perf_counter() - t_inferred
         metrics.TALLY.observe(metrics.POSTPROCESS_SECONDS, post_s)
-        metrics.TALLY.inc(metrics.labelled(metrics.IMAGES, protocol), len(logits))
+        metrics.TALLY.inc(metrics.labelled(metrics.IMAGES, protocol), len(rows))
         return Classification(
-            probabilities=probs.astype(np.float32),
+            probabilities=rows[0].probabilities32[None] if len(rows) == 1 else np.stack([r.probabilities32 for r in rows]),
             top=top,
             timings_ms=_timings(decode_s, stats, post_s),
             batch_size=max(s.batch_size for s in stats),

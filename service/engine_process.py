@@ -126,7 +126,7 @@ async def serve(path: str, settings) -> None:
     clf = Classifier(settings)
     gc.collect()
     gc.freeze()  # as the in-process service does: nothing loaded so far is ever garbage
-    clf.start()
+    clf.start(score_batches=False)  # logits to the front-ends, which score them
     server = EngineServer(clf)
     srv = await asyncio.start_unix_server(server.handle, path=path)
     log.info("engine process %d: %s on %s, max batch %d", os.getpid(), clf.engine.name, path, clf.max_batch_size)

@@ -37,7 +37,7 @@ INFERENCE_SECONDS = Histogram(
     ["engine"], buckets=LATENCY_BUCKETS,
 )
 POSTPROCESS_SECONDS = Histogram(
-    "vitserve_postprocess_duration_seconds", "Softmax + top-k + response building per request", buckets=LATENCY_BUCKETS
+    "vitserve_postprocess_duration_seconds", "Per request: its top-k from its batch's scores (softmax and ranking run once per batch)", buckets=LATENCY_BUCKETS
 )
 BATCH_SIZE = Histogram("vitserve_batch_size", "Images per engine batch (before padding)", ["engine"], buckets=BATCH_BUCKETS)
 # The protocol label's values: our JSON API (POST /classify: multipart, a raw image body, JSON), KServe v2 over HTTP

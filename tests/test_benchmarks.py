@@ -368,7 +368,7 @@ def test_door_budget_splits_the_loops_cpu_into_the_routes_own_layers(tmp_path, m
     assert set(payload["protocols"]) == {"raw", "multipart", "v2-binary"}
     for protocol, figures in payload["protocols"].items():
         assert figures["whole request in process"] > 0 and figures["requests/s in process"] > 0, figures
-        for layer in ("uvicorn: HTTP parse, request cycle, response bytes", "read the body", "the door (accept, admit, count)", "top-k (softmax, rank, tally)", "render the answer",
+        for layer in ("uvicorn: HTTP parse, request cycle, response bytes", "read the body", "the door (accept, admit, count)", "top-k (from the batch's scores; the tally)", "render the answer",
                       "two ASGI messages"):
             assert figures[layer] > 0, (protocol, layer, figures)
         assert (figures["body → images"] > 0) == (protocol != "raw"), figures  # the raw body is the image itself
