@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 
 
-@dataclass(frozen=True)
-class Prediction:
+class Prediction(NamedTuple):
+    """Immutable and typed; a NamedTuple rather than a frozen dataclass, whose ``__init__`` cost 1.35 µs against 0.7
+    on the slow EPYC here (five per answer, on the event loop)."""
+
     label: str
     index: int  # logit index of the label
     score: float  # calibrated softmax probability
