@@ -314,8 +314,14 @@ def budget_table(result: dict) -> list[str]:
             for r in result["phases"] if r["server"].startswith("vitserve") and r.get("server_cpu_ms_per_image_by_thread")]
     s = result["raw_serial"]
     return [] if not rows else ["", f"Server CPU ms per image by thread (the work alone, raw serial: decode {s['decode_cpu_ms_per_image']}"
-                                f", engine {s['engine_cpu_ms_per_image']} on {s['engine_threads']} threads):", "",
+                                f"{all_cores_decode(s)}, engine {s['engine_cpu_ms_per_image']} on {s['engine_threads']} threads):", "",
                                 *measure.thread_budget_table("server | protocol | clients", rows)]
+
+
+def all_cores_decode(serial: dict) -> str:
+    """The decode's CPU with the service's decode threads all decoding at once (results before it lack the figure)."""
+    ms = serial.get("decode_cpu_ms_per_image_all_cores")
+    return "" if ms is None else f" ({ms} with {serial['decode_threads']} threads decoding at once, as the server's pool does)"
 
 
 def main(argv: list[str] | None = None) -> int:

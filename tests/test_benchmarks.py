@@ -400,5 +400,10 @@ def test_front_door_loads_every_protocol_and_the_litserve_peer(tiny_artifact, tm
             # so a slower CPU (fewer images) cannot fail this on rounding
             ticks_ms = 8 * 1000 / os.sysconf("SC_CLK_TCK") / max(p["images_per_s"], 1)
             assert sum(by.values()) == pytest.approx(p["server_cpu_ms_per_image"], rel=0.25, abs=max(0.05, ticks_ms)), by
-    assert payload["raw_serial"]["images_per_s"] > 0 and payload["raw_serial"]["decode_ms_per_image"] > 0
+    serial = payload["raw_serial"]
+    assert serial["images_per_s"] > 0 and serial["decode_ms_per_image"] > 0
+    # the same decode on the service's decode threads at once: the same work, so near the serial figure
+    assert 0.5 < serial["decode_cpu_ms_per_image_all_cores"] / serial["decode_cpu_ms_per_image"] < 3, serial
+    report = (tmp_path / f"front-door-test_{common.env_tag(common.environment())}.md").read_text()
+    assert "threads decoding at once" in report
     assert "vitserve bench summary: front door" in capsys.readouterr().out
