@@ -198,6 +198,9 @@ def table(result: dict) -> str:
             f"{r['rss_mb']['start'] if r['rss_mb'] else '-'} → {r['rss_mb']['max'] if r['rss_mb'] else '-'} | {r['counters_exact']} | "
             f"{r.get('server_cpu_ms_per_200') or '-'} |")
     u, sat = result["unloaded"], result["saturation"]
+    if (lim := result.get("server_limits")) is not None:
+        lines.append(f"\nThe server's max batch: {lim['max_batch_size']} ({lim['max_batch_size_reason']}); the door's floor: "
+                     f"{lim['admission_floor_images']:g} images.")
     cores = result.get("cores")
     if isinstance(cores, dict):
         lines.append(f"\nCores: the server on {cores['server'] or 'its own (--url)'}, this load generator on {cores['client']} "
@@ -363,7 +366,13 @@ def main(argv: list[str] | None = None) -> int:
             sat = {"concurrency": None, "images_per_s": args.saturation, "latency": {}, "statuses": {}, "measured": "given"}
         else:  # on the server the phases load, with its own settings (up to twice the max batch in flight is never refused)
             sat = {**uvloop.run(saturation(base, args.concurrency, pid)), "measured": "before the phases, on the same server"}
+        # What the server chose at startup and the door is built on (its floor is two full batches): a startup speed
+        # curve can pick another max batch on another run, and the storm's result depends on it
+        info = httpx.get(f"{base}/info", timeout=10, trust_env=False).json()
         result = uvloop.run(measure(base, args, pid, sat))
+        result["server_limits"] = {"max_batch_size": info["limits"]["max_batch_size"],
+                                   "max_batch_size_reason": info["limits"]["max_batch_size_reason"],
+                                   "admission_floor_images": info["admission"]["limit_floor_images"]}
         if args.saturation is None:
             after = {**uvloop.run(saturation(base, args.concurrency, pid)), "measured": "after the phases, on the same server"}
             against_mean(result, after)

@@ -13,7 +13,7 @@ from onnx import numpy_helper
 from export.checkpoint import load_checkpoint
 from export.gate_inputs import default_image_bytes, preprocess_images, reference_logits, split_calibration
 from service.artifact import ArtifactError, ParityThresholds, load_artifact, read_manifest, write_manifest
-from service.engines import EngineRefused, candidates, load_engine, open_engine
+from service.engines import EngineRefused, candidates, fastest_batch, load_engine, open_engine
 from service.engines.onnxruntime_engine import OnnxRuntimeEngine
 from service.parity import DEFAULT_THRESHOLDS, check_engine, compare, images_needed, wilson_interval
 from service.preprocess import Preprocessor
@@ -335,3 +335,10 @@ def test_fp16_engines_on_cuda_pass_the_gate(kind, tiny_artifact, parity_inputs):
         pytest.skip(str(e))
     report = check_engine(engine, pixels, reference, temperature=1.0, thresholds=DEFAULT_THRESHOLDS["fp16"], decide_on="upper_bound")
     assert report.passed, (kind, report.failures)
+
+
+def test_the_fastest_batch_is_the_largest_within_noise_of_the_best():
+    """A flat curve picks its largest batch (the door's floor is two of them); a real gap keeps the faster one."""
+    assert fastest_batch({1: 785.4, 4: 1583.8, 8: 1722.6, 16: 1755.5, 32: 1749.8}) == 32  # a startup on the EPYC
+    assert fastest_batch({1: 700.0, 4: 1200.0, 8: 1300.0, 16: 1400.0, 32: 1000.0}) == 16  # 32 is 29 % slower
+    assert fastest_batch({1: 100.0, 4: 90.0}) == 1
