@@ -47,4 +47,4 @@ class IdiomaticVit:
         pixels = np.stack([self.preprocess(to_rgb(img)) for img in images])  # (B, 3, H, W)
         logits = self.engine.run(pixels)
         top = predictions(logits, self.manifest.labels, temperature=self.manifest.temperature, k=5)
-        return [{"top5": [vars(p) for p in row]} for row in top]  # one dict per image, as the load test checks
+        return [{"top5": [p._asdict() for p in row]} for row in top]  # one dict per image, as the load test checks
