@@ -158,3 +158,24 @@ async def test_v2_classification_strings_are_the_json_apis_top_k(client, photo_b
     expected = [f"{p['score']:f}:{p['index']}:{p['label']}" for p in ours]
     assert (five["shape"], five["data"]) == ([1, 5], expected)
     assert (two["shape"], two["data"]) == ([1, 2], expected[:2])
+
+
+
+def test_multipart_parts_are_found_whatever_their_headers_length():
+    """Short Content-Type and part headers are parsed once and kept (clients repeat them); long ones, which come from
+    the body, are parsed each time and never kept. Both find the same parts."""
+    from service.http_inference import _parsed_options, multipart_images
+
+    def body(disposition: bytes) -> bytes:
+        return (b"--b1\r\nContent-Disposition: " + disposition + b"\r\nContent-Type: image/jpeg\r\n\r\nJPEGDATA\r\n"
+                b"--b1\r\nContent-Disposition: form-data; name=\"top_k\"\r\n\r\n3\r\n--b1--\r\n")
+
+    short = b'form-data; name="images"; filename="a.jpg"'
+    long = b'form-data; name="images"; filename="' + b"x" * 600 + b'.jpg"'
+    hits = _parsed_options.cache_info().hits
+    for _ in range(2):  # the second time from the cache
+        assert multipart_images(body(short), b"multipart/form-data; boundary=b1") == ([b"JPEGDATA"], "3")
+    assert _parsed_options.cache_info().hits >= hits + 3  # the boundary, both parts' headers
+    kept = _parsed_options.cache_info().currsize
+    assert multipart_images(body(long), b"multipart/form-data; boundary=b1") == ([b"JPEGDATA"], "3")
+    assert _parsed_options.cache_info().currsize == kept  # the long header was parsed, not kept
