@@ -1,4 +1,5 @@
-"""The batcher: many concurrent requests' images → batches on one engine → each image's logits back to its caller.
+"""The batcher: many concurrent requests' images → batches on one engine → each image's row of the outputs (or of their
+scores, computed once per batch) back to its caller.
 
 Protocol-independent on purpose: every front-end (our JSON API, KServe v2 over HTTP and gRPC) reaches it through
 :meth:`service.classifier.Classifier.classify` (or ``classify_pixels``), the only caller of :meth:`Batcher.submit`;
@@ -45,20 +46,10 @@ DECODE_HOLD_S = 0.05
 
 
 class Batcher:
-    def __init__(
-        self,
-        run_batch: Callable[[np.ndarray], np.ndarray],
-        *,
-        max_batch_size: int,
-        max_wait_s: float,
-        queue_capacity: int,
-        buckets: Sequence[int] = (),
-        hooks: BatcherHooks | None = None,
-        watchdog_s: float | None = None,
-        health: EngineHealth | None = None,
-        on_stall: Callable[[], None] | None = None,
-        score: Callable[[np.ndarray], Sequence] | None = None,
-    ):
+    def __init__(self, run_batch: Callable[[np.ndarray], np.ndarray], *, max_batch_size: int, max_wait_s: float,
+                 queue_capacity: int, buckets: Sequence[int] = (), hooks: BatcherHooks | None = None,
+                 watchdog_s: float | None = None, health: EngineHealth | None = None,
+                 on_stall: Callable[[], None] | None = None, score: Callable[[np.ndarray], Sequence] | None = None):
         if max_batch_size < 1 or queue_capacity < 1:
             raise ValueError("max_batch_size and queue_capacity must be at least 1")
         self._run_batch = run_batch
@@ -72,9 +63,7 @@ class Batcher:
         self.watchdog_s = watchdog_s  # None: an engine call may take as long as it takes
         self.health = health or EngineHealth()
         self._on_stall = on_stall  # e.g. the CPU gate lets decodes go on without the hung batch
-        # What callers get of a batch: rows of score(its outputs), once per batch on the loop (the service's softmax and
-        # ranking, service/topk.py score_batch), or rows of the engine's outputs
-        self._score = score
+        self._score = score  # callers get rows of score(a batch's outputs), e.g. service/topk.py score_batch; else its rows
         self._pending: collections.deque[QueuedImage] = collections.deque()  # appended from decode threads too (offer):
         self._offers = threading.Lock()  # the counts, the checks before appending and a stall's clearing take this
         self._event_loop: asyncio.AbstractEventLoop | None = None
@@ -197,8 +186,7 @@ class Batcher:
             pass  # the loop is closed: nobody is waiting any more
 
     async def results(self, items: list[QueuedImage]) -> tuple[np.ndarray | list, list[BatchStats]]:
-        """The items' rows, once computed: ((N, L) logits, or the list of their ``score`` rows; per-image stats). A caller
-        that leaves drops the rest."""
+        """The items' ((N, L) outputs, or a list of their ``score`` rows; per-image stats); a caller that leaves drops the rest."""
         n = len(items)
         try:
             results = [await items[0].future] if n == 1 else await asyncio.gather(*(it.future for it in items))

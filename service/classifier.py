@@ -1,7 +1,6 @@
 """The protocol-independent request flow:
 
-    image bytes → decode + preprocess (thread pool) → batcher → engine → softmax (manifest temperature) and ranking,
-    once per batch → each request's top-k
+    image bytes → decode + preprocess (thread pool) → batcher → engine → softmax and ranking, per batch → top-k
     (or already-preprocessed pixels, from KServe v2 clients, straight to the batcher)
 
 Every front-end (our JSON API in http_api.py, KServe v2 over HTTP in v2_http_api.py and over gRPC in grpc_api.py)
@@ -59,10 +58,9 @@ class Classifier:
         t0 = time.perf_counter()
         self.artifact = load_artifact(settings.artifact, verify=False)  # engine files are verified as loaded
         self.manifest = self.artifact.manifest
-        # Softmax and ranking of every batch at once (service/topk.py score_batch), keeping the answers' usual k; a
-        # request that asks for more is ranked again from its probabilities
-        keep = min(len(self.manifest.labels), max(settings.default_top_k, 5))
-        self._score = functools.partial(score_batch, temperature=self.manifest.temperature, keep=keep)
+        # Each batch's softmax and ranking at once (service/topk.py), keeping the usual k (a request wanting more re-ranks)
+        self._score = functools.partial(score_batch, temperature=self.manifest.temperature,
+                                        keep=min(len(self.manifest.labels), max(settings.default_top_k, 5)))
         if engine_socket is not None:
             self._attach(engine_socket)
             return
@@ -105,11 +103,9 @@ class Classifier:
             engine=self.engine.name, device=d.get("device", "?"), precision=d.get("precision", "?"),
             model=self.manifest.model.name, version=self.manifest.model.version,
         ).set(1)
-        log.info(
-            "ready to start: model %s v%s, engine %s, max batch %d (%s), %s, warmed %s in %.1fs",
-            self.manifest.model.name, self.manifest.model.version, self.engine.name, self.max_batch_size,
-            self.max_batch_reason, self.threads, self.warmup_sizes, time.perf_counter() - t0,
-        )
+        log.info("ready to start: model %s v%s, engine %s, max batch %d (%s), %s, warmed %s in %.1fs", self.manifest.model.name,
+                 self.manifest.model.version, self.engine.name, self.max_batch_size, self.max_batch_reason, self.threads,
+                 self.warmup_sizes, time.perf_counter() - t0)
 
     def _gpu_decoder(self):
         """nvJPEG on the engine's GPU when VITSERVE_GPU_DECODE asks and it can run here (service/gpu_decode.py)."""
@@ -204,13 +200,12 @@ class Classifier:
         return {"unloaded_s": float(np.mean(decode_s[2:])) + one + 0.001, "full_batch_s": full}
 
     def start(self, *, score_batches: bool = True) -> None:
-        """Start the batcher (or the link to the engine process's) on the running event loop; ready after this.
-        ``score_batches``: the batcher hands back each image's scores (softmax and ranking once per batch), else its
-        logits (the engine process, whose front-ends score what it sends them)."""
+        """Start the batcher (or the link to the engine process's) on the running event loop; ready after this. It hands
+        back each image's scores, unless not ``score_batches`` (the engine process, whose front-ends score its logits)."""
         if self.engine_socket is not None:
             from service.engine_process import RemoteBatcher
 
-            self.batcher = RemoteBatcher(self.engine_socket, self.max_batch_size)
+            self.batcher = RemoteBatcher(self.engine_socket, self.max_batch_size, score=self._score)
             self.batcher.start()
             self._loop_watch = asyncio.get_running_loop().create_task(self.admission.watch_loop(), name="vitserve-loop-lag")
             metrics.READY.set(1)
@@ -379,14 +374,11 @@ class Classifier:
 
     async def _infer(self, pixels: np.ndarray, k: int, protocol: str, *, decode_s: float, ticket: Ticket | None) -> Classification:
         rows, stats = await self.batcher.submit(pixels, self._deadline(ticket))
-        if self.engine_socket is not None:  # the engine process sends logits: scored here, the request's rows at once
-            rows = self._score(rows)
         return self._classification(rows, stats, k, protocol, decode_s)
 
     def _classification(self, rows: list[ScoredRow], stats: list[BatchStats], k: int, protocol: str, decode_s: float) -> Classification:
         t_inferred = time.perf_counter()
-        labels = self.manifest.labels
-        top = [top_of(row, labels, k) for row in rows]
+        top = [top_of(row, self.manifest.labels, k) for row in rows]
         post_s = time.perf_counter() - t_inferred
         metrics.TALLY.observe(metrics.POSTPROCESS_SECONDS, post_s)
         metrics.TALLY.inc(metrics.labelled(metrics.IMAGES, protocol), len(rows))

@@ -230,10 +230,11 @@ class RemoteSelection:
 
 class RemoteBatcher:
     """The batcher's interface (service/batcher.py) for a front-end process: ``submit`` sends the request's pixels as
-    one frame to the engine process and awaits its logits; many requests share one connection."""
+    one frame to the engine process and awaits its logits (the rows of ``score`` of them, given one); many requests
+    share one connection."""
 
-    def __init__(self, path: str, max_batch_size: int):
-        self.path, self.max_batch_size = path, max_batch_size
+    def __init__(self, path: str, max_batch_size: int, score=None):
+        self.path, self.max_batch_size, self._score = path, max_batch_size, score
         self._pending: dict[int, asyncio.Future] = {}
         self._next_id = 0
         self._writer: asyncio.StreamWriter | None = None
@@ -289,7 +290,8 @@ class RemoteBatcher:
             logits, table = await future
         finally:
             self._pending.pop(request_id, None)
-        return logits, [BatchStats(float(q), float(i), int(s), int(b)) for q, i, s, b in table]
+        rows = logits if self._score is None else self._score(logits)  # the request's rows at once, on this front-end
+        return rows, [BatchStats(float(q), float(i), int(s), int(b)) for q, i, s, b in table]
 
     async def _read(self) -> None:
         try:

@@ -29,8 +29,9 @@ class Settings(BaseSettings):
     max_batch_size: int | None = Field(
         None, ge=1,
         description="largest batch the batcher forms (capped by the engine's); unset = the CPU engine's fastest batch on "
-        "this CPU (export's speed curve if it was timed on this CPU model and ISA, else one measured at startup), 32 on a "
-        "GPU. `/info` says which and why",
+        "this CPU (export's speed curve if it was timed on this CPU model and ISA, else one measured at startup; the "
+        "largest batch within 5 % of the best rate, so a flat curve picks its largest), 32 on a GPU. `/info` says which "
+        "and why",
     )
     workers: int = Field(
         1, ge=1, description="front-end processes (HTTP, gRPC, auth, admission, decode). 1: one process does everything. "
